@@ -1,0 +1,81 @@
+"""The paged KV cache's storage and the attention that reads it.
+
+K and V of every layer live in flat slot arrays: slot = block * block_size + offset, the
+block ids coming from the block manager. One step's `PagedAttention` writes the new tokens'
+K/V into their slots, then lets each sequence's queries attend over its own slots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from services.common.config import ModelConfig
+from services.common.model.attention import causal_attention
+
+
+class KVCache:
+    """k, v: [layers, num_blocks * block_size, G, D] (G = K/V heads, one for Step-3)."""
+
+    def __init__(
+        self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device
+    ) -> None:
+        shape = (
+            cfg.num_hidden_layers,
+            num_blocks * block_size,
+            cfg.num_attention_groups,
+            cfg.head_dim,
+        )
+        self.block_size = block_size
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @staticmethod
+    def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        per_token = 2 * cfg.num_hidden_layers * cfg.num_attention_groups * cfg.head_dim
+        return per_token * block_size * dtype.itemsize
+
+    def slots(self, block_table: list[int], start: int, end: int) -> Tensor:
+        """Slot indices of token positions [start, end) of a sequence: [end - start] int64."""
+        positions = torch.arange(start, end)
+        blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
+        return (blocks * self.block_size + positions % self.block_size).to(self.k.device)
+
+
+@dataclass(frozen=True)
+class SequenceSpan:
+    """One sequence's rows in the step's flat batch and the slots of its whole context."""
+
+    row_start: int  # first of its query rows in the batch
+    num_queries: int
+    context_slots: Tensor  # [context_len] slots of positions 0 .. context_len - 1
+
+
+class PagedAttention:
+    """The `AttentionBackend` of one engine step."""
+
+    def __init__(self, cache: KVCache, new_slots: Tensor, spans: list[SequenceSpan], scale: float):
+        self.cache = cache
+        self.new_slots = new_slots  # [T] where this step's K/V go
+        self.spans = spans
+        self.scale = scale
+
+    def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q: [T, Hq, D]; k, v: [T, G, D] -> [T, Hq, D]."""
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
+        k_cache.index_copy_(0, self.new_slots, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, self.new_slots, v.to(v_cache.dtype))
+        out = torch.empty_like(q)
+        for span in self.spans:
+            rows = slice(span.row_start, span.row_start + span.num_queries)
+            context_len = span.context_slots.numel()
+            out[rows] = causal_attention(
+                q[rows],
+                k_cache[span.context_slots],
+                v_cache[span.context_slots],
+                self.scale,
+                q_offset=context_len - span.num_queries,
+            )
+        return out

@@ -1,0 +1,49 @@
+"""Picks each sequence's next token from its logits: greedy, or temperature with top-k and
+top-p filtering. Every request draws from its own generator, so a seeded request gives the
+same tokens whatever else shares its batch."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from services.common.sampling_params import SamplingParams
+
+
+def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
+
+
+def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    """logits: [V] float32 -> the same with tokens outside top-k / nucleus top-p set to -inf."""
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Drop a token when the tokens before it already hold top_p; the first always stays.
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return logits
+
+
+def sample(
+    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> list[int]:
+    """logits: [N, V] -> one token id per row."""
+    greedy = logits.argmax(dim=-1).tolist()
+    tokens = []
+    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
+        if p.greedy:
+            tokens.append(greedy[row])
+            continue
+        filtered = filter_logits(logits[row].float() / p.temperature, p.top_k, p.top_p)
+        probs = torch.softmax(filtered, dim=-1)
+        tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
+    return tokens

@@ -1,0 +1,71 @@
+"""`afd generate --model DIR --prompt TEXT`: one completion from the single-process engine."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from services.attention.engine import Engine, EngineConfig
+from services.common.model.build import load_model
+from services.common.sampling_params import SamplingParams
+from services.common.tokenizer import Tokenizer
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "generate",
+        help="generate a completion on this machine",
+        description="Load a checkpoint and stream one completion to stdout. The prompt is sent "
+        "as a user message through the chat template unless --raw is given.",
+    )
+    parser.add_argument("--model", required=True, help="checkpoint folder")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--raw", action="store_true", help="complete the text as is, no template")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), bfloat16, ...")
+    parser.add_argument("--device", default="cpu")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(args.stop),
+    )
+    tokenizer = Tokenizer.from_dir(args.model)
+    if args.raw:
+        prompt = tokenizer.encode(args.prompt, add_special_tokens=True)
+    else:
+        prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    engine = Engine(model, EngineConfig(), tokenizer)
+    engine.add_request("generate", prompt, params)
+
+    started = time.perf_counter()
+    first_token_at = None
+    output = None
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            first_token_at = first_token_at or time.perf_counter()
+            sys.stdout.write(output.new_text)
+            sys.stdout.flush()
+    elapsed = time.perf_counter() - started
+    sys.stdout.write("\n")
+    num = len(output.token_ids)
+    decode_rate = (num - 1) / (time.perf_counter() - first_token_at) if num > 1 else 0.0
+    print(
+        f"[{len(prompt)} prompt tokens, {num} generated, finish: {output.finish_reason}, "
+        f"{elapsed:.2f} s, {decode_rate:.1f} tokens/s decode]",
+        file=sys.stderr,
+    )
+    return 0

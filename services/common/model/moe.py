@@ -1,0 +1,113 @@
+"""Step-3's mixture of experts: a softmax top-k router and stacked routed experts.
+
+Routing (on the attention side in AFD) and expert compute (on the FFN side) are separate
+calls so each side runs only its half. The shared expert is a plain `SwiGLU` owned by the
+decoder layer, not by this module, matching the checkpoint's `share_expert.*` names.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+
+def route(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
+    """Softmax over experts, then top-k. router_logits: [T, E] -> (weights [T, K] float32,
+    expert ids [T, K] int64). Step-3 does not renormalise the k weights (norm_expert_weight)."""
+    probs = torch.softmax(router_logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, top_k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+def expert_forward(
+    x: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+    first_expert: int = 0,
+) -> Tensor:
+    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), grouped by expert.
+
+    x: [T, H]; weights, ids: [T, K]; gate_proj, up_proj: [E_local, F, H]; down_proj:
+    [E_local, H, F] holding experts first_expert .. first_expert + E_local - 1. Assignments to
+    experts outside that range contribute nothing, so an FFN shard returns its partial sum.
+    Returns [T, H] in x's dtype.
+    """
+    num_tokens, top_k = ids.shape
+    out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+    local = ids.flatten() - first_expert  # [T*K]
+    in_shard = (local >= 0) & (local < gate_proj.shape[0])
+    slots = torch.nonzero(in_shard).squeeze(1)  # assignment indices, each t * K + k
+    order = slots[torch.argsort(local[slots], stable=True)]  # grouped by expert
+    counts = torch.bincount(local[order], minlength=gate_proj.shape[0]).tolist()
+    start = 0
+    for expert, count in enumerate(counts):
+        if count == 0:
+            continue
+        assignments = order[start : start + count]  # [n]
+        start += count
+        tokens = assignments // top_k  # [n]
+        h = x[tokens]  # [n, H]
+        act = F.silu(h @ gate_proj[expert].T) * (h @ up_proj[expert].T)  # [n, F]
+        y = act @ down_proj[expert].T  # [n, H]
+        out.index_add_(0, tokens, y.float() * weights.flatten()[assignments, None])
+    return out.to(x.dtype)
+
+
+def expert_forward_per_token(
+    x: Tensor, weights: Tensor, ids: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor
+) -> Tensor:
+    """The same sum as `expert_forward`, one token and one expert at a time: its oracle."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    for t in range(x.shape[0]):
+        for k in range(ids.shape[1]):
+            e = int(ids[t, k])
+            act = F.silu(gate_proj[e] @ x[t]) * (up_proj[e] @ x[t])
+            out[t] += weights[t, k] * (down_proj[e] @ act).float()
+    return out.to(x.dtype)
+
+
+class StackedWeight(nn.Module):
+    """One projection of every expert, stacked: `weight` [E, out, in] (the checkpoint's form)."""
+
+    def __init__(self, num_experts: int, out_features: int, in_features: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
+
+
+class MoE(nn.Module):
+    """Router `gate` [E, H] and stacked experts: gate/up_proj [E, F, H], down_proj [E, H, F]."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        intermediate_size: int,
+        top_k: int,
+        renormalize: bool,
+    ) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.renormalize = renormalize
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.gate_proj = StackedWeight(num_experts, intermediate_size, hidden_size)
+        self.up_proj = StackedWeight(num_experts, intermediate_size, hidden_size)
+        self.down_proj = StackedWeight(num_experts, hidden_size, intermediate_size)
+
+    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: [T, H] -> (weights [T, K] float32, expert ids [T, K])."""
+        return route(self.gate(x), self.top_k, self.renormalize)
+
+    def experts(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        return expert_forward(
+            x, weights, ids, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        weights, ids = self.route(x)
+        return self.experts(x, weights, ids)
