@@ -36,6 +36,17 @@ class EngineConfig:
     enable_prefix_caching: bool = True
 
 
+@dataclass
+class EngineStats:
+    """Counters since start, for logs and metrics."""
+
+    num_steps: int = 0
+    num_prompt_tokens: int = 0
+    num_generated_tokens: int = 0
+    num_prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache
+    num_preemptions: int = 0
+
+
 class RequestError(ValueError):
     """A request the engine cannot serve as asked (too long, bad ids); nothing was queued."""
 
@@ -73,6 +84,7 @@ class Engine:
         self.runner = ModelRunner(model, KVCache(cfg, num_blocks, config.block_size, dtype, device))
         self._requests: dict[str, _Request] = {}
         self._device = device
+        self.stats = EngineStats()
 
     def _default_num_blocks(self, dtype: torch.dtype) -> int:
         per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, dtype)
@@ -104,6 +116,7 @@ class Engine:
         )
         self._requests[request_id] = _Request(seq, text, new_generator(params.seed, self._device))
         self.scheduler.add(seq)
+        self.stats.num_prompt_tokens += len(prompt_token_ids)
 
     def abort_request(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
@@ -117,6 +130,10 @@ class Engine:
         batch = self.scheduler.schedule()
         tokens = self._execute(batch)
         return self._update(batch, tokens)
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.block_manager.num_free_blocks
 
     def generate(
         self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams]
@@ -141,6 +158,10 @@ class Engine:
 
     def _update(self, batch: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
         self.scheduler.update(batch)
+        self.stats.num_steps += 1
+        self.stats.num_preemptions += len(batch.preempted)
+        self.stats.num_prefix_hit_tokens += batch.num_prefix_hit_tokens
+        self.stats.num_generated_tokens += len(tokens)
         sampled = iter(tokens)
         outputs = []
         for chunk in batch.chunks:

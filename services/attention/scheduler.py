@@ -46,6 +46,7 @@ class ScheduledChunk:
 class SchedulerOutput:
     chunks: list[ScheduledChunk]
     preempted: list[Sequence]
+    num_prefix_hit_tokens: int  # tokens of newly admitted sequences found in the cache
 
     @property
     def num_tokens(self) -> int:
@@ -70,6 +71,7 @@ class Scheduler:
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         preempted: list[Sequence] = []
+        num_hits = 0
 
         index = 0
         while index < len(self.running) and budget > 0:
@@ -104,7 +106,8 @@ class Scheduler:
             self.running.append(seq)
             chunks.append(self._chunk(seq, num_cached, num_tokens))
             budget -= num_tokens
-        return SchedulerOutput(chunks, preempted)
+            num_hits += num_cached
+        return SchedulerOutput(chunks, preempted, num_hits)
 
     def update(self, output: SchedulerOutput) -> None:
         """Record that every scheduled chunk was computed (before sampled tokens arrive)."""
@@ -123,6 +126,10 @@ class Scheduler:
         self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+
+    @staticmethod
+    def _chunk(seq: Sequence, start: int, num_tokens: int) -> ScheduledChunk:
+        return ScheduledChunk(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
 
     @staticmethod
     def _chunk(seq: Sequence, start: int, num_tokens: int) -> ScheduledChunk:

@@ -13,9 +13,10 @@ from torch.nn import functional as F
 
 
 def route(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    """Softmax over experts, then top-k. router_logits: [T, E] -> (weights [T, K] float32,
-    expert ids [T, K] int64). Step-3 does not renormalise the k weights (norm_expert_weight)."""
-    probs = torch.softmax(router_logits.float(), dim=-1)
+    """Softmax over experts, then top-k. router_logits: [T, E] -> (weights [T, K] float32 or
+    float64, expert ids [T, K] int64). Step-3 does not renormalise the k weights (norm_expert_weight)."""
+    acc = torch.promote_types(router_logits.dtype, torch.float32)
+    probs = torch.softmax(router_logits.to(acc), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -39,7 +40,8 @@ def expert_forward(
     Returns [T, H] in x's dtype.
     """
     num_tokens, top_k = ids.shape
-    out = torch.zeros(num_tokens, x.shape[-1], dtype=torch.float32, device=x.device)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    out = torch.zeros(num_tokens, x.shape[-1], dtype=acc, device=x.device)
     local = ids.flatten() - first_expert  # [T*K]
     in_shard = (local >= 0) & (local < gate_proj.shape[0])
     slots = torch.nonzero(in_shard).squeeze(1)  # assignment indices, each t * K + k
@@ -55,7 +57,7 @@ def expert_forward(
         h = x[tokens]  # [n, H]
         act = F.silu(h @ gate_proj[expert].T) * (h @ up_proj[expert].T)  # [n, F]
         y = act @ down_proj[expert].T  # [n, H]
-        out.index_add_(0, tokens, y.float() * weights.flatten()[assignments, None])
+        out.index_add_(0, tokens, y.to(acc) * weights.flatten()[assignments, None].to(acc))
     return out.to(x.dtype)
 
 
@@ -63,12 +65,13 @@ def expert_forward_per_token(
     x: Tensor, weights: Tensor, ids: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor
 ) -> Tensor:
     """The same sum as `expert_forward`, one token and one expert at a time: its oracle."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    out = torch.zeros(x.shape, dtype=acc, device=x.device)
     for t in range(x.shape[0]):
         for k in range(ids.shape[1]):
             e = int(ids[t, k])
             act = F.silu(gate_proj[e] @ x[t]) * (up_proj[e] @ x[t])
-            out[t] += weights[t, k] * (down_proj[e] @ act).float()
+            out[t] += weights[t, k].to(acc) * (down_proj[e] @ act).to(acc)
     return out.to(x.dtype)
 
 

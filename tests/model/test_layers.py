@@ -1,0 +1,143 @@
+"""The model math against independent formulations of the same equations."""
+
+import math
+
+import pytest
+import torch
+
+from services.common.model.attention import causal_attention
+from services.common.model.layers import RMSNorm, apply_rope, rope_cos_sin
+from services.common.model.moe import MoE, expert_forward, expert_forward_per_token, route
+from services.common.model.reference import reference_logits
+from tests.support.models import random_model, small_config
+
+torch.manual_seed(0)
+
+
+def random_experts(e=8, f=16, h=24, dtype=torch.float32):
+    scale = h**-0.5
+    return (
+        torch.randn(e, f, h, dtype=dtype) * scale,
+        torch.randn(e, f, h, dtype=dtype) * scale,
+        torch.randn(e, h, f, dtype=dtype) * f**-0.5,
+    )
+
+
+@pytest.mark.parametrize("num_tokens", [1, 7, 64])
+def test_vectorised_moe_matches_the_per_token_loop(num_tokens):
+    gate, up, down = random_experts(dtype=torch.float64)
+    x = torch.randn(num_tokens, 24, dtype=torch.float64)
+    weights, ids = route(torch.randn(num_tokens, 8, dtype=torch.float64), 3, renormalize=False)
+    fast = expert_forward(x, weights.double(), ids, gate, up, down)
+    slow = expert_forward_per_token(x, weights.double(), ids, gate, up, down)
+    torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
+
+
+def test_expert_shards_sum_to_the_whole():
+    """An FFN instance holding experts [a, b) returns its partial sum; partials add up."""
+    gate, up, down = random_experts(dtype=torch.float64)
+    x = torch.randn(10, 24, dtype=torch.float64)
+    weights, ids = route(torch.randn(10, 8, dtype=torch.float64), 3, renormalize=False)
+    weights = weights.double()
+    whole = expert_forward(x, weights, ids, gate, up, down)
+    parts = sum(
+        expert_forward(x, weights, ids, gate[a:b], up[a:b], down[a:b], first_expert=a)
+        for a, b in [(0, 3), (3, 5), (5, 8)]
+    )
+    torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+
+
+def test_router_is_softmax_topk_without_renormalisation():
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]])
+    weights, ids = route(logits, 2, renormalize=False)
+    probs = torch.softmax(logits, -1)
+    assert ids.tolist() == [[0, 1]]
+    torch.testing.assert_close(weights, probs[:, :2])
+    assert weights.sum() < 1  # the k weights are not rescaled to one
+    weights, _ = route(logits, 2, renormalize=True)
+    torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
+
+
+def test_moe_module_routes_then_combines():
+    moe = MoE(24, 8, 16, top_k=3, renormalize=False).double()
+    for p in moe.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(5, 24, dtype=torch.float64)
+    weights, ids = route(x @ moe.gate.weight.T, 3, False)
+    expected = expert_forward_per_token(
+        x, weights.double(), ids, moe.gate_proj.weight, moe.up_proj.weight, moe.down_proj.weight
+    )
+    torch.testing.assert_close(moe(x), expected)
+
+
+def test_rms_norm():
+    norm = RMSNorm(6, eps=1e-5)
+    norm.weight.data = torch.arange(1.0, 7.0)
+    x = torch.randn(3, 6)
+    expected = x / torch.sqrt((x * x).mean(-1, keepdim=True) + 1e-5) * norm.weight
+    torch.testing.assert_close(norm(x), expected)
+
+
+def test_rope_is_rotate_half_over_the_full_head():
+    d, theta = 8, 10000.0
+    x = torch.randn(1, 1, d, dtype=torch.float64)
+    cos, sin = rope_cos_sin(torch.tensor([3]), d, theta)
+    out = apply_rope(x, cos, sin)[0, 0]
+    # Pair i rotates (x[i], x[i + d/2]) by angle 3 * theta^(-2i/d).
+    for i in range(d // 2):
+        angle = 3 * theta ** (-2 * i / d)
+        a, b = x[0, 0, i].item(), x[0, 0, i + d // 2].item()
+        assert out[i].item() == pytest.approx(a * math.cos(angle) - b * math.sin(angle), abs=1e-6)
+        assert out[i + d // 2].item() == pytest.approx(
+            b * math.cos(angle) + a * math.sin(angle), abs=1e-6
+        )
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    d = 16
+    q, k = torch.randn(1, 1, d, dtype=torch.float64), torch.randn(1, 1, d, dtype=torch.float64)
+
+    def score(pq, pk):
+        cq, sq = rope_cos_sin(torch.tensor([pq]), d, 5e5)
+        ck, sk = rope_cos_sin(torch.tensor([pk]), d, 5e5)
+        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum().item()
+
+    assert score(10, 3) == pytest.approx(score(107, 100), rel=1e-5)
+
+
+def test_causal_attention_shares_one_kv_head_across_query_heads():
+    n, heads, d = 5, 4, 8
+    q = torch.randn(n, heads, d, dtype=torch.float64)
+    k, v = torch.randn(n, 1, d, dtype=torch.float64), torch.randn(n, 1, d, dtype=torch.float64)
+    out = causal_attention(q, k, v, scale=d**-0.5, q_offset=0)
+    for h in range(heads):
+        expected = torch.nn.functional.scaled_dot_product_attention(
+            q[:, h][None], k[:, 0][None], v[:, 0][None], is_causal=True, scale=d**-0.5
+        )[0]
+        torch.testing.assert_close(out[:, h], expected)
+
+
+def test_attention_with_an_offset_equals_the_tail_of_a_full_pass():
+    q = torch.randn(9, 4, 8, dtype=torch.float64)
+    k, v = torch.randn(9, 1, 8, dtype=torch.float64), torch.randn(9, 1, 8, dtype=torch.float64)
+    full = causal_attention(q, k, v, 0.3, q_offset=0)
+    tail = causal_attention(q[6:], k, v, 0.3, q_offset=6)
+    torch.testing.assert_close(tail, full[6:])
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+def test_model_runs_in_lower_precision_close_to_float64(dtype, tolerance):
+    cfg = small_config()
+    exact = reference_logits(random_model(cfg, torch.float64), [1, 5, 9, 300, 7])
+    low = reference_logits(random_model(cfg, dtype), [1, 5, 9, 300, 7])
+    assert low.dtype == dtype
+    error = (low.double() - exact).abs().max() / exact.abs().max()
+    assert error < tolerance
+
+
+def test_model_is_causal():
+    model = random_model(small_config(), torch.float64)
+    a = reference_logits(model, [3, 4, 5, 6])
+    b = reference_logits(model, [3, 4, 5, 200])
+    torch.testing.assert_close(a[:3], b[:3])
+    assert not torch.allclose(a[3], b[3])

@@ -1,0 +1,32 @@
+"""Small random-weight models built in memory, for tests of the model and the engine."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from services.common.config import ModelConfig
+from services.common.model.build import build_model
+from services.common.model.checkpoint_writer import random_tensor
+from services.common.model.schema import checkpoint_tensors
+from services.common.model.step3 import Step3ForCausalLM
+from services.common.presets import tiny_config
+
+
+def random_model(
+    cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0
+) -> Step3ForCausalLM:
+    """The model `afd init-checkpoint` would write for `cfg` and `seed`, without the files."""
+    tensors = {
+        name: random_tensor(name, shape, dtype, seed)
+        for name, shape in checkpoint_tensors(cfg).items()
+    }
+    return build_model(cfg, tensors)
+
+
+def small_config(**overrides) -> ModelConfig:
+    """The tiny preset with a smaller vocabulary, for tests that do not need the tokenizer."""
+    return dataclasses.replace(
+        tiny_config(), **{"vocab_size": 512, "eos_token_ids": (511,), **overrides}
+    )
