@@ -20,8 +20,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError) as err:
-        # User mistakes (bad config, missing tensor, prompt too long) end in one clear line.
+    except (ValueError, OSError) as err:
+        # User mistakes (bad config, missing tensor, prompt too long, a path that is a file)
+        # end in one clear line.
         print(f"afd {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -6,7 +6,10 @@ import argparse
 import sys
 import time
 
+import torch
+
 from services.attention.engine import Engine, EngineConfig
+from services.common.config import load_config
 from services.common.model.build import load_model
 from services.common.sampling_params import SamplingParams
 from services.common.tokenizer import Tokenizer
@@ -33,6 +36,17 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+def check_device(device: str) -> None:
+    try:
+        kind = torch.device(device).type
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r} is not a device name (cpu, cuda, cuda:1)") from err
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}: this machine has no usable CUDA GPU; use --device cpu"
+        )
+
+
 def run(args: argparse.Namespace) -> int:
     params = SamplingParams(
         max_tokens=args.max_tokens,
@@ -42,6 +56,8 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop),
     )
+    load_config(args.model)  # a folder that is not a checkpoint says so before the tokenizer
+    check_device(args.device)
     tokenizer = Tokenizer.from_dir(args.model)
     if args.raw:
         prompt = tokenizer.encode(args.prompt, add_special_tokens=True)

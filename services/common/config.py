@@ -158,8 +158,8 @@ def load_config(checkpoint_dir: str | Path) -> ModelConfig:
     if not path.is_file():
         raise ConfigError(f"no config.json in {checkpoint_dir}: is this a checkpoint folder?")
     try:
-        raw = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ConfigError(f"{path} is not valid JSON: {err}") from err
     return parse_config(raw)
 
@@ -173,9 +173,9 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         text = raw.get("text_config")
         if not isinstance(text, dict):
             raise ConfigError(f"config field 'text_config' must be an object, got {text!r}")
-        # Token ids live at the top level of the wrapper; the text config may repeat them.
+        # Token ids live at the top level of the wrapper and win over any copy in text_config.
         outer = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "torch_dtype") if k in raw}
-        text = {**outer, **{k: v for k, v in text.items() if v is not None}}
+        text = {**{k: v for k, v in text.items() if v is not None}, **outer}
         model_type = text.get("model_type", TEXT_MODEL_TYPE)
     else:
         text = raw
@@ -194,7 +194,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
         **ints,
         moe_layers=_moe_layers(text, ints["num_hidden_layers"]),
         norm_expert_weight=_bool_field(text, "norm_expert_weight", default=False),
-        rope_theta=_float_field(text, "rope_theta"),
+        rope_theta=_rope_theta(text),
         rms_norm_eps=_float_field(text, "rms_norm_eps", default=DEFAULT_RMS_NORM_EPS),
         bos_token_id=_int_field(text, "bos_token_id"),
         eos_token_ids=_eos_ids(text),
@@ -238,6 +238,10 @@ def _moe_layers(raw: dict[str, Any], num_layers: int) -> tuple[int, ...]:
         raise ConfigError(
             f"config field 'moe_layers_enum' must be a comma-separated string, got {value!r}"
         )
+    if not value.strip():
+        raise ConfigError(
+            "config field 'moe_layers_enum' is empty; list the MoE layers or leave the field out"
+        )
     try:
         layers = tuple(int(part) for part in value.split(",") if part.strip())
     except ValueError as err:
@@ -247,8 +251,23 @@ def _moe_layers(raw: dict[str, Any], num_layers: int) -> tuple[int, ...]:
     return tuple(sorted(set(layers)))
 
 
+def _rope_theta(raw: dict[str, Any]) -> float:
+    """Older configs say `rope_theta`; newer transformers nest it in `rope_parameters`."""
+    params = raw.get("rope_parameters")
+    if "rope_theta" not in raw and isinstance(params, dict):
+        if params.get("rope_type", "default") != "default":
+            raise ConfigError(
+                f"config field 'rope_parameters' asks for rope_type {params['rope_type']!r}; "
+                "only plain RoPE ('default') is supported"
+            )
+        return _float_field(params, "rope_theta")
+    return _float_field(raw, "rope_theta")
+
+
 def _eos_ids(raw: dict[str, Any]) -> tuple[int, ...]:
-    value = raw.get("eos_token_id")
+    if "eos_token_id" not in raw:
+        raise ConfigError("config.json is missing the field 'eos_token_id'")
+    value = raw["eos_token_id"]
     values = value if isinstance(value, list) else [value]
     if not values or any(isinstance(v, bool) or not isinstance(v, int) for v in values):
         raise ConfigError(

@@ -13,8 +13,11 @@ from torch.nn import functional as F
 
 
 def route(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
-    """Softmax over experts, then top-k. router_logits: [T, E] -> (weights [T, K] float32 or
-    float64, expert ids [T, K] int64). Step-3 does not renormalise the k weights (norm_expert_weight)."""
+    """Softmax over experts, then top-k.
+
+    router_logits: [T, E] -> (weights [T, K] float32 or float64, expert ids [T, K] int64).
+    Step-3 does not renormalise the k weights (`norm_expert_weight` false).
+    """
     acc = torch.promote_types(router_logits.dtype, torch.float32)
     probs = torch.softmax(router_logits.to(acc), dim=-1)
     weights, ids = torch.topk(probs, top_k, dim=-1)

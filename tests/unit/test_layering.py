@@ -1,0 +1,57 @@
+"""Dependencies point one way: services -> common, never sideways, and the gateway's share
+of common (tokenizer, sampling parameters, config) stays free of torch."""
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVICES = ("attention", "ffn", "gateway")
+
+
+def imported_modules(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_a_service_imports_only_itself_and_common(service):
+    others = {f"services.{s}" for s in SERVICES if s != service}
+    for path in (ROOT / "services" / service).rglob("*.py"):
+        for module in imported_modules(path):
+            assert not any(module == o or module.startswith(o + ".") for o in others), (
+                f"{path.relative_to(ROOT)} imports {module}"
+            )
+
+
+def test_common_imports_no_service():
+    for path in (ROOT / "services" / "common").rglob("*.py"):
+        for module in imported_modules(path):
+            assert not any(module.startswith(f"services.{s}") for s in SERVICES), (
+                f"{path.relative_to(ROOT)} imports {module}"
+            )
+
+
+def test_gateway_side_of_common_does_not_load_torch():
+    modules = [
+        "services.gateway",
+        "services.common.config",
+        "services.common.sampling_params",
+        "services.common.tokenizer",
+        "services.common.detokenizer",
+        "services.common.presets",
+        "services.common.model.schema",
+    ]
+    code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "False"
