@@ -20,6 +20,24 @@ VL_MODEL_TYPE = "step3_vl"
 DEFAULT_RMS_NORM_EPS = 1e-5
 
 
+# Integer fields that must be present and positive.
+POSITIVE_INT_FIELDS = (
+    "hidden_size",
+    "num_hidden_layers",
+    "vocab_size",
+    "num_attention_heads",
+    "num_attention_groups",
+    "head_dim",
+    "share_q_dim",
+    "intermediate_size",
+    "moe_num_experts",
+    "moe_top_k",
+    "moe_intermediate_size",
+    "share_expert_dim",
+    "max_position_embedding",
+)
+
+
 class ConfigError(ValueError):
     """A config.json field is missing or holds a value the model cannot use."""
 
@@ -50,21 +68,7 @@ class ModelConfig:
     torch_dtype: str
 
     def __post_init__(self) -> None:
-        for name in (
-            "hidden_size",
-            "num_hidden_layers",
-            "vocab_size",
-            "num_attention_heads",
-            "num_attention_groups",
-            "head_dim",
-            "share_q_dim",
-            "intermediate_size",
-            "moe_num_experts",
-            "moe_top_k",
-            "moe_intermediate_size",
-            "share_expert_dim",
-            "max_position_embedding",
-        ):
+        for name in POSITIVE_INT_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(
@@ -135,23 +139,6 @@ class ModelConfig:
         }
 
 
-_REQUIRED_INTS = (
-    "hidden_size",
-    "num_hidden_layers",
-    "vocab_size",
-    "num_attention_heads",
-    "num_attention_groups",
-    "head_dim",
-    "share_q_dim",
-    "intermediate_size",
-    "moe_num_experts",
-    "moe_top_k",
-    "moe_intermediate_size",
-    "share_expert_dim",
-    "max_position_embedding",
-)
-
-
 def load_config(checkpoint_dir: str | Path) -> ModelConfig:
     """Read `<checkpoint_dir>/config.json` in either form."""
     path = Path(checkpoint_dir) / "config.json"
@@ -189,7 +176,7 @@ def parse_config(raw: dict[str, Any]) -> ModelConfig:
             f"config field 'rope_scaling' is not supported, got {text['rope_scaling']!r}"
         )
 
-    ints = {name: _int_field(text, name) for name in _REQUIRED_INTS}
+    ints = {name: _int_field(text, name) for name in POSITIVE_INT_FIELDS}
     return ModelConfig(
         **ints,
         moe_layers=_moe_layers(text, ints["num_hidden_layers"]),

@@ -7,6 +7,8 @@ runs in milliseconds. `step3` is the released model's per-layer shapes with a ch
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from services.common.config import ModelConfig
 
 STEP3_VOCAB_SIZE = 128815  # DeepSeek-V3's tokenizer, added tokens included
@@ -14,31 +16,6 @@ STEP3_BOS_TOKEN_ID = 0
 STEP3_EOS_TOKEN_ID = 128805  # <|EOT|>
 
 PRESETS = ("tiny", "step3")
-
-
-def tiny_config() -> ModelConfig:
-    return ModelConfig(
-        hidden_size=64,
-        num_hidden_layers=5,
-        vocab_size=STEP3_VOCAB_SIZE,
-        num_attention_heads=4,
-        num_attention_groups=1,
-        head_dim=32,
-        share_q_dim=48,
-        intermediate_size=128,
-        moe_layers=(1, 2, 3),
-        moe_num_experts=8,
-        moe_top_k=3,
-        moe_intermediate_size=32,
-        share_expert_dim=32,
-        norm_expert_weight=False,
-        rope_theta=500000.0,
-        max_position_embedding=4096,
-        rms_norm_eps=1e-5,
-        bos_token_id=STEP3_BOS_TOKEN_ID,
-        eos_token_ids=(STEP3_EOS_TOKEN_ID,),
-        torch_dtype="bfloat16",
-    )
 
 
 def step3_config(num_layers: int = 61) -> ModelConfig:
@@ -66,6 +43,23 @@ def step3_config(num_layers: int = 61) -> ModelConfig:
         bos_token_id=STEP3_BOS_TOKEN_ID,
         eos_token_ids=(STEP3_EOS_TOKEN_ID,),
         torch_dtype="bfloat16",
+    )
+
+
+def tiny_config() -> ModelConfig:
+    """Step-3 with 5 layers (0 and 4 dense, 1-3 MoE) at CPU-sized widths."""
+    return replace(
+        step3_config(5),
+        moe_layers=(1, 2, 3),
+        hidden_size=64,
+        num_attention_heads=4,
+        head_dim=32,
+        share_q_dim=48,
+        intermediate_size=128,
+        moe_num_experts=8,
+        moe_intermediate_size=32,
+        share_expert_dim=32,
+        max_position_embedding=4096,
     )
 
 
