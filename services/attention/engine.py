@@ -11,18 +11,24 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+from torch import Tensor
 
 from services.attention.block_manager import BlockManager
 from services.attention.kv_cache import KVCache
-from services.attention.model_runner import ModelRunner
-from services.attention.output import RequestOutput, TextTracker
-from services.attention.sampler import new_generator, sample
-from services.attention.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from services.attention.output import RequestOutput, TextTracker, TokenLogprob
+from services.attention.sampler import new_generator, sample, token_logprobs
+from services.attention.scheduler import (
+    ScheduledChunk,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 from services.attention.sequence import Sequence
+from services.common.config import ModelConfig
 from services.common.detokenizer import Decoder
-from services.common.model.step3 import Step3ForCausalLM
 from services.common.sampling_params import SamplingParams
 
 
@@ -58,39 +64,54 @@ class _Request:
     generator: torch.Generator
     num_reported: int = 0  # generated tokens already handed out
     stop_reason: int | str | None = None
+    logprobs: list[TokenLogprob] | None = None
+
+
+class Runner(Protocol):
+    """Computes a step's chunks over the KV cache; returns logits [sampling chunks, V]."""
+
+    model_config: ModelConfig
+    device: torch.device
+
+    def execute(self, chunks: list[ScheduledChunk]) -> Tensor: ...
+
+
+def default_num_kv_blocks(cfg: ModelConfig, config: EngineConfig, dtype: torch.dtype) -> int:
+    """What `kv_cache_bytes` holds, but no more than max_num_seqs full-length sequences."""
+    if config.num_kv_blocks:
+        return config.num_kv_blocks
+    per_block = KVCache.bytes_per_block(cfg, config.block_size, dtype)
+    max_len = config.max_model_len or cfg.max_position_embedding
+    enough = config.scheduler.max_num_seqs * -(-max_len // config.block_size)
+    return max(1, min(config.kv_cache_bytes // per_block, enough))
 
 
 class Engine:
     def __init__(
-        self, model: Step3ForCausalLM, config: EngineConfig, tokenizer: Decoder | None = None
+        self,
+        runner: Runner,
+        num_kv_blocks: int,
+        config: EngineConfig,
+        tokenizer: Decoder | None = None,
     ) -> None:
-        cfg = model.cfg
+        cfg = runner.model_config
         self.model_config = cfg
         self.config = config
         self.tokenizer = tokenizer
+        self.runner = runner
+        # One sequence of the longest allowed length must always fit in the cache on its own.
         self.max_model_len = min(
-            config.max_model_len or cfg.max_position_embedding, cfg.max_position_embedding
+            config.max_model_len or cfg.max_position_embedding,
+            cfg.max_position_embedding,
+            num_kv_blocks * config.block_size,
         )
-        dtype = model.lm_head.weight.dtype
-        num_blocks = config.num_kv_blocks or self._default_num_blocks(dtype)
-        if num_blocks * config.block_size < self.max_model_len:
-            # One sequence of the longest allowed length must always fit on its own.
-            self.max_model_len = num_blocks * config.block_size
         self.block_manager = BlockManager(
-            num_blocks, config.block_size, config.enable_prefix_caching
+            num_kv_blocks, config.block_size, config.enable_prefix_caching
         )
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
-        device = model.lm_head.weight.device
-        self.runner = ModelRunner(model, KVCache(cfg, num_blocks, config.block_size, dtype, device))
         self._requests: dict[str, _Request] = {}
-        self._device = device
+        self._device = runner.device
         self.stats = EngineStats()
-
-    def _default_num_blocks(self, dtype: torch.dtype) -> int:
-        per_block = KVCache.bytes_per_block(self.model_config, self.config.block_size, dtype)
-        blocks_per_seq = -(-self.max_model_len // self.config.block_size)
-        enough = self.config.scheduler.max_num_seqs * blocks_per_seq
-        return max(1, min(self.config.kv_cache_bytes // per_block, enough))
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -149,14 +170,23 @@ class Engine:
             finished |= {out.request_id: out for out in self.step() if out.finished}
         return [finished[request_id] for request_id in ids]
 
-    def _execute(self, batch: SchedulerOutput) -> list[int]:
-        if not batch.chunks:
-            return []
-        logits = self.runner.execute(batch.chunks)
-        sampling = [self._requests[c.seq.request_id] for c in batch.chunks if c.samples]
-        return sample(logits, [r.seq.params for r in sampling], [r.generator for r in sampling])
+    def _execute(self, batch: SchedulerOutput) -> list[tuple[int, TokenLogprob | None]]:
+        """Sampled tokens (and their logprobs, where asked) in the order of sampling chunks.
 
-    def _update(self, batch: SchedulerOutput, tokens: list[int]) -> list[RequestOutput]:
+        Runs even for an empty batch: a disaggregated runner must take part in every step.
+        """
+        logits = self.runner.execute(batch.chunks)  # [sampling chunks, V]
+        sampling = [self._requests[c.seq.request_id] for c in batch.chunks if c.samples]
+        params = [r.seq.params for r in sampling]
+        tokens = sample(logits, params, [r.generator for r in sampling])
+        return [
+            (token, None if p.logprobs is None else token_logprobs(logits[row], token, p.logprobs))
+            for row, (token, p) in enumerate(zip(tokens, params, strict=True))
+        ]
+
+    def _update(
+        self, batch: SchedulerOutput, tokens: list[tuple[int, TokenLogprob | None]]
+    ) -> list[RequestOutput]:
         self.scheduler.update(batch)
         self.stats.num_steps += 1
         self.stats.num_preemptions += len(batch.preempted)
@@ -168,7 +198,11 @@ class Engine:
             if not chunk.samples:
                 continue
             request = self._requests[chunk.seq.request_id]
-            request.seq.token_ids.append(next(sampled))
+            token, logprob = next(sampled)
+            request.seq.token_ids.append(token)
+            if logprob is not None:
+                request.logprobs = request.logprobs or []
+                request.logprobs.append(logprob)
             self._check_stop(request)
             outputs.append(self._output(request))
             if request.seq.is_finished:
@@ -211,4 +245,5 @@ class Engine:
             finish_reason=seq.finish_reason,
             stop_reason=request.stop_reason,
             num_cached_tokens=seq.num_cached_tokens,
+            logprobs=None if request.logprobs is None else list(request.logprobs),
         )

@@ -15,6 +15,7 @@ from services.common.model.step3 import Step3ForCausalLM
 class ModelRunner:
     def __init__(self, model: Step3ForCausalLM, cache: KVCache) -> None:
         self.model = model
+        self.model_config = model.cfg
         self.cache = cache
         self.device = model.lm_head.weight.device
         self.scale = model.cfg.head_dim**-0.5
@@ -22,6 +23,8 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> Tensor:
         """Compute every chunk; logits [num sampling chunks, V] in chunk order."""
+        if not chunks:
+            return torch.empty(0, self.model_config.vocab_size, device=self.device)
         token_ids: list[int] = []
         spans: list[SequenceSpan] = []
         new_slots: list[Tensor] = []

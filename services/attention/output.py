@@ -13,6 +13,15 @@ from services.common.detokenizer import Decoder, IncrementalDetokenizer
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """The model's log-probability of a chosen token, and of the most likely alternatives."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
 class RequestOutput:
     request_id: str
     prompt_token_ids: list[int]
@@ -24,6 +33,7 @@ class RequestOutput:
     finish_reason: str | None  # "stop", "length" or "abort"
     stop_reason: int | str | None  # the stop token id or stop string that ended it
     num_cached_tokens: int  # prompt tokens found in the prefix cache
+    logprobs: list[TokenLogprob] | None  # one per generated token, when asked for
 
 
 class TextTracker:

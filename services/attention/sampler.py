@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from services.attention.output import TokenLogprob
 from services.common.sampling_params import SamplingParams
 
 
@@ -47,3 +48,11 @@ def sample(
         probs = torch.softmax(filtered, dim=-1)
         tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
     return tokens
+
+
+def token_logprobs(logits: Tensor, token_id: int, num_top: int) -> TokenLogprob:
+    """logits: [V] -> the raw model distribution's logprob of `token_id` and its top n."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logprobs, num_top) if num_top else None
+    pairs = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top else ()
+    return TokenLogprob(token_id, float(logprobs[token_id]), pairs)

@@ -8,7 +8,8 @@ import time
 
 import torch
 
-from services.attention.engine import Engine, EngineConfig
+from services.attention.builder import local_engine
+from services.attention.engine import EngineConfig
 from services.common.config import load_config
 from services.common.model.build import load_model
 from services.common.sampling_params import SamplingParams
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
     model = load_model(args.model, dtype=args.dtype, device=args.device)
-    engine = Engine(model, EngineConfig(), tokenizer)
+    engine = local_engine(model, EngineConfig(), tokenizer)
     engine.add_request("generate", prompt, params)
 
     started = time.perf_counter()

@@ -6,7 +6,8 @@ Skipped without CUDA (CI has none); run on a GPU machine with `pytest tests/gpu`
 import pytest
 import torch
 
-from services.attention.engine import Engine, EngineConfig
+from services.attention.builder import local_engine
+from services.attention.engine import EngineConfig
 from services.attention.scheduler import SchedulerConfig
 from services.common.model.checkpoint_writer import random_tensor, write_random_weights
 from services.common.model.reference import reference_greedy
@@ -26,7 +27,7 @@ def engine_for(model):
         num_kv_blocks=30,  # the prompts need 48 blocks at the end: forces preemption
         scheduler=SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=16),
     )
-    return Engine(model, config)
+    return local_engine(model, config)
 
 
 def test_cuda_engine_equals_reference_in_float64():

@@ -6,9 +6,10 @@ import random
 import pytest
 import torch
 
-from services.attention.engine import Engine, EngineConfig, RequestError
+from services.attention.builder import local_engine
+from services.attention.engine import EngineConfig, RequestError
 from services.attention.scheduler import SchedulerConfig
-from services.common.model.reference import reference_greedy
+from services.common.model.reference import reference_greedy, reference_logits
 from services.common.sampling_params import SamplingParams
 from tests.support.models import random_model, small_config
 
@@ -23,7 +24,7 @@ def make_engine(model, blocks=None, block_size=4, seqs=8, budget=24, caching=Tru
         scheduler=SchedulerConfig(max_num_seqs=seqs, max_num_batched_tokens=budget),
         enable_prefix_caching=caching,
     )
-    return Engine(model, config, tokenizer)
+    return local_engine(model, config, tokenizer)
 
 
 def random_prompts(count, seed, vocab=500):
@@ -185,3 +186,20 @@ def test_cache_smaller_than_the_context_caps_the_model_length(tiny_model_f64):
     assert engine.max_model_len == 40
     with pytest.raises(RequestError, match="at most 40"):
         engine.add_request("x", [1] * 40, GREEDY)
+
+
+def test_logprobs_are_the_reference_distribution(tiny_model_f64):
+    prompt = [4, 5, 6]
+    params = SamplingParams(max_tokens=4, temperature=0.0, logprobs=3)
+    out = make_engine(tiny_model_f64).generate([prompt], params)[0]
+    assert len(out.logprobs) == 4
+    tokens = list(prompt)
+    for token, entry in zip(out.token_ids, out.logprobs, strict=True):
+        expected = torch.log_softmax(reference_logits(tiny_model_f64, tokens)[-1].float(), -1)
+        assert entry.token_id == token
+        assert entry.logprob == pytest.approx(expected[token].item(), abs=1e-5)
+        top = torch.topk(expected, 3)
+        assert [t for t, _ in entry.top] == top.indices.tolist()
+        assert entry.top[0][0] == token  # greedy picks the most likely
+        tokens.append(token)
+    assert make_engine(tiny_model_f64).generate([prompt], GREEDY)[0].logprobs is None

@@ -1,0 +1,19 @@
+"""Wiring: an `Engine` with the runner that fits where the model lives."""
+
+from __future__ import annotations
+
+from services.attention.engine import Engine, EngineConfig, default_num_kv_blocks
+from services.attention.kv_cache import KVCache
+from services.attention.model_runner import ModelRunner
+from services.common.detokenizer import Decoder
+from services.common.model.step3 import Step3ForCausalLM
+
+
+def local_engine(
+    model: Step3ForCausalLM, config: EngineConfig, tokenizer: Decoder | None = None
+) -> Engine:
+    """The whole model in this process: attention and FFN side by side."""
+    dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
+    num_blocks = default_num_kv_blocks(model.cfg, config, dtype)
+    cache = KVCache(model.cfg, num_blocks, config.block_size, dtype, device)
+    return Engine(ModelRunner(model, cache), num_blocks, config, tokenizer)
