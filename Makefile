@@ -5,9 +5,12 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CACHE ?= $(HOME)/.cache/afd
 TINY := $(CACHE)/tiny
+PROTOS := $(wildcard proto/afd/v1/*.proto)
+GEN := services/common/wire/gen
+STUBS := $(GEN)/.generated
 
 .DEFAULT_GOAL := help
-.PHONY: help setup run test lint
+.PHONY: help setup proto run test lint
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -18,13 +21,21 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP) ## create .venv and install the project into it
+# protoc writes `from afd.v1 import ...`; the sed makes that the package the stubs live in.
+$(STUBS): $(PROTOS) $(STAMP)
+	rm -rf $(GEN) && mkdir -p $(GEN)/afd/v1 && touch $(GEN)/__init__.py $(GEN)/afd/__init__.py $(GEN)/afd/v1/__init__.py
+	$(BIN)/python -m grpc_tools.protoc -Iproto --python_out=$(GEN) --pyi_out=$(GEN) --grpc_python_out=$(GEN) $(PROTOS)
+	sed -i 's/^from afd\./from services.common.wire.gen.afd./' $(GEN)/afd/v1/*_pb2*.py* && touch $@
 
-run: $(STAMP) ## generate from the embedded tiny model (created on first use)
+setup: $(STAMP) $(STUBS) ## create .venv, install the project and generate the gRPC stubs
+
+proto: $(STUBS) ## generate the gRPC stubs from proto/ (when a .proto changed)
+
+run: setup ## generate from the embedded tiny model (created on first use)
 	test -f $(TINY)/config.json || $(BIN)/afd init-checkpoint $(TINY) --preset tiny
 	$(BIN)/afd generate --model $(TINY) --prompt "$(or $(PROMPT),Hello! Who are you?)"
 
-test: $(STAMP) ## run the test suite
+test: setup ## run the test suite
 	$(BIN)/pytest -q
 
 lint: $(STAMP) ## ruff format check and lint

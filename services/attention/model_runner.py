@@ -1,8 +1,9 @@
-"""Turns a scheduled step into tensors, runs the model over its paged KV cache, returns the
-logits of the rows that sample. Owns the model and the cache; knows nothing of requests'
-sampling parameters or stopping rules."""
+"""Turns scheduled chunks into model inputs, and runs the whole model over the paged KV cache
+in this process. Knows nothing of requests' sampling parameters or stopping rules."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -10,6 +11,44 @@ from torch import Tensor
 from services.attention.kv_cache import KVCache, PagedAttention, SequenceSpan
 from services.attention.scheduler import ScheduledChunk
 from services.common.model.step3 import Step3ForCausalLM
+
+
+@dataclass(frozen=True)
+class StepInputs:
+    """The flat token batch of some chunks and how to attend over the cache for it."""
+
+    token_ids: Tensor  # [T]
+    positions: Tensor  # [T]
+    backend: PagedAttention
+    sample_rows: Tensor  # [S] rows whose logits pick a token, in chunk order
+
+    @property
+    def num_tokens(self) -> int:
+        return self.token_ids.numel()
+
+
+def prepare_inputs(chunks: list[ScheduledChunk], cache: KVCache, scale: float) -> StepInputs:
+    device = cache.k.device
+    token_ids: list[int] = []
+    positions: list[Tensor] = []
+    spans: list[SequenceSpan] = []
+    new_slots: list[Tensor] = []
+    sample_rows: list[int] = []
+    for chunk in chunks:
+        seq, end = chunk.seq, chunk.start + chunk.num_tokens
+        context_slots = cache.slots(seq.block_table, 0, end)  # [end]
+        spans.append(SequenceSpan(len(token_ids), chunk.num_tokens, context_slots))
+        new_slots.append(context_slots[chunk.start :])
+        positions.append(torch.arange(chunk.start, end))
+        token_ids.extend(seq.token_ids[chunk.start : end])
+        if chunk.samples:
+            sample_rows.append(len(token_ids) - 1)
+    return StepInputs(
+        token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
+        positions=torch.cat(positions).to(device),
+        backend=PagedAttention(cache, torch.cat(new_slots), spans, scale),
+        sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+    )
 
 
 class ModelRunner:
@@ -25,26 +64,6 @@ class ModelRunner:
         """Compute every chunk; logits [num sampling chunks, V] in chunk order."""
         if not chunks:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
-        token_ids: list[int] = []
-        spans: list[SequenceSpan] = []
-        new_slots: list[Tensor] = []
-        sample_rows: list[int] = []
-        for chunk in chunks:
-            seq, end = chunk.seq, chunk.start + chunk.num_tokens
-            spans.append(
-                SequenceSpan(
-                    len(token_ids), chunk.num_tokens, self.cache.slots(seq.block_table, 0, end)
-                )
-            )
-            new_slots.append(spans[-1].context_slots[chunk.start :])
-            token_ids.extend(seq.token_ids[chunk.start : end])
-            if chunk.samples:
-                sample_rows.append(len(token_ids) - 1)
-        positions = torch.cat([torch.arange(c.start, c.start + c.num_tokens) for c in chunks]).to(
-            self.device
-        )
-        ids = torch.tensor(token_ids, dtype=torch.long, device=self.device)
-        backend = PagedAttention(self.cache, torch.cat(new_slots), spans, self.scale)
-        hidden = self.model(ids, positions, backend)  # [T, H]
-        rows = torch.tensor(sample_rows, dtype=torch.long, device=self.device)
-        return self.model.compute_logits(hidden[rows])
+        inputs = prepare_inputs(chunks, self.cache, self.scale)
+        hidden = self.model(inputs.token_ids, inputs.positions, inputs.backend)  # [T, H]
+        return self.model.compute_logits(hidden[inputs.sample_rows])

@@ -39,6 +39,19 @@ def build_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> Step3ForC
     return model.eval().requires_grad_(False)
 
 
+def build_partial_model(cfg: ModelConfig, tensors: dict[str, torch.Tensor]) -> Step3ForCausalLM:
+    """A model holding only `tensors`; the rest stays on the meta device, taking no memory.
+
+    Each side of AFD builds the same module tree and uses only the parts it holds.
+    """
+    with torch.device("meta"):
+        model = Step3ForCausalLM(cfg)
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise ValueError(f"tensors the model does not have: {result.unexpected_keys[:5]}")
+    return model.eval().requires_grad_(False)
+
+
 def load_model(
     checkpoint_dir: str | Path, dtype: str = "auto", device: str = "cpu", progress: bool = True
 ) -> Step3ForCausalLM:

@@ -60,3 +60,12 @@ def checkpoint_tensors(cfg: ModelConfig) -> dict[str, Shape]:
 def is_norm(name: str) -> bool:
     """Norm weights are 1-D gains (initialised to one, never quantised)."""
     return name.endswith("norm.weight")
+
+
+_FFN_PARTS = (".mlp.", ".share_expert.", ".moe.gate_proj.", ".moe.up_proj.", ".moe.down_proj.")
+
+
+def is_ffn_tensor(name: str) -> bool:
+    """Feed-forward weights (dense MLP, shared and routed experts): the FFN side's in AFD.
+    Everything else, the router included, stays on the attention side."""
+    return any(part in name for part in _FFN_PARTS)

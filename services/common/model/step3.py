@@ -28,8 +28,12 @@ class DecoderLayer(nn.Module):
     def feed_forward(self, h: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def attend(self, x: Tensor, cos: Tensor, sin: Tensor, backend: AttentionBackend) -> Tensor:
+        """The attention half: x + attn(norm(x)). In AFD it runs on the attention side."""
+        return x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, backend: AttentionBackend) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
+        x = self.attend(x, cos, sin, backend)
         return x + self.feed_forward(self.post_attention_layernorm(x))
 
 

@@ -1,0 +1,114 @@
+"""`afd attention --index I --controller HOST:PORT --model DIR`: one attention instance.
+
+It holds the KV cache, the attention weights, the router, the LM head and sampling, joins
+the cluster, and serves the attention API (health included) until stopped. Prints
+`attention instance I serving on HOST:PORT` once requests can be sent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from services.attention.afd_runner import DisaggregatedRunner, PipelineConfig
+from services.attention.api import ERROR_CODES, add_attention_service
+from services.attention.driver import EngineDriver
+from services.attention.engine import Engine, EngineConfig, default_num_kv_blocks
+from services.attention.kv_cache import KVCache
+from services.attention.scheduler import SchedulerConfig
+from services.common.config import load_config
+from services.common.instance import Instance, InstanceOptions, add_instance_arguments
+from services.common.model.build import build_partial_model, resolve_dtype
+from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
+from services.common.model.weights import load_weights
+from services.common.tokenizer import Tokenizer
+from services.common.wire.attention import SERVICE_NAME
+
+log = logging.getLogger("services.attention")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
+    parser.add_argument("--max-model-len", type=int)
+    parser.add_argument("--max-num-seqs", type=int, default=64)
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--no-prefix-caching", action="store_true")
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        block_size=args.block_size,
+        kv_cache_bytes=args.kv_cache_bytes,
+        max_model_len=args.max_model_len,
+        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens),
+        enable_prefix_caching=not args.no_prefix_caching,
+    )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_instance_arguments(parser)
+    add_engine_arguments(parser)
+    parser.add_argument(
+        "--fp8-dispatch", action="store_true", help="send activations to FFN as FP8 (e4m3)"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    options = InstanceOptions.from_args("attention", args)
+    cfg = load_config(args.model)
+    dtype = resolve_dtype(args.dtype, cfg)
+    config = engine_config(args)
+    tokenizer = Tokenizer.from_dir(args.model)
+    instance = Instance(options, ERROR_CODES)
+    try:
+        membership, transport = instance.join()
+        names = [n for n in checkpoint_tensors(cfg) if not is_ffn_tensor(n)]
+        tensors = load_weights(args.model, cfg, dtype=dtype, device=options.device, names=names)
+        model = build_partial_model(cfg, tensors)
+        num_blocks = default_num_kv_blocks(cfg, config, dtype)
+        cache = KVCache(cfg, num_blocks, config.block_size, dtype, options.device)
+
+        def submit_plan(step: int, counts: list[int]) -> None:
+            # Then wait for everyone's: attention instances stay in lockstep even when idle
+            # (an idle step moves no tensors, so nothing else would hold them together).
+            instance.control.submit_plan(membership.epoch, step, options.index, counts)
+            instance.control.get_plan(membership.epoch, step, options.step_timeout_s)
+
+        runner = DisaggregatedRunner(
+            model,
+            cache,
+            transport,
+            membership.ffn_ranks,
+            submit_plan,
+            PipelineConfig(membership.num_micro_batches, args.fp8_dispatch),
+            config.scheduler.max_num_batched_tokens,
+        )
+        driver = EngineDriver(
+            Engine(runner, num_blocks, config, tokenizer), always_step=True, idle_wait_s=0.01
+        )
+        add_attention_service(instance.server.server, driver)
+        driver.start()
+        instance.server.set_serving(True, ("", SERVICE_NAME))
+        print(f"{options.name} serving on {instance.address}", flush=True)
+        while not instance.stopping.wait(0.2):
+            if driver.failure is not None:
+                log.error("%s stops: %s", options.name, driver.failure)
+                return 1
+        driver.stop()
+        return 0
+    finally:
+        instance.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="afd attention", description=__doc__)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,287 @@
+"""Runs an `Engine` on its own thread and hands its outputs to the threads that want them.
+
+The engine is not thread-safe, so exactly one thread (the driver's) ever touches it. Other
+threads talk to that thread through a queue of commands (submit, cancel) and read back a
+`RequestStream` per request and a `Load` snapshot. Each loop applies the pending commands,
+steps the engine, delivers the step's outputs, then sleeps on an event until new work
+arrives.
+
+Knows nothing of gRPC: the servicer in `api.py` turns these calls into RPCs.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from services.attention.engine import Engine, RequestError
+from services.attention.output import RequestOutput
+from services.common.sampling_params import SamplingParams
+
+
+class DuplicateRequestError(RequestError):
+    """A request with this id is still running on this instance."""
+
+
+class DriverStopped(RuntimeError):
+    """The driver is shutting down (or has stopped) and takes no more work."""
+
+
+class EngineFailed(RuntimeError):
+    """`engine.step()` raised; the instance serves nothing more. The cause is chained."""
+
+
+@dataclass(frozen=True)
+class Load:
+    """What the router needs to pick an instance; a snapshot, possibly one loop old."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+
+
+class RequestStream:
+    """One request's outputs, in order; iteration blocks and ends after the finished output.
+
+    Raises `DriverStopped` or `EngineFailed` if the instance ends before the request does.
+    """
+
+    def __init__(self, request_id: str, driver: EngineDriver) -> None:
+        self.request_id = request_id
+        self._driver = driver
+        self._items: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+        self._done = False  # set by the consumer once the last item was taken
+
+    def __iter__(self) -> RequestStream:
+        return self
+
+    def __next__(self) -> RequestOutput:
+        if self._done:
+            raise StopIteration
+        item = self._items.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        self._done = item.finished
+        return item
+
+    def cancel(self) -> None:
+        """Abort the request if it still runs; the stream then ends with an "abort" output."""
+        if not self._done:
+            self._driver.cancel(self.request_id)
+
+    def _put(self, item: RequestOutput | BaseException) -> None:
+        self._items.put(item)
+
+
+@dataclass
+class _Open:
+    """The engine thread's record of a running request."""
+
+    stream: RequestStream
+    prompt_token_ids: list[int]
+    last: RequestOutput | None = None
+
+
+@dataclass(frozen=True)
+class _Submit:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    accepted: Future[RequestStream]
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request_id: str
+
+
+class EngineDriver:
+    def __init__(
+        self, engine: Engine, *, always_step: bool = False, idle_wait_s: float = 0.005
+    ) -> None:
+        self._engine = engine
+        # A disaggregated engine must join every lockstep step, so it steps even when idle;
+        # the step's collectives then pace the loop and it never sleeps.
+        self._always_step = always_step
+        self._idle_wait_s = idle_wait_s
+        self._lock = threading.Lock()  # guards the command queue and the lifecycle flags
+        self._commands: deque[_Submit | _Cancel] = deque()
+        self._closed_error: BaseException | None = None  # set once the loop has ended
+        self._started = False
+        self._stopping = False
+        self._wake = threading.Event()
+        self._open: dict[str, _Open] = {}  # engine thread only
+        self._thread = threading.Thread(target=self._run, name="engine-driver", daemon=True)
+        self._load = self._snapshot()
+
+    def start(self) -> None:
+        with self._lock:
+            self._started = True
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """End the loop; open streams end with `DriverStopped`. Raises TimeoutError if the
+        engine thread is still inside a step after `timeout_s`."""
+        with self._lock:
+            self._stopping = True
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout_s)
+            if self._thread.is_alive():
+                raise TimeoutError(f"the engine thread did not stop within {timeout_s} s")
+
+    def submit(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
+    ) -> RequestStream:
+        """Add the request on the engine thread and wait until it is queued there.
+
+        Raises `RequestError` (`DuplicateRequestError` for an id still running) with the
+        engine's message if the engine refuses it, and `RuntimeError` if the driver has
+        stopped or failed; in both cases nothing was queued.
+        """
+        accepted: Future[RequestStream] = Future()
+        with self._lock:
+            if self._closed_error is not None:
+                raise self._refusal()
+            if self._stopping:
+                raise DriverStopped("the attention instance is shutting down")
+            if not self._started:
+                raise RuntimeError("the engine driver has not been started: call start()")
+            self._commands.append(_Submit(request_id, list(prompt_token_ids), params, accepted))
+        self._wake.set()
+        return accepted.result()
+
+    def cancel(self, request_id: str) -> None:
+        """Abort the request on the engine thread before its next step, freeing its KV
+        blocks. Returns at once; unknown or finished ids are ignored."""
+        with self._lock:
+            if self._closed_error is not None:
+                return
+            self._commands.append(_Cancel(request_id))
+        self._wake.set()
+
+    def load(self) -> Load:
+        return self._load  # replaced whole by the engine thread, so always consistent
+
+    @property
+    def failure(self) -> BaseException | None:
+        """What `engine.step()` raised, if it did."""
+        error = self._closed_error
+        return error.__cause__ if isinstance(error, EngineFailed) else None
+
+    def _run(self) -> None:
+        error: BaseException
+        try:
+            while self._loop_once():
+                pass
+            error = DriverStopped("the attention instance is shutting down")
+        except BaseException as exc:  # every waiter must hear of it
+            error = EngineFailed(f"the engine failed: {type(exc).__name__}: {exc}")
+            error.__cause__ = exc
+        self._close(error)
+
+    def _loop_once(self) -> bool:
+        self._wake.clear()  # before draining, so a command added after it wakes the wait
+        while True:
+            # One at a time: whatever is still queued if this thread dies is refused by _close.
+            with self._lock:
+                if self._stopping:
+                    return False
+                if not self._commands:
+                    break
+                command = self._commands.popleft()
+            if isinstance(command, _Submit):
+                self._apply_submit(command)
+            else:
+                self._apply_cancel(command.request_id)
+        busy = self._engine.has_unfinished_requests()
+        if busy or self._always_step:
+            self._deliver(self._engine.step())
+        self._load = self._snapshot()
+        if not busy:
+            # Idle: wait for work. A lockstep engine still takes an (empty) step after the
+            # wait, so its peers never stall on it, but it does not spin.
+            self._wake.wait(self._idle_wait_s)
+        return True
+
+    def _apply_submit(self, command: _Submit) -> None:
+        try:
+            if command.request_id in self._open:
+                raise DuplicateRequestError(f"request id {command.request_id!r} is already running")
+            self._engine.add_request(command.request_id, command.prompt_token_ids, command.params)
+        except Exception as exc:  # raised again in the caller
+            command.accepted.set_exception(exc)
+            return
+        stream = RequestStream(command.request_id, self)
+        self._open[command.request_id] = _Open(stream, command.prompt_token_ids)
+        command.accepted.set_result(stream)
+
+    def _apply_cancel(self, request_id: str) -> None:
+        record = self._open.pop(request_id, None)
+        if record is None:
+            return
+        self._engine.abort_request(request_id)
+        record.stream._put(_aborted(request_id, record))
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            record = self._open.get(output.request_id)
+            if record is None:
+                continue
+            record.last = output
+            record.stream._put(output)
+            if output.finished:
+                del self._open[output.request_id]
+
+    def _close(self, error: BaseException) -> None:
+        with self._lock:
+            self._closed_error = error
+            commands = list(self._commands)
+            self._commands.clear()
+        for command in commands:
+            if isinstance(command, _Submit):
+                command.accepted.set_exception(self._refusal())
+        for request_id, record in self._open.items():
+            if not isinstance(error, EngineFailed):
+                self._engine.abort_request(request_id)  # leave the engine clean
+            record.stream._put(error)
+        self._open.clear()
+        self._load = self._snapshot()
+
+    def _refusal(self) -> RuntimeError:
+        error = self._closed_error
+        if isinstance(error, EngineFailed):
+            return EngineFailed(f"{error}; this instance takes no more requests")
+        return DriverStopped("the attention instance is shutting down")
+
+    def _snapshot(self) -> Load:
+        engine = self._engine
+        return Load(
+            num_running=len(engine.scheduler.running),
+            num_waiting=len(engine.scheduler.waiting),
+            num_free_blocks=engine.num_free_blocks,
+            num_total_blocks=engine.block_manager.num_blocks,
+        )
+
+
+def _aborted(request_id: str, record: _Open) -> RequestOutput:
+    """The final output of a cancelled request: nothing new, finish_reason "abort"."""
+    last = record.last
+    return RequestOutput(
+        request_id=request_id,
+        prompt_token_ids=record.prompt_token_ids,
+        token_ids=[] if last is None else last.token_ids,
+        text="" if last is None else last.text,
+        new_token_ids=[],
+        new_text="",
+        finished=True,
+        finish_reason="abort",
+        stop_reason=None,
+        num_cached_tokens=0 if last is None else last.num_cached_tokens,
+        logprobs=None if last is None else last.logprobs,
+    )

@@ -1,0 +1,79 @@
+"""A whole AFD cluster as local processes: the controller, M attention and N FFN instances.
+
+Each child's command line names its role and index (`... afd attention --index 1 ...`), so
+`ps` and `top` tell them apart; each line it prints is echoed with that name. If any child
+dies, or on `stop()`, every child is stopped: SIGTERM, a grace period, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+STOP_GRACE_S = 10.0
+READY = re.compile(r"serving on (\S+)|controller listening on (\S+)")
+
+
+@dataclass
+class Child:
+    name: str  # "attention instance 0"
+    process: subprocess.Popen
+    address: str | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+class LocalCluster:
+    def __init__(self, echo: bool = True) -> None:
+        self.children: list[Child] = []
+        self.echo = echo
+
+    def start(self, name: str, args: list[str]) -> Child:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "services.cli", *args],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
+        child = Child(name, process)
+        self.children.append(child)
+        threading.Thread(target=self._read, args=(child,), daemon=True).start()
+        return child
+
+    def _read(self, child: Child) -> None:
+        for line in child.process.stdout:
+            match = READY.search(line)
+            if match and not child.ready.is_set():
+                child.address = match.group(1) or match.group(2)
+                child.ready.set()
+            if self.echo:
+                print(f"[{child.name}] {line}", end="", flush=True)
+
+    def wait_ready(self, child: Child, timeout_s: float) -> str:
+        """The child's address, once it prints it; raises if it dies or takes too long."""
+        deadline = time.monotonic() + timeout_s
+        while not child.ready.wait(0.1):
+            if child.process.poll() is not None:
+                raise RuntimeError(f"{child.name} exited with code {child.process.returncode}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{child.name} was not ready within {timeout_s:g} s")
+        return child.address
+
+    def first_exit(self) -> Child | None:
+        return next((c for c in self.children if c.process.poll() is not None), None)
+
+    def stop(self) -> None:
+        for child in reversed(self.children):  # instances first, the controller last
+            if child.process.poll() is None:
+                child.process.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for child in self.children:
+            try:
+                child.process.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                child.process.kill()
+                child.process.wait()

@@ -1,0 +1,113 @@
+"""`afd serve --model DIR`: a whole disaggregated cluster on this machine (127.0.0.1).
+
+Starts the controller, M attention and N FFN instances as separate processes, prints the
+attention instances' addresses, and stops all of them on Ctrl-C or SIGTERM, or as soon as
+any of them dies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from services.cli.local_cluster import LocalCluster
+from services.ffn.shard import LAYOUTS
+
+READY_TIMEOUT_S = 300.0
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:
+    parser = commands.add_parser(
+        "serve", help="run a whole AFD cluster locally", description=__doc__
+    )
+    parser.add_argument("--model", required=True, metavar="DIR")
+    parser.add_argument("--attention-instances", type=int, default=1, metavar="M")
+    parser.add_argument("--ffn-instances", type=int, default=1, metavar="N")
+    parser.add_argument("--micro-batches", type=int, default=3, metavar="K")
+    parser.add_argument("--ffn-layout", choices=LAYOUTS, default="split")
+    parser.add_argument("--fp8-dispatch", action="store_true")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument("--step-timeout", type=float, default=30.0)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.set_defaults(run=run)
+
+
+def validate(args: argparse.Namespace) -> None:
+    for name in ("attention_instances", "ffn_instances"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
+    if not 1 <= args.micro_batches <= 4:
+        raise ValueError(f"--micro-batches must be 1 to 4, got {args.micro_batches}")
+
+
+def run(args: argparse.Namespace) -> int:
+    validate(args)
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    cluster = LocalCluster()
+    try:
+        controller = cluster.start(
+            "controller",
+            [
+                "controller",
+                "--host",
+                args.host,
+                "--port",
+                "0",
+                "--model",
+                args.model,
+                "--attention-instances",
+                str(args.attention_instances),
+                "--ffn-instances",
+                str(args.ffn_instances),
+                "--micro-batches",
+                str(args.micro_batches),
+            ],
+        )
+        address = cluster.wait_ready(controller, READY_TIMEOUT_S)
+        common = [
+            "--controller",
+            address,
+            "--model",
+            args.model,
+            "--host",
+            args.host,
+            "--dtype",
+            args.dtype,
+            "--step-timeout",
+            str(args.step_timeout),
+            "--max-num-batched-tokens",
+            str(args.max_num_batched_tokens),
+        ]
+        if args.fp8_dispatch:
+            common.append("--fp8-dispatch")
+        attention = [
+            cluster.start(f"attention instance {i}", ["attention", "--index", str(i), *common])
+            for i in range(args.attention_instances)
+        ]
+        ffn = [
+            cluster.start(
+                f"ffn instance {i}",
+                ["ffn", "--index", str(i), "--layout", args.ffn_layout, *common],
+            )
+            for i in range(args.ffn_instances)
+        ]
+        for child in [*attention, *ffn]:
+            cluster.wait_ready(child, READY_TIMEOUT_S)
+        print(
+            "cluster ready: attention instances at "
+            + " ".join(child.address for child in attention),
+            flush=True,
+        )
+        while not stop.wait(0.2):
+            dead = cluster.first_exit()
+            if dead is not None:
+                raise RuntimeError(
+                    f"{dead.name} exited with code {dead.process.returncode}; stopping the cluster"
+                )
+        return 0
+    finally:
+        cluster.stop()

@@ -1,0 +1,77 @@
+"""Who is in the cluster: the membership the controller hands every attention and FFN process.
+
+Ranks follow one rule, so every process derives the same torch.distributed world: attention
+instances take ranks 0..M-1 by index, FFN instances M..M+N-1 by index.
+
+Plain values; knows nothing of gRPC or torch. `services.common.control_client` re-exports them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+ATTENTION = "attention"
+FFN = "ffn"
+ROLES = (ATTENTION, FFN)
+
+Slot = tuple[str, int]  # (role, index): one place in the cluster
+
+
+@dataclass(frozen=True)
+class Member:
+    role: str  # "attention" or "ffn"
+    index: int  # 0-based within its role
+    rank: int  # rank in the torch.distributed world group
+    address: str  # host:port of the member's own gRPC server (health, API)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"member role must be one of {ROLES}, got {self.role!r}")
+        if self.index < 0 or self.rank < 0:
+            raise ValueError(f"member index and rank must be >= 0, got {self.index}, {self.rank}")
+        if not self.address:
+            raise ValueError(f"{self.role} instance {self.index} has an empty address")
+
+
+@dataclass(frozen=True)
+class Membership:
+    epoch: int  # 1 for the first membership; a re-formed cluster gets a new one
+    world_size: int
+    store_host: str  # torch.distributed TCPStore hosted by the controller
+    store_port: int
+    num_micro_batches: int
+    members: tuple[Member, ...]  # ordered by rank
+
+    def __post_init__(self) -> None:
+        if self.epoch < 1:
+            raise ValueError(f"membership epoch must be >= 1, got {self.epoch}")
+        if self.num_micro_batches < 1:
+            raise ValueError(f"num_micro_batches must be >= 1, got {self.num_micro_batches}")
+        if not 0 < self.store_port < 65536:
+            raise ValueError(f"store_port must be a TCP port, got {self.store_port}")
+        ranks = [member.rank for member in self.members]
+        if ranks != list(range(self.world_size)):
+            raise ValueError(
+                f"members must hold ranks 0..{self.world_size - 1} in order, got {ranks}"
+            )
+        roles = [member.role for member in self.members]
+        if roles != sorted(roles, key=ROLES.index):
+            raise ValueError(f"attention members must precede FFN members, got {roles}")
+        for role in ROLES:
+            indices = [member.index for member in self.members if member.role == role]
+            if indices != list(range(len(indices))):
+                raise ValueError(f"{role} indices must be 0..{len(indices) - 1}, got {indices}")
+
+    def rank_of(self, role: str, index: int) -> int:
+        for member in self.members:
+            if member.role == role and member.index == index:
+                return member.rank
+        raise KeyError(f"no {role} instance {index} in membership epoch {self.epoch}")
+
+    @property
+    def attention_ranks(self) -> list[int]:
+        return [member.rank for member in self.members if member.role == ATTENTION]
+
+    @property
+    def ffn_ranks(self) -> list[int]:
+        return [member.rank for member in self.members if member.role == FFN]

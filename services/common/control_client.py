@@ -1,0 +1,137 @@
+"""The client attention and FFN processes use to talk to the controller.
+
+Register once (it blocks until the whole cluster has), then every decode step: attention
+instances submit their micro-batch token counts, and every rank gets the step's plan.
+Heartbeats say the member is alive and answer whether it should keep running.
+
+Long waits are long-polls: each call asks the controller to wait server-side, and asks again
+until its own timeout, so no RPC hangs. Errors come back as Python exceptions:
+- `ControlError`: the controller refused (other model, index taken, wrong epoch...);
+- `ClusterShutdown`: the cluster is stopping; the caller should stop too;
+- `TimeoutError`: the wait ran out (the message says who is missing), or no answer came;
+- `ConnectionError`: the controller cannot be reached.
+One client is safe to share between threads.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from services.common.cluster import Member, Membership
+from services.common.wire import control as wire
+
+__all__ = ["ClusterShutdown", "ControlClient", "ControlError", "Member", "Membership"]
+
+# Codes the controller uses for refusals (proto/afd/v1/control.proto).
+_REFUSALS = (
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.ALREADY_EXISTS,
+)
+
+
+class ControlError(RuntimeError):
+    """A refusal from the controller; the message says why and what to do."""
+
+
+class ClusterShutdown(Exception):
+    """The controller is shutting the cluster down."""
+
+
+class ControlClient:
+    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
+        """`timeout_s` bounds each call beyond the time it asks the controller to wait."""
+        self.address = address
+        self.timeout_s = timeout_s
+        self._channel = grpc.insecure_channel(address)
+        self._stub = wire.controller_stub(self._channel)
+
+    def register(
+        self, role: str, index: int, address: str, fingerprint: str, timeout_s: float = 120.0
+    ) -> Membership:
+        """Join as `role` instance `index`, serving at `address`; block until every expected
+        member has joined and return the membership they all get."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            wait = max(0.0, deadline - time.monotonic())
+            request = wire.register_request(role, index, address, fingerprint, wait)
+            # wait_for_ready: a member may start before the controller does.
+            response = self._call(self._stub.Register, request, wait, wait_for_ready=True)
+            membership, missing = wire.register_result(response)
+            if membership is not None:
+                return membership
+            if time.monotonic() >= deadline:
+                names = ", ".join(f"{role} instance {index}" for role, index in missing)
+                raise TimeoutError(
+                    f"the cluster did not form within {timeout_s:g} s: still missing {names}"
+                )
+
+    def submit_plan(self, epoch: int, step: int, attention_index: int, counts: list[int]) -> None:
+        """This attention instance's token count per micro-batch for `step`."""
+        request = wire.submit_plan_request(epoch, step, attention_index, counts)
+        self._call(self._stub.SubmitPlan, request)
+
+    def get_plan(self, epoch: int, step: int, timeout_s: float) -> list[list[int]]:
+        """counts[attention_index][micro_batch] of `step`, once every attention instance has
+        submitted it."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            wait = max(0.0, deadline - time.monotonic())
+            response = self._call(
+                self._stub.GetPlan, wire.get_plan_request(epoch, step, wait), wait
+            )
+            plan, missing = wire.get_plan_result(response)
+            if plan is not None:
+                return plan
+            if time.monotonic() >= deadline:
+                raise TimeoutError(
+                    f"no plan for step {step} (epoch {epoch}) within {timeout_s:g} s: "
+                    f"attention instance(s) {missing} have not submitted it"
+                )
+
+    def heartbeat(self, role: str, index: int) -> bool:
+        """Say `role` instance `index` is alive. False: the cluster is shutting down."""
+        response = self._call(self._stub.Heartbeat, wire.heartbeat_request(role, index))
+        return wire.heartbeat_result(response)
+
+    def shutdown(self) -> None:
+        """Stop the whole cluster: waiters get ClusterShutdown, heartbeats return False."""
+        self._call(self._stub.Shutdown, wire.shutdown_request())
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _call(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        wait_s: float = 0.0,
+        wait_for_ready: bool = False,
+    ) -> Any:
+        try:
+            return method(request, timeout=wait_s + self.timeout_s, wait_for_ready=wait_for_ready)
+        except grpc.RpcError as err:
+            raise _translate(err, self.address) from err
+
+
+def _translate(err: grpc.RpcError, address: str) -> Exception:
+    code, details = err.code(), err.details()
+    if code is grpc.StatusCode.ABORTED:
+        return ClusterShutdown(details)
+    if code in _REFUSALS:
+        return ControlError(details)
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return ConnectionError(f"the controller at {address} is unreachable: {details}")
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return TimeoutError(f"the controller at {address} did not answer in time")
+    return RuntimeError(f"the controller at {address} failed: {code.name}: {details}")

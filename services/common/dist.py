@@ -1,0 +1,48 @@
+"""Joining the torch.distributed group of one membership epoch.
+
+The controller hosts the rendezvous store; each epoch gets its own key prefix, so a group
+can be re-formed later without stale keys. gloo on CPU, NCCL on GPU.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from services.common.control_client import Membership
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def join_group(membership: Membership, rank: int, device: torch.device, timeout_s: float) -> None:
+    """Initialise the default process group as `rank` of this epoch's world."""
+    store = dist.TCPStore(
+        membership.store_host,
+        membership.store_port,
+        is_master=False,
+        timeout=timedelta(seconds=timeout_s),
+    )
+    prefixed = dist.PrefixStore(f"epoch-{membership.epoch}", store)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        backend_for(device),
+        store=prefixed,
+        rank=rank,
+        world_size=membership.world_size,
+        timeout=timedelta(seconds=timeout_s),
+    )
+
+
+def peer_names(membership: Membership) -> dict[int, str]:
+    """rank -> "attention instance 0" / "ffn instance 2", for error messages."""
+    return {m.rank: f"{m.role} instance {m.index}" for m in membership.members}
+
+
+def leave_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

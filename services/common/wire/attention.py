@@ -1,0 +1,201 @@
+"""The attention service's messages (proto/afd/v1/attention.proto) <-> plain Python:
+sampling parameters, streamed outputs, load reports; and the generated stub and servicer base.
+
+Common never imports a service, so the engine's `RequestOutput` and `Load` are known here
+only by their shape (the Protocols below). No torch: the gateway imports this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+from typing import Protocol
+
+import grpc
+
+from services.common.sampling_params import SamplingParams
+from services.common.wire.gen.afd.v1 import attention_pb2 as pb
+from services.common.wire.gen.afd.v1 import attention_pb2_grpc as pb_grpc
+
+AttentionServiceServicer = pb_grpc.AttentionServiceServicer
+add_attention_service_to_server = pb_grpc.add_AttentionServiceServicer_to_server
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name
+
+# Every SamplingParams field has a namesake in the message; the API tests keep it so.
+_PARAM_FIELDS = tuple(f.name for f in fields(SamplingParams))
+_REPEATED_PARAM_FIELDS = ("stop", "stop_token_ids")
+
+
+class LogprobLike(Protocol):
+    @property
+    def token_id(self) -> int: ...
+    @property
+    def logprob(self) -> float: ...
+    @property
+    def top(self) -> Sequence[tuple[int, float]]: ...
+
+
+class OutputLike(Protocol):
+    """services/attention/output.py's RequestOutput."""
+
+    @property
+    def prompt_token_ids(self) -> list[int]: ...
+    @property
+    def new_token_ids(self) -> list[int]: ...
+    @property
+    def new_text(self) -> str: ...
+    @property
+    def finished(self) -> bool: ...
+    @property
+    def finish_reason(self) -> str | None: ...
+    @property
+    def stop_reason(self) -> int | str | None: ...
+    @property
+    def num_cached_tokens(self) -> int: ...
+    @property
+    def logprobs(self) -> Sequence[LogprobLike] | None: ...
+
+
+class LoadLike(Protocol):
+    @property
+    def num_running(self) -> int: ...
+    @property
+    def num_waiting(self) -> int: ...
+    @property
+    def num_free_blocks(self) -> int: ...
+    @property
+    def num_total_blocks(self) -> int: ...
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+
+
+@dataclass(frozen=True)
+class GenerateDelta:
+    """One streamed response, as the client sees it: what is new since the previous one."""
+
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    finished: bool
+    finish_reason: str | None  # "stop", "length" or "abort" once finished
+    stop_reason: int | str | None  # the stop token id or stop string that ended it
+    num_prompt_tokens: int
+    num_cached_tokens: int
+    logprobs: tuple[TokenLogprob, ...]  # one per new token, when asked for
+
+
+@dataclass(frozen=True)
+class InstanceLoad:
+    """An attention instance's load, as the router sees it."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    num_total_blocks: int
+
+
+def attention_stub(channel: grpc.Channel) -> pb_grpc.AttentionServiceStub:
+    return pb_grpc.AttentionServiceStub(channel)
+
+
+def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
+    values = {name: getattr(params, name) for name in _PARAM_FIELDS}
+    return pb.SamplingParams(**{name: v for name, v in values.items() if v is not None})
+
+
+def params_from_proto(message: pb.SamplingParams) -> SamplingParams:
+    """Unset fields take SamplingParams' defaults; out-of-range values raise ValueError."""
+    values: dict[str, object] = {
+        name: getattr(message, name)
+        for name in _PARAM_FIELDS
+        if name not in _REPEATED_PARAM_FIELDS and message.HasField(name)
+    }
+    values |= {name: tuple(getattr(message, name)) for name in _REPEATED_PARAM_FIELDS}
+    return SamplingParams(**values)  # type: ignore[arg-type]
+
+
+def generate_request(
+    request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+) -> pb.GenerateRequest:
+    return pb.GenerateRequest(
+        request_id=request_id,
+        prompt_token_ids=prompt_token_ids,
+        params=params_to_proto(params),
+    )
+
+
+def output_to_proto(output: OutputLike) -> pb.GenerateResponse:
+    """The response for one engine output. `output.logprobs` holds every generated token's;
+    only the new tokens' are sent."""
+    num_new = len(output.new_token_ids)
+    new_logprobs = output.logprobs[len(output.logprobs) - num_new :] if output.logprobs else []
+    stop = output.stop_reason
+    return pb.GenerateResponse(
+        new_token_ids=output.new_token_ids,
+        new_text=output.new_text,
+        finished=output.finished,
+        finish_reason=output.finish_reason or "",
+        stop_token_id=stop if isinstance(stop, int) else None,
+        stop_string=stop if isinstance(stop, str) else None,
+        num_prompt_tokens=len(output.prompt_token_ids),
+        num_cached_tokens=output.num_cached_tokens,
+        logprobs=[
+            pb.TokenLogprob(
+                token_id=lp.token_id,
+                logprob=lp.logprob,
+                top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+            )
+            for lp in new_logprobs
+        ],
+    )
+
+
+def delta_from_proto(message: pb.GenerateResponse) -> GenerateDelta:
+    kind = message.WhichOneof("stop_reason")
+    return GenerateDelta(
+        new_token_ids=tuple(message.new_token_ids),
+        new_text=message.new_text,
+        finished=message.finished,
+        finish_reason=message.finish_reason or None,
+        stop_reason=None if kind is None else getattr(message, kind),
+        num_prompt_tokens=message.num_prompt_tokens,
+        num_cached_tokens=message.num_cached_tokens,
+        logprobs=tuple(
+            TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
+            for lp in message.logprobs
+        ),
+    )
+
+
+def load_to_proto(load: LoadLike) -> pb.Load:
+    return pb.Load(
+        num_running=load.num_running,
+        num_waiting=load.num_waiting,
+        num_free_blocks=load.num_free_blocks,
+        num_total_blocks=load.num_total_blocks,
+    )
+
+
+def load_from_proto(message: pb.Load) -> InstanceLoad:
+    return InstanceLoad(
+        num_running=message.num_running,
+        num_waiting=message.num_waiting,
+        num_free_blocks=message.num_free_blocks,
+        num_total_blocks=message.num_total_blocks,
+    )
+
+
+def cancel_request(request_id: str) -> pb.CancelRequest:
+    return pb.CancelRequest(request_id=request_id)
+
+
+def cancel_response() -> pb.CancelResponse:
+    return pb.CancelResponse()
+
+
+def get_load_request() -> pb.GetLoadRequest:
+    return pb.GetLoadRequest()

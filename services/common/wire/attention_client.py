@@ -1,0 +1,48 @@
+"""The gateway's handle on one attention instance: generate, cancel, load.
+
+Refusals surface as `grpc.RpcError`; their codes are listed in proto/afd/v1/attention.proto.
+The channel belongs to the caller, who also closes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import grpc
+
+from services.common.sampling_params import SamplingParams
+from services.common.wire import attention as wire
+
+
+class AttentionClient:
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = wire.attention_stub(channel)
+
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        timeout_s: float | None = None,
+    ) -> Iterator[wire.GenerateDelta]:
+        """The request's responses, up to the finished one. Closing the iterator early
+        (`close()`) cancels the call, and the instance aborts the request."""
+        request = wire.generate_request(request_id, prompt_token_ids, params)
+        return _deltas(self._stub.Generate(request, timeout=timeout_s))
+
+    def cancel(self, request_id: str, *, timeout_s: float | None = None) -> None:
+        """Abort the request if it runs; its stream then ends with finish_reason "abort"."""
+        self._stub.Cancel(wire.cancel_request(request_id), timeout=timeout_s)
+
+    def load(self, *, timeout_s: float | None = None) -> wire.InstanceLoad:
+        return wire.load_from_proto(self._stub.GetLoad(wire.get_load_request(), timeout=timeout_s))
+
+
+def _deltas(call) -> Iterator[wire.GenerateDelta]:
+    """`call` is grpc's response iterator, which is also the call's handle."""
+    try:
+        for message in call:
+            yield wire.delta_from_proto(message)
+    finally:
+        call.cancel()  # a no-op once the call has ended

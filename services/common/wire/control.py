@@ -1,0 +1,175 @@
+"""The control plane's messages (proto/afd/v1/control.proto) <-> plain Python values.
+
+Requests built for the client, responses built for the controller's servicer and read back,
+and the generated stub and servicer base they use. Knows nothing of how either side waits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol
+
+import grpc
+
+from services.common.cluster import ATTENTION, FFN, Member, Membership, Slot
+from services.common.wire.gen.afd.v1 import control_pb2 as pb
+from services.common.wire.gen.afd.v1 import control_pb2_grpc as pb_grpc
+
+ControllerServicer = pb_grpc.ControllerServicer
+add_controller_to_server = pb_grpc.add_ControllerServicer_to_server
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Controller"].full_name
+
+_ROLE_TO_PROTO = {ATTENTION: pb.ROLE_ATTENTION, FFN: pb.ROLE_FFN}
+_ROLE_FROM_PROTO = {value: role for role, value in _ROLE_TO_PROTO.items()}
+
+Plan = tuple[tuple[int, ...], ...]  # counts[attention_index][micro_batch]
+
+
+# Common never imports a service: the controller's "still waiting" answers are known here only
+# by their shape.
+class RegistrationPendingLike(Protocol):
+    @property
+    def missing(self) -> Sequence[Slot]: ...
+
+
+class PlanPendingLike(Protocol):
+    @property
+    def missing_attention_indices(self) -> Sequence[int]: ...
+
+
+def controller_stub(channel: grpc.Channel) -> pb_grpc.ControllerStub:
+    return pb_grpc.ControllerStub(channel)
+
+
+def role_to_proto(role: str) -> int:
+    try:
+        return _ROLE_TO_PROTO[role]
+    except KeyError:
+        raise ValueError(f"role must be one of {tuple(_ROLE_TO_PROTO)}, got {role!r}") from None
+
+
+def role_from_proto(value: int) -> str:
+    try:
+        return _ROLE_FROM_PROTO[value]
+    except KeyError:
+        raise ValueError(f"the request names no known role (Role value {value})") from None
+
+
+def _wait_ms(wait_s: float) -> int:
+    return max(0, min(int(wait_s * 1000), 2**32 - 1))
+
+
+# ---- membership ------------------------------------------------------------------------------
+
+
+def membership_to_proto(membership: Membership) -> pb.Membership:
+    return pb.Membership(
+        epoch=membership.epoch,
+        world_size=membership.world_size,
+        store_host=membership.store_host,
+        store_port=membership.store_port,
+        num_micro_batches=membership.num_micro_batches,
+        members=[
+            pb.Member(role=role_to_proto(m.role), index=m.index, rank=m.rank, address=m.address)
+            for m in membership.members
+        ],
+    )
+
+
+def membership_from_proto(message: pb.Membership) -> Membership:
+    return Membership(
+        epoch=message.epoch,
+        world_size=message.world_size,
+        store_host=message.store_host,
+        store_port=message.store_port,
+        num_micro_batches=message.num_micro_batches,
+        members=tuple(
+            Member(role_from_proto(m.role), m.index, m.rank, m.address) for m in message.members
+        ),
+    )
+
+
+def register_request(
+    role: str, index: int, address: str, fingerprint: str, wait_s: float
+) -> pb.RegisterRequest:
+    return pb.RegisterRequest(
+        role=role_to_proto(role),
+        index=index,
+        address=address,
+        fingerprint=fingerprint,
+        wait_ms=_wait_ms(wait_s),
+    )
+
+
+def register_response(outcome: Membership | RegistrationPendingLike) -> pb.RegisterResponse:
+    if isinstance(outcome, Membership):
+        return pb.RegisterResponse(membership=membership_to_proto(outcome))
+    missing = [pb.Slot(role=role_to_proto(role), index=index) for role, index in outcome.missing]
+    return pb.RegisterResponse(pending=pb.RegisterResponse.Pending(missing=missing))
+
+
+def register_result(response: pb.RegisterResponse) -> tuple[Membership | None, list[Slot]]:
+    """(the membership, []) once formed, else (None, the places still missing)."""
+    if response.HasField("membership"):
+        return membership_from_proto(response.membership), []
+    return None, [(role_from_proto(slot.role), slot.index) for slot in response.pending.missing]
+
+
+# ---- plans (every decode step: keep these lean) ----------------------------------------------
+
+
+def submit_plan_request(
+    epoch: int, step: int, attention_index: int, counts: Sequence[int]
+) -> pb.SubmitPlanRequest:
+    return pb.SubmitPlanRequest(
+        epoch=epoch, step=step, attention_index=attention_index, micro_batch_tokens=counts
+    )
+
+
+def get_plan_request(epoch: int, step: int, wait_s: float) -> pb.GetPlanRequest:
+    return pb.GetPlanRequest(epoch=epoch, step=step, wait_ms=_wait_ms(wait_s))
+
+
+def get_plan_response(outcome: Plan | PlanPendingLike) -> pb.GetPlanResponse:
+    if isinstance(outcome, tuple):
+        rows = [pb.GetPlanResponse.TokenCounts(micro_batch_tokens=row) for row in outcome]
+        return pb.GetPlanResponse(plan=pb.GetPlanResponse.Plan(attention=rows))
+    pending = pb.GetPlanResponse.Pending(
+        missing_attention_indices=outcome.missing_attention_indices
+    )
+    return pb.GetPlanResponse(pending=pending)
+
+
+def get_plan_result(response: pb.GetPlanResponse) -> tuple[list[list[int]] | None, list[int]]:
+    """(counts[attention_index][micro_batch], []) once complete, else (None, missing indices)."""
+    if response.HasField("plan"):
+        return [list(row.micro_batch_tokens) for row in response.plan.attention], []
+    return None, list(response.pending.missing_attention_indices)
+
+
+def submit_plan_response() -> pb.SubmitPlanResponse:
+    return pb.SubmitPlanResponse()
+
+
+# ---- liveness and shutdown -------------------------------------------------------------------
+
+
+def heartbeat_request(role: str, index: int) -> pb.HeartbeatRequest:
+    return pb.HeartbeatRequest(role=role_to_proto(role), index=index)
+
+
+def heartbeat_response(keep_running: bool) -> pb.HeartbeatResponse:
+    return pb.HeartbeatResponse(keep_running=keep_running)
+
+
+def heartbeat_result(response: pb.HeartbeatResponse) -> bool:
+    """Whether the member should keep running."""
+    return response.keep_running
+
+
+def shutdown_request() -> pb.ShutdownRequest:
+    return pb.ShutdownRequest()
+
+
+def shutdown_response() -> pb.ShutdownResponse:
+    return pb.ShutdownResponse()

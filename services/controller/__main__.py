@@ -1,0 +1,111 @@
+"""`python -m services.controller`: run the controller until SIGTERM or SIGINT.
+
+Prints `controller listening on HOST:PORT` on stdout once it serves, so a parent that passed
+`--port 0` can read the port. Logs go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+import threading
+
+from torch.distributed import TCPStore
+
+from services.common.fingerprint import model_fingerprint
+from services.common.grpc_server import DEFAULT_MAX_WORKERS, GrpcServer
+from services.common.wire import control as wire
+from services.controller.membership import FIRST_EPOCH, ClusterSpec, Registry
+from services.controller.plans import PlanBook
+from services.controller.server import ERROR_CODES, ControllerServicer
+
+log = logging.getLogger("services.controller")
+
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+STOP_GRACE_S = 5.0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m services.controller",
+        description="Forms the AFD cluster's membership and hands out each step's plan.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    parser.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one")
+    parser.add_argument("--attention-instances", type=int, required=True, metavar="M")
+    parser.add_argument("--ffn-instances", type=int, required=True, metavar="N")
+    parser.add_argument("--micro-batches", type=int, default=3, metavar="K")
+    model = parser.add_mutually_exclusive_group(required=True)
+    model.add_argument("--fingerprint", help="the model fingerprint every member must serve")
+    model.add_argument("--model", metavar="DIR", help="a checkpoint to compute it from")
+    parser.add_argument("--store-port", type=int, default=0, help="TCPStore port; 0: free one")
+    parser.add_argument(
+        "--advertise-host",
+        help="host members use to reach the TCPStore (default: --host, or this machine's "
+        "hostname when --host is a wildcard)",
+    )
+    parser.add_argument(
+        "--max-workers",
+        type=int,
+        help=f"gRPC threads (default: enough for every member to long-poll twice, at least "
+        f"{DEFAULT_MAX_WORKERS})",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        fingerprint = args.fingerprint or model_fingerprint(args.model)
+        spec = ClusterSpec(
+            args.attention_instances, args.ffn_instances, args.micro_batches, fingerprint
+        )
+        store_host = args.advertise_host or (
+            socket.gethostname() if args.host in WILDCARD_HOSTS else args.host
+        )
+        # Members wrap it in a PrefixStore per epoch; nobody waits for workers here.
+        store = TCPStore(args.host, args.store_port, is_master=True, wait_for_workers=False)
+        servicer = ControllerServicer(
+            Registry(spec, store_host, store.port),
+            PlanBook(FIRST_EPOCH, spec.num_attention_instances, spec.num_micro_batches),
+        )
+        # A long-poll holds a thread; a member may hold two (a plan wait and a heartbeat).
+        num_members = spec.num_attention_instances + spec.num_ffn_instances
+        max_workers = args.max_workers or max(DEFAULT_MAX_WORKERS, 2 * num_members + 16)
+        server = GrpcServer(ERROR_CODES, max_workers)
+        wire.add_controller_to_server(servicer, server.server)
+        port = server.bind(args.host, args.port)
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"controller: error: {err}", file=sys.stderr)
+        return 2
+
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: stop.set())
+    server.start()
+    server.set_serving(True, ("", wire.SERVICE_NAME))
+    log.info(
+        "expecting %d attention and %d FFN instance(s), %d micro-batches, model %s; "
+        "TCPStore on %s:%d",
+        spec.num_attention_instances,
+        spec.num_ffn_instances,
+        spec.num_micro_batches,
+        spec.fingerprint,
+        store_host,
+        store.port,
+    )
+    print(f"controller listening on {args.host}:{port}", flush=True)
+
+    stop.wait()
+    log.info("stopping")
+    servicer.shut_down()
+    server.stop(STOP_GRACE_S)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,143 @@
+"""Step plans: how many tokens each attention instance puts in each micro-batch of a step.
+
+Every decode step, each attention instance submits its micro-batch token counts; the step's
+plan is complete when all have. FFN instances and the attention instances themselves wait for
+it, so that every rank sizes its torch.distributed buffers the same way. Only the newest
+`keep_steps` steps are kept: a plan is consumed within a step or two of being submitted.
+
+This runs every decode step, so it stays lean: one Condition, notified only when a step
+completes (or is dropped incomplete, or the cluster shuts down). Plain Python; knows nothing
+of gRPC or tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from services.controller.errors import Conflict, Refused, ShuttingDown
+
+DEFAULT_KEEP_STEPS = 64
+
+Plan = tuple[tuple[int, ...], ...]  # counts[attention_index][micro_batch]
+
+
+@dataclass(frozen=True)
+class PlanPending:
+    """The wait ran out before every attention instance submitted the step."""
+
+    missing_attention_indices: tuple[int, ...]
+
+
+class PlanBook:
+    def __init__(
+        self,
+        epoch: int,
+        num_attention_instances: int,
+        num_micro_batches: int,
+        keep_steps: int = DEFAULT_KEEP_STEPS,
+    ) -> None:
+        if num_attention_instances < 1 or num_micro_batches < 1 or keep_steps < 1:
+            raise ValueError(
+                "num_attention_instances, num_micro_batches and keep_steps must be >= 1, got "
+                f"{num_attention_instances}, {num_micro_batches}, {keep_steps}"
+            )
+        self.epoch = epoch
+        self.num_attention_instances = num_attention_instances
+        self.num_micro_batches = num_micro_batches
+        self.keep_steps = keep_steps
+        self._cond = threading.Condition()
+        self._rows: dict[int, list[tuple[int, ...] | None]] = {}  # incomplete steps
+        self._plans: dict[int, Plan] = {}  # complete steps
+        self._newest = -1
+        self._oldest_kept = 0
+        self._shutting_down = False
+
+    def submit(self, epoch: int, step: int, attention_index: int, counts: Sequence[int]) -> None:
+        """Attention instance `attention_index`'s token counts per micro-batch for `step`."""
+        counts = tuple(counts)
+        if len(counts) != self.num_micro_batches:
+            raise Refused(
+                f"attention instance {attention_index} submitted {len(counts)} micro-batch "
+                f"counts for step {step}; the cluster runs {self.num_micro_batches} micro-batches"
+            )
+        if any(count < 0 for count in counts):
+            raise ValueError(f"token counts must be >= 0, got {list(counts)}")
+        if not 0 <= attention_index < self.num_attention_instances:
+            raise Refused(
+                f"attention index {attention_index} is out of range: the cluster has "
+                f"{self.num_attention_instances} attention instance(s)"
+            )
+        with self._cond:
+            self._check(epoch, step)
+            plan = self._plans.get(step)
+            if plan is not None:
+                if plan[attention_index] != counts:
+                    raise Conflict(
+                        f"attention instance {attention_index} submitted step {step} again with "
+                        f"counts {list(counts)} after its plan completed with "
+                        f"{list(plan[attention_index])}: a complete step's plan cannot change"
+                    )
+                return  # a retry
+            row = self._rows.get(step)
+            if row is None:
+                row = self._open(step)
+            row[attention_index] = counts  # may replace an earlier submission: nobody saw it
+            submitted = tuple(counts for counts in row if counts is not None)
+            if len(submitted) == self.num_attention_instances:
+                self._plans[step] = submitted
+                del self._rows[step]
+                self._cond.notify_all()
+
+    def wait(self, epoch: int, step: int, timeout_s: float) -> Plan | PlanPending:
+        """The complete plan of `step`, once every attention instance has submitted it."""
+        with self._cond:
+            self._check(epoch, step)
+            self._cond.wait_for(
+                lambda: self._shutting_down or step in self._plans or step < self._oldest_kept,
+                timeout_s,
+            )
+            if self._shutting_down:
+                raise ShuttingDown("the cluster is shutting down")
+            self._check(epoch, step)
+            plan = self._plans.get(step)
+            if plan is not None:
+                return plan
+            row = self._rows.get(step, [None] * self.num_attention_instances)
+            return PlanPending(tuple(i for i, counts in enumerate(row) if counts is None))
+
+    def shut_down(self) -> None:
+        with self._cond:
+            self._shutting_down = True
+            self._cond.notify_all()
+
+    def _check(self, epoch: int, step: int) -> None:
+        if epoch != self.epoch:
+            raise Refused(
+                f"the plan is for epoch {epoch} but the cluster is at epoch {self.epoch}: "
+                "register again to get the current membership"
+            )
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if step < self._oldest_kept:
+            raise Refused(
+                f"step {step} is more than {self.keep_steps} steps behind the newest step "
+                f"{self._newest}; its plan is no longer kept"
+            )
+
+    def _open(self, step: int) -> list[tuple[int, ...] | None]:
+        """A row for a new step; a new newest step drops the steps that fell out of the window."""
+        row: list[tuple[int, ...] | None] = [None] * self.num_attention_instances
+        self._rows[step] = row
+        if step > self._newest:
+            self._newest = step
+            self._oldest_kept = max(self._oldest_kept, step - self.keep_steps)
+            for old in [old for old in self._plans if old < self._oldest_kept]:
+                del self._plans[old]
+            incomplete = [old for old in self._rows if old < self._oldest_kept]
+            for old in incomplete:
+                del self._rows[old]
+            if incomplete:
+                self._cond.notify_all()  # their waiters must not sleep until their timeout
+        return row

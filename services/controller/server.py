@@ -1,0 +1,81 @@
+"""The controller's gRPC servicer: messages in, a domain call, messages out. Nothing else.
+
+Long-polls wait on the server, but never longer than the request asks, MAX_WAIT_S, or the
+caller's deadline allows: no RPC hangs, and a caller that wants to wait longer asks again.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from services.common.wire import control as wire
+from services.common.wire.gen.afd.v1 import control_pb2 as pb
+from services.controller.errors import Conflict, Refused, ShuttingDown
+from services.controller.membership import Registry
+from services.controller.plans import PlanBook
+
+# The interceptor's table (services/common/grpc_server.py); the client maps them back.
+ERROR_CODES = {
+    Conflict: grpc.StatusCode.ALREADY_EXISTS,
+    Refused: grpc.StatusCode.FAILED_PRECONDITION,
+    ShuttingDown: grpc.StatusCode.ABORTED,
+}
+
+MAX_WAIT_S = 60.0
+# Answer this much before the caller's deadline, so it gets "pending" rather than an error.
+DEADLINE_MARGIN_S = 0.05
+
+
+def long_poll_s(wait_ms: int, context: grpc.ServicerContext) -> float:
+    """How long a long-poll may wait: what the request asks, within the limits above."""
+    bound = min(wait_ms / 1000, MAX_WAIT_S)
+    remaining = context.time_remaining()
+    if remaining is not None:
+        bound = min(bound, max(0.0, remaining - DEADLINE_MARGIN_S))
+    return bound
+
+
+class ControllerServicer(wire.ControllerServicer):
+    """Method names are the proto's; each converts, calls the domain and converts back."""
+
+    def __init__(self, registry: Registry, plans: PlanBook) -> None:
+        self._registry = registry
+        self._plans = plans
+
+    def Register(
+        self, request: pb.RegisterRequest, context: grpc.ServicerContext
+    ) -> pb.RegisterResponse:
+        role = wire.role_from_proto(request.role)
+        self._registry.register(role, request.index, request.address, request.fingerprint)
+        return wire.register_response(self._registry.wait(long_poll_s(request.wait_ms, context)))
+
+    def SubmitPlan(
+        self, request: pb.SubmitPlanRequest, context: grpc.ServicerContext
+    ) -> pb.SubmitPlanResponse:
+        self._plans.submit(
+            request.epoch, request.step, request.attention_index, request.micro_batch_tokens
+        )
+        return wire.submit_plan_response()
+
+    def GetPlan(
+        self, request: pb.GetPlanRequest, context: grpc.ServicerContext
+    ) -> pb.GetPlanResponse:
+        plan = self._plans.wait(request.epoch, request.step, long_poll_s(request.wait_ms, context))
+        return wire.get_plan_response(plan)
+
+    def Heartbeat(
+        self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
+    ) -> pb.HeartbeatResponse:
+        role = wire.role_from_proto(request.role)
+        return wire.heartbeat_response(self._registry.heartbeat(role, request.index))
+
+    def Shutdown(
+        self, request: pb.ShutdownRequest, context: grpc.ServicerContext
+    ) -> pb.ShutdownResponse:
+        self.shut_down()
+        return wire.shutdown_response()
+
+    def shut_down(self) -> None:
+        """Wake every waiter with ShuttingDown; heartbeats answer keep_running=false from now."""
+        self._registry.shut_down()
+        self._plans.shut_down()

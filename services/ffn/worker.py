@@ -1,0 +1,112 @@
+"""An FFN instance's step loop: gather every attention instance's tokens for a micro-batch,
+compute this instance's share of the feed-forward, send each its partial output.
+
+The step plan (tokens per attention instance and micro-batch) comes from the control plane
+before the step's first transfer, so every receive has a known size and instances with no
+tokens are simply skipped. Layers and micro-batches go in the order the attention side
+sends them, so no message is ever ambiguous.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from services.common.activations import Layout
+from services.common.config import ModelConfig
+from services.common.transport import Pending, Transport
+from services.ffn.shard import FFNShard
+
+
+class FFNWorker:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        shard: FFNShard,
+        transport: Transport,
+        attention_ranks: list[int],
+        num_micro_batches: int,
+        max_tokens_per_step: int,
+        dtype: torch.dtype,
+        device: torch.device,
+        fp8_dispatch: bool = False,
+    ) -> None:
+        self.cfg = cfg
+        self.shard = shard
+        self.transport = transport
+        self.attention_ranks = attention_ranks
+        self.dtype = dtype
+        self.device = device
+        self.layouts = {
+            False: Layout(cfg.hidden_size, 0, dtype, fp8_dispatch),
+            True: Layout(cfg.hidden_size, cfg.moe_top_k, dtype, fp8_dispatch),
+        }
+        # Per micro-batch slot: a receive buffer per attention instance, one send buffer.
+        in_bytes = max_tokens_per_step * self.layouts[True].bytes_per_token
+        out_bytes = len(attention_ranks) * max_tokens_per_step * cfg.hidden_size * dtype.itemsize
+        self._recv_bufs = [
+            [torch.empty(in_bytes, dtype=torch.uint8, device=device) for _ in attention_ranks]
+            for _ in range(num_micro_batches)
+        ]
+        self._send_bufs = [
+            torch.empty(out_bytes, dtype=torch.uint8, device=device)
+            for _ in range(num_micro_batches)
+        ]
+        self._sends: list[list[Pending]] = [[] for _ in range(num_micro_batches)]
+        self.num_tokens_computed = 0
+
+    @torch.inference_mode()
+    def run_step(self, counts: list[list[int]]) -> None:
+        """counts[attention index][micro-batch]: the step plan."""
+        slots = [
+            (slot, [row[slot] for row in counts])
+            for slot in range(len(counts[0]))
+            if any(row[slot] for row in counts)
+        ]
+        for layer in range(self.cfg.num_hidden_layers):
+            layout = self.layouts[self.cfg.is_moe_layer(layer)]
+            for slot, sizes in slots:
+                self._micro_batch(layer, layout, slot, sizes)
+        for slot, _ in slots:
+            self.transport.drain(self._sends[slot])
+
+    def _micro_batch(self, layer: int, layout: Layout, slot: int, sizes: list[int]) -> None:
+        what = f"layer {layer}, micro-batch {slot}"
+        sources = [(a, n) for a, n in enumerate(sizes) if n]
+        received = []
+        for a, n in sources:
+            view = self._recv_bufs[slot][a][: n * layout.bytes_per_token]
+            pending = self.transport.recv(view, self.attention_ranks[a], slot, what)
+            received.append((view, n, pending))
+        parts = []
+        for view, n, pending in received:
+            self.transport.wait(pending)
+            parts.append(layout.unpack(view, n))
+        h = torch.cat([p[0] for p in parts])  # [n_total, H], attention instances in order
+        ids = torch.cat([p[1] for p in parts]) if layout.top_k else None
+        weights = torch.cat([p[2] for p in parts]) if layout.top_k else None
+        out = self.shard.forward(layer, h, ids, weights, self._mlp_rows(sources))
+        self.num_tokens_computed += h.shape[0]
+
+        self.transport.drain(self._sends[slot])  # the slot's send buffer is free again
+        hidden = self.cfg.hidden_size
+        packed = self._send_bufs[slot][: out.numel() * self.dtype.itemsize]
+        packed.view(self.dtype).copy_(out.reshape(-1))
+        sends, start = [], 0
+        for a, n in sources:
+            size = n * hidden * self.dtype.itemsize
+            rank = self.attention_ranks[a]
+            sends.append(self.transport.send(packed[start : start + size], rank, slot, what))
+            start += size
+        self._sends[slot] = sends
+
+    def _mlp_rows(self, sources: list[tuple[int, int]]) -> Tensor:
+        """Rows whose dense / shared-expert work is done here (see `ShardSpec.serves`)."""
+        rows, start = [], 0
+        for a, n in sources:
+            if self.shard.spec.layout == "split" or self.shard.spec.serves(a):
+                rows.append(torch.arange(start, start + n, device=self.device))
+            start += n
+        if not rows:
+            return torch.empty(0, dtype=torch.long, device=self.device)
+        return torch.cat(rows)

@@ -1,0 +1,197 @@
+"""The real controller process, driven by the real ControlClient from several threads, as
+attention and FFN processes will: membership, refusals, plan long-polls, shutdown, health,
+and a clean exit on SIGTERM."""
+
+import contextlib
+import re
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from torch.distributed import TCPStore
+
+from services.common.cluster import Member, Membership
+from services.common.control_client import ClusterShutdown, ControlClient, ControlError
+from services.common.wire import control as wire
+
+ROOT = Path(__file__).resolve().parents[2]
+FP = "0123456789abcdef"
+SLOTS = [("attention", 0), ("attention", 1), ("ffn", 0), ("ffn", 1)]
+START_TIMEOUT_S = 60
+
+
+@contextlib.contextmanager
+def controller(tmp_path, num_attention=2, num_ffn=2):
+    """Starts `python -m services.controller` on a free port; yields (process, address)."""
+    command = [
+        sys.executable, "-m", "services.controller", "--host", "127.0.0.1", "--port", "0",
+        "--attention-instances", str(num_attention), "--ffn-instances", str(num_ffn),
+        "--micro-batches", "3", "--fingerprint", FP,
+    ]  # fmt: skip
+    with open(tmp_path / "controller.log", "w") as log:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        ready, _, _ = select.select([process.stdout], [], [], START_TIMEOUT_S)
+        line = process.stdout.readline() if ready else ""
+        match = re.fullmatch(r"controller listening on 127\.0\.0\.1:(\d+)\n", line)
+        assert match, f"no listening line: {line!r}\n{(tmp_path / 'controller.log').read_text()}"
+        yield process, f"127.0.0.1:{match.group(1)}"
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait(10)
+        process.stdout.close()
+
+
+def in_threads(fn, args_list):
+    """Runs fn(*args) in one thread each; returns a function that joins them and gives
+    (results, errors) in the order of args_list."""
+    results, errors = [None] * len(args_list), [None] * len(args_list)
+
+    def target(i, args):
+        try:
+            results[i] = fn(*args)
+        except Exception as err:  # reported to the test
+            errors[i] = err
+
+    threads = [threading.Thread(target=target, args=(i, a)) for i, a in enumerate(args_list)]
+    for thread in threads:
+        thread.start()
+
+    def join(timeout_s=30):
+        for thread in threads:
+            thread.join(timeout_s)
+            assert not thread.is_alive(), "a waiting call did not return"
+        return results, errors
+
+    return join
+
+
+def register_everyone(client):
+    join = in_threads(
+        lambda role, index: client.register(role, index, f"{role}-{index}:7000", FP, 30), SLOTS
+    )
+    results, errors = join()
+    assert errors == [None] * len(SLOTS)
+    return results
+
+
+def test_registration_forms_one_membership_and_refuses_impostors(tmp_path):
+    with controller(tmp_path) as (_, address), ControlClient(address) as client:
+        memberships = register_everyone(client)
+        membership = memberships[0]
+        assert all(m == membership for m in memberships)
+        assert membership.epoch == 1 and membership.world_size == 4
+        assert membership.num_micro_batches == 3
+        assert [(m.role, m.index, m.rank) for m in membership.members] == [
+            ("attention", 0, 0),
+            ("attention", 1, 1),
+            ("ffn", 0, 2),
+            ("ffn", 1, 3),
+        ]
+        assert membership.attention_ranks == [0, 1] and membership.ffn_ranks == [2, 3]
+
+        # The TCPStore it hands out is live.
+        store = TCPStore(
+            membership.store_host,
+            membership.store_port,
+            is_master=False,
+            timeout=timedelta(seconds=10),
+        )
+        store.set("epoch-1/probe", "ok")
+        assert store.get("epoch-1/probe") == b"ok"
+
+        # Re-registering from the same address returns the membership at once.
+        assert client.register("ffn", 1, "ffn-1:7000", FP, timeout_s=1) == membership
+        with pytest.raises(ControlError, match="ffn instance 1 is already registered from"):
+            client.register("ffn", 1, "elsewhere:7000", FP, timeout_s=1)
+        with pytest.raises(ControlError, match="out of range"):
+            client.register("attention", 2, "a2:7000", FP, timeout_s=1)
+        assert client.heartbeat("attention", 1) is True
+
+
+def test_before_the_cluster_forms_a_wrong_model_is_refused_and_a_wait_times_out(tmp_path):
+    with controller(tmp_path) as (_, address), ControlClient(address) as client:
+        with pytest.raises(ControlError) as refusal:
+            client.register("ffn", 1, "ffn-1:7000", "deadbeefdeadbeef", timeout_s=5)
+        message = str(refusal.value)
+        assert "deadbeefdeadbeef" in message and FP in message
+        assert "same checkpoint" in message
+
+        start = time.monotonic()
+        with pytest.raises(TimeoutError, match="missing attention instance 1, ffn instance 0"):
+            client.register("attention", 0, "a0:7000", FP, timeout_s=0.5)
+        assert time.monotonic() - start < 5
+
+
+def test_plans_long_poll_until_every_attention_instance_submits(tmp_path):
+    with controller(tmp_path) as (_, address), ControlClient(address) as client:
+        epoch = register_everyone(client)[0].epoch
+        # FFN instances and attention instances wait before anyone has submitted step 0.
+        join = in_threads(lambda: client.get_plan(epoch, 0, timeout_s=20), [()] * 4)
+        time.sleep(0.2)
+        client.submit_plan(epoch, 0, 1, [4, 5, 6])
+        time.sleep(0.2)
+        client.submit_plan(epoch, 0, 0, [1, 2, 3])
+        results, errors = join()
+        assert errors == [None] * 4
+        assert results == [[[1, 2, 3], [4, 5, 6]]] * 4
+
+        client.submit_plan(epoch, 1, 0, [1, 1, 1])
+        with pytest.raises(TimeoutError, match=r"step 1 .*attention instance\(s\) \[1\]"):
+            client.get_plan(epoch, 1, timeout_s=0.3)
+        with pytest.raises(ControlError, match="epoch 2 but the cluster is at epoch 1"):
+            client.submit_plan(2, 1, 1, [1, 1, 1])
+        with pytest.raises(ControlError, match="3 micro-batches"):
+            client.submit_plan(epoch, 1, 1, [1, 1])
+        with pytest.raises(ControlError, match="plan cannot change"):
+            client.submit_plan(epoch, 0, 0, [3, 2, 1])
+
+
+def test_shutdown_wakes_waiters_health_serves_and_sigterm_exits_cleanly(tmp_path):
+    with controller(tmp_path) as (process, address), ControlClient(address) as client:
+        with grpc.insecure_channel(address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", "afd.v1.Controller"):
+                response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+        # Three members wait for the cluster to form (the fourth never comes) ...
+        join_registrations = in_threads(
+            lambda role, index: client.register(role, index, f"{role}-{index}:1", FP, 60),
+            SLOTS[:3],
+        )
+        # ... and a plan waiter for a cluster that has no plans yet.
+        join_plans = in_threads(lambda: client.get_plan(1, 0, timeout_s=60), [()])
+        time.sleep(0.3)
+        assert client.heartbeat("attention", 0) is True
+        client.shutdown()
+        for join in (join_registrations, join_plans):
+            _, errors = join(timeout_s=10)
+            assert all(isinstance(err, ClusterShutdown) for err in errors), errors
+        assert client.heartbeat("attention", 0) is False
+
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(15) == 0
+
+
+def test_wire_round_trips_a_membership():
+    membership = Membership(
+        epoch=3,
+        world_size=2,
+        store_host="controller",
+        store_port=29500,
+        num_micro_batches=3,
+        members=(Member("attention", 0, 0, "a:1"), Member("ffn", 0, 1, "f:1")),
+    )
+    assert wire.membership_from_proto(wire.membership_to_proto(membership)) == membership
+    with pytest.raises(ValueError, match="role"):
+        wire.role_to_proto("expert")

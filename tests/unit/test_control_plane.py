@@ -1,0 +1,341 @@
+"""The controller's domain, in plain Python: registration forms the membership, plans complete
+when every attention instance has submitted, shutdown wakes every waiter. Plus the model
+fingerprint and the error interceptor's code table."""
+
+import json
+import threading
+
+import grpc
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from services.common.cluster import Member, Membership
+from services.common.fingerprint import model_fingerprint
+from services.common.grpc_server import ErrorInterceptor, GrpcServer
+from services.controller.errors import Conflict, Refused, ShuttingDown
+from services.controller.membership import ClusterSpec, RegistrationPending, Registry
+from services.controller.plans import PlanBook, PlanPending
+
+FP = "f" * 16
+
+
+def make_registry(num_attention=2, num_ffn=1, clock=None):
+    spec = ClusterSpec(num_attention, num_ffn, num_micro_batches=3, fingerprint=FP)
+    kwargs = {"clock": clock} if clock else {}
+    return Registry(spec, "store-host", 1234, **kwargs)
+
+
+def run_in_threads(fn, n):
+    results, errors = [None] * n, []
+
+    def target(i):
+        try:
+            results[i] = fn(i)
+        except Exception as err:  # reported to the test
+            errors.append(err)
+
+    threads = [threading.Thread(target=target, args=(i,)) for i in range(n)]
+    for thread in threads:
+        thread.start()
+    return threads, results, errors
+
+
+# ---- membership ---------------------------------------------------------------------------
+
+
+def test_membership_forms_when_the_last_member_registers_with_ranks_by_role_then_index():
+    registry = make_registry(num_attention=2, num_ffn=2)
+    registry.register("ffn", 1, "f1:1", FP)
+    registry.register("attention", 1, "a1:1", FP)
+    pending = registry.wait(0)
+    assert pending == RegistrationPending(missing=(("attention", 0), ("ffn", 0)))
+    registry.register("attention", 0, "a0:1", FP)
+    registry.register("ffn", 0, "f0:1", FP)
+    membership = registry.wait(0)
+    assert isinstance(membership, Membership)
+    assert membership.epoch == 1 and membership.world_size == 4
+    assert (membership.store_host, membership.store_port) == ("store-host", 1234)
+    assert membership.num_micro_batches == 3
+    assert membership.members == (
+        Member("attention", 0, 0, "a0:1"),
+        Member("attention", 1, 1, "a1:1"),
+        Member("ffn", 0, 2, "f0:1"),
+        Member("ffn", 1, 3, "f1:1"),
+    )
+    assert membership.attention_ranks == [0, 1] and membership.ffn_ranks == [2, 3]
+    assert membership.rank_of("ffn", 1) == 3
+
+
+def test_every_waiter_gets_the_same_membership():
+    registry = make_registry(num_attention=2, num_ffn=2)
+    slots = registry.spec.slots()
+
+    def join(i):
+        role, index = slots[i]
+        registry.register(role, index, f"host{i}:1", FP)
+        return registry.wait(10)
+
+    threads, results, errors = run_in_threads(join, len(slots))
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert isinstance(results[0], Membership)
+    assert all(result is results[0] for result in results)
+
+
+def test_a_wrong_fingerprint_is_refused_naming_both():
+    registry = make_registry()
+    with pytest.raises(Refused, match=f"ffn instance 0 serves model fingerprint abc.*{FP}"):
+        registry.register("ffn", 0, "f0:1", "abc")
+
+
+def test_an_index_taken_by_another_address_is_refused_and_the_same_address_may_repeat():
+    registry = make_registry()
+    registry.register("attention", 0, "a:1", FP)
+    registry.register("attention", 0, "a:1", FP)
+    with pytest.raises(Conflict, match="already registered from a:1"):
+        registry.register("attention", 0, "b:1", FP)
+    registry.register("attention", 1, "a1:1", FP)
+    registry.register("ffn", 0, "f0:1", FP)
+    registry.register("attention", 0, "a:1", FP)  # after forming, too
+    assert isinstance(registry.wait(0), Membership)
+
+
+def test_roles_and_indices_are_checked():
+    registry = make_registry(num_attention=2, num_ffn=1)
+    with pytest.raises(ValueError, match="role"):
+        registry.register("expert", 0, "x:1", FP)
+    with pytest.raises(Refused, match="ffn index 1 is out of range.*1 ffn instance"):
+        registry.register("ffn", 1, "x:1", FP)
+    with pytest.raises(ValueError, match="address"):
+        registry.register("ffn", 0, "", FP)
+
+
+def test_heartbeats_record_last_seen_and_turn_false_on_shutdown():
+    now = [100.0]
+    registry = make_registry(clock=lambda: now[0])
+    with pytest.raises(Refused, match="before registering"):
+        registry.heartbeat("ffn", 0)
+    registry.register("ffn", 0, "f:1", FP)
+    assert registry.last_seen("ffn", 0) == 100.0
+    now[0] = 107.5
+    assert registry.heartbeat("ffn", 0) is True
+    assert registry.last_seen("ffn", 0) == 107.5
+    assert registry.last_seen("attention", 0) is None
+    registry.shut_down()
+    assert registry.heartbeat("ffn", 0) is False
+
+
+def test_shutdown_wakes_registration_waiters_and_refuses_newcomers():
+    registry = make_registry()
+    registry.register("attention", 0, "a:1", FP)
+    threads, _, errors = run_in_threads(lambda i: registry.wait(30), 3)
+    registry.shut_down()
+    for thread in threads:
+        thread.join(5)
+        assert not thread.is_alive()
+    assert len(errors) == 3 and all(isinstance(err, ShuttingDown) for err in errors)
+    with pytest.raises(ShuttingDown):
+        registry.register("attention", 1, "a1:1", FP)
+
+
+def test_cluster_spec_and_membership_validate_on_construction():
+    with pytest.raises(ValueError, match="num_ffn_instances"):
+        ClusterSpec(1, 0, 3, FP)
+    with pytest.raises(ValueError, match="fingerprint"):
+        ClusterSpec(1, 1, 3, "")
+    with pytest.raises(ValueError, match="ranks"):
+        Membership(1, 2, "h", 1, 3, (Member("attention", 0, 1, "a:1"),))
+    with pytest.raises(ValueError, match="precede"):
+        Membership(1, 2, "h", 1, 3, (Member("ffn", 0, 0, "f:1"), Member("attention", 0, 1, "a:1")))
+    with pytest.raises(KeyError, match="no ffn instance 5"):
+        Membership(1, 1, "h", 1, 3, (Member("ffn", 0, 0, "f:1"),)).rank_of("ffn", 5)
+
+
+# ---- plans --------------------------------------------------------------------------------
+
+
+def test_a_plan_completes_when_every_attention_instance_has_submitted():
+    plans = PlanBook(epoch=1, num_attention_instances=2, num_micro_batches=3)
+    plans.submit(1, 0, 1, [4, 5, 6])
+    assert plans.wait(1, 0, 0) == PlanPending(missing_attention_indices=(0,))
+    assert plans.wait(1, 1, 0) == PlanPending(missing_attention_indices=(0, 1))
+    plans.submit(1, 0, 0, [1, 2, 3])
+    assert plans.wait(1, 0, 0) == ((1, 2, 3), (4, 5, 6))
+
+
+def test_waiters_in_threads_all_get_the_plan():
+    plans = PlanBook(epoch=1, num_attention_instances=2, num_micro_batches=2)
+    threads, results, errors = run_in_threads(lambda i: plans.wait(1, 7, 10), 4)
+    plans.submit(1, 7, 0, [1, 1])
+    plans.submit(1, 7, 1, [2, 0])
+    for thread in threads:
+        thread.join(5)
+    assert not errors and results == [((1, 1), (2, 0))] * 4
+
+
+def test_resubmission_same_counts_is_a_retry_different_counts_after_completion_a_conflict():
+    plans = PlanBook(epoch=1, num_attention_instances=2, num_micro_batches=1)
+    plans.submit(1, 3, 0, [9])
+    plans.submit(1, 3, 0, [8])  # not complete yet: nobody has seen it
+    plans.submit(1, 3, 1, [2])
+    plans.submit(1, 3, 1, [2])
+    with pytest.raises(Conflict, match=r"step 3 again with counts \[7\].*\[8\]"):
+        plans.submit(1, 3, 0, [7])
+    assert plans.wait(1, 3, 0) == ((8,), (2,))
+
+
+def test_plans_check_epoch_length_index_and_sign():
+    plans = PlanBook(epoch=1, num_attention_instances=1, num_micro_batches=3)
+    with pytest.raises(Refused, match="epoch 2 but the cluster is at epoch 1"):
+        plans.submit(2, 0, 0, [1, 1, 1])
+    with pytest.raises(Refused, match="epoch 0"):
+        plans.wait(0, 0, 0)
+    with pytest.raises(Refused, match="2 micro-batch counts.*3 micro-batches"):
+        plans.submit(1, 0, 0, [1, 1])
+    with pytest.raises(Refused, match="attention index 1 is out of range"):
+        plans.submit(1, 0, 1, [1, 1, 1])
+    with pytest.raises(ValueError, match=">= 0"):
+        plans.submit(1, 0, 0, [1, -1, 1])
+
+
+def test_only_recent_steps_are_kept():
+    plans = PlanBook(epoch=1, num_attention_instances=2, num_micro_batches=1, keep_steps=4)
+    threads, _, errors = run_in_threads(lambda i: plans.wait(1, 0, 30), 1)  # never completes
+    for step in range(1, 6):
+        plans.submit(1, step, 0, [step])
+        plans.submit(1, step, 1, [step])
+    threads[0].join(5)
+    assert not threads[0].is_alive(), "a waiter on a dropped step must be woken"
+    assert len(errors) == 1 and "no longer kept" in str(errors[0])
+    with pytest.raises(Refused, match="step 0 is more than 4 steps behind the newest step 5"):
+        plans.submit(1, 0, 0, [1])
+    assert plans.wait(1, 1, 0) == ((1,), (1,))
+    assert plans.wait(1, 5, 0) == ((5,), (5,))
+
+
+def test_shutdown_wakes_plan_waiters():
+    plans = PlanBook(epoch=1, num_attention_instances=2, num_micro_batches=1)
+    threads, _, errors = run_in_threads(lambda i: plans.wait(1, i, 30), 3)
+    plans.shut_down()
+    for thread in threads:
+        thread.join(5)
+        assert not thread.is_alive()
+    assert len(errors) == 3 and all(isinstance(err, ShuttingDown) for err in errors)
+
+
+# ---- the error interceptor --------------------------------------------------------------
+
+
+def test_the_most_specific_exception_class_picks_the_status_code():
+    # The base class first: the order of the table must not matter.
+    interceptor = ErrorInterceptor(
+        {
+            Refused: grpc.StatusCode.FAILED_PRECONDITION,
+            Conflict: grpc.StatusCode.ALREADY_EXISTS,
+            ShuttingDown: grpc.StatusCode.ABORTED,
+        }
+    )
+    assert interceptor.code_for(Conflict("x")) is grpc.StatusCode.ALREADY_EXISTS
+    assert interceptor.code_for(Refused("x")) is grpc.StatusCode.FAILED_PRECONDITION
+    assert interceptor.code_for(ShuttingDown()) is grpc.StatusCode.ABORTED
+    assert interceptor.code_for(ValueError("x")) is grpc.StatusCode.INVALID_ARGUMENT
+    assert interceptor.code_for(KeyError("x")) is grpc.StatusCode.INTERNAL
+
+
+def test_the_interceptor_maps_exceptions_of_unary_and_streaming_handlers(caplog):
+    def unary(request, context):
+        raise Conflict("taken")
+
+    def stream(request, context):
+        yield b"one"
+        raise ValueError("bad second item")
+
+    def broken(request, context):
+        raise KeyError("oops")
+
+    handlers = {
+        "Unary": grpc.unary_unary_rpc_method_handler(unary),
+        "Stream": grpc.unary_stream_rpc_method_handler(stream),
+        "Broken": grpc.unary_unary_rpc_method_handler(broken),
+    }
+    server = GrpcServer({Refused: grpc.StatusCode.FAILED_PRECONDITION}, max_workers=2)
+    server.server.add_generic_rpc_handlers(
+        [grpc.method_handlers_generic_handler("test.Service", handlers)]
+    )
+    port = server.bind("127.0.0.1", 0)
+    server.start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary("/test.Service/Unary")(b"", timeout=5)
+            assert err.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+            assert err.value.details() == "taken"
+
+            responses = channel.unary_stream("/test.Service/Stream")(b"", timeout=5)
+            assert next(responses) == b"one"
+            with pytest.raises(grpc.RpcError) as err:
+                next(responses)
+            assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert err.value.details() == "bad second item"
+
+            with pytest.raises(grpc.RpcError) as err:
+                channel.unary_unary("/test.Service/Broken")(b"", timeout=5)
+            assert err.value.code() is grpc.StatusCode.INTERNAL
+            assert err.value.details() == "/test.Service/Broken failed: KeyError: 'oops'"
+            assert "Broken failed" in caplog.text
+    finally:
+        server.stop(0)
+
+
+# ---- model fingerprint --------------------------------------------------------------------
+
+
+def write_checkpoint(root, tensors, config=None, split=False):
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(config or {"hidden_size": 8, "model": "x"}))
+    if split:
+        names = sorted(tensors)
+        save_file({n: tensors[n] for n in names[:1]}, str(root / "model-1.safetensors"))
+        save_file({n: tensors[n] for n in names[1:]}, str(root / "model-2.safetensors"))
+    else:
+        save_file(tensors, str(root / "model.safetensors"))
+    return root
+
+
+def test_fingerprint_covers_config_names_dtypes_and_shapes_not_file_split(tmp_path):
+    tensors = {"a.weight": np.zeros((4, 8), np.float32), "b.bias": np.zeros(8, np.float16)}
+    base = model_fingerprint(write_checkpoint(tmp_path / "base", tensors))
+    assert len(base) == 16 and int(base, 16) >= 0
+    assert model_fingerprint(write_checkpoint(tmp_path / "split", tensors, split=True)) == base
+    reordered = {"hidden_size": 8, "model": "x"}  # same JSON, other key order
+    assert model_fingerprint(write_checkpoint(tmp_path / "keys", tensors, reordered)) == base
+    variants = {
+        "config": ({**tensors}, {"hidden_size": 9, "model": "x"}),
+        "shape": ({**tensors, "b.bias": np.zeros(9, np.float16)}, None),
+        "dtype": ({**tensors, "b.bias": np.zeros(8, np.float32)}, None),
+        "name": ({"a.weight": tensors["a.weight"], "c.bias": tensors["b.bias"]}, None),
+    }
+    for name, (variant, config) in variants.items():
+        fingerprint = model_fingerprint(write_checkpoint(tmp_path / name, variant, config))
+        assert fingerprint != base, name
+
+
+def test_fingerprint_reads_headers_only(tmp_path):
+    tensors = {"a.weight": np.ones((4, 8), np.float32)}
+    root = write_checkpoint(tmp_path / "ckpt", tensors)
+    before = model_fingerprint(root)
+    path = root / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-8:] = b"\xff" * 8  # weights changed, header untouched
+    path.write_bytes(bytes(data))
+    assert model_fingerprint(root) == before
+
+
+def test_fingerprint_needs_a_config_and_safetensors(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        model_fingerprint(tmp_path)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="no \\*.safetensors"):
+        model_fingerprint(tmp_path)

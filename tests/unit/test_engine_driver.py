@@ -1,0 +1,177 @@
+"""The engine driver: a real engine on its own thread, fed from many threads. The oracle is
+the same engine's `generate`, run single-threaded."""
+
+import random
+import threading
+import time
+
+import pytest
+
+from services.attention.builder import local_engine
+from services.attention.driver import (
+    DriverStopped,
+    DuplicateRequestError,
+    EngineDriver,
+    EngineFailed,
+)
+from services.attention.engine import EngineConfig, RequestError
+from services.attention.scheduler import SchedulerConfig
+from services.common.sampling_params import SamplingParams
+
+pytestmark = pytest.mark.timeout(60)
+
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
+LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+
+def make_engine(model, blocks=64):
+    config = EngineConfig(
+        block_size=4,
+        num_kv_blocks=blocks,
+        max_model_len=256,
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32),
+    )
+    return local_engine(model, config)
+
+
+def random_prompts(count, seed):
+    rng = random.Random(seed)
+    return [[rng.randrange(500) for _ in range(rng.randint(1, 40))] for _ in range(count)]
+
+
+@pytest.fixture
+def driver(tiny_model_f64):
+    driver = EngineDriver(make_engine(tiny_model_f64), idle_wait_s=0.001)
+    driver.start()
+    yield driver
+    driver.stop(timeout_s=10)
+
+
+def wait_until_idle(driver, timeout_s=10.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        load = driver.load()
+        if load.num_running == load.num_waiting == 0:
+            return load
+        time.sleep(0.005)
+    raise AssertionError(f"still busy after {timeout_s} s: {driver.load()}")
+
+
+def test_concurrent_submissions_give_the_engines_tokens(tiny_model_f64, driver):
+    prompts = random_prompts(12, seed=1)
+    expected = make_engine(tiny_model_f64).generate(prompts, GREEDY)
+    results: dict[int, list] = {}
+
+    def client(indices):
+        for i in indices:
+            results[i] = list(driver.submit(f"req-{i}", prompts[i], GREEDY))
+
+    # Each thread submits its next request only when the previous one ends, so requests
+    # join a batch that is already running.
+    threads = [threading.Thread(target=client, args=(range(k, 12, 4),)) for k in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    for i, want in enumerate(expected):
+        outputs = results[i]
+        assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+        assert outputs[-1].token_ids == want.token_ids
+        assert [t for o in outputs for t in o.new_token_ids] == want.token_ids
+        assert outputs[-1].finish_reason == want.finish_reason
+    load = wait_until_idle(driver)
+    assert load.num_free_blocks == load.num_total_blocks == 64
+
+
+def test_cancel_mid_stream_frees_every_block(driver):
+    streams = [driver.submit(f"long-{i}", list(range(1 + i, 30 + i)), LONG) for i in range(3)]
+    first = next(streams[0])
+    assert first.new_token_ids and not first.finished
+    streams[0].cancel()
+    driver.cancel("long-1")  # by id, before its stream was ever read
+    rest = list(streams[0])
+    assert rest[-1].finished and rest[-1].finish_reason == "abort"
+    assert len(rest[-1].token_ids) < LONG.max_tokens
+    outputs = list(streams[1])
+    assert outputs[-1].finish_reason == "abort"
+    assert next(streams[2]).new_token_ids  # the third one still runs
+
+    assert driver.load().num_free_blocks < 64
+    streams[2].cancel()
+    assert list(streams[2])[-1].finish_reason == "abort"
+    load = wait_until_idle(driver)
+    assert load.num_free_blocks == load.num_total_blocks
+
+
+def test_bad_requests_raise_in_submit_and_nothing_is_queued(driver):
+    with pytest.raises(RequestError, match="empty"):
+        driver.submit("a", [], GREEDY)
+    with pytest.raises(RequestError, match="outside the vocabulary"):
+        driver.submit("b", [1, 512], GREEDY)
+    with pytest.raises(RequestError, match="at most"):
+        driver.submit("c", [1] * 300, GREEDY)
+    running = driver.submit("d", [1, 2, 3], LONG)
+    with pytest.raises(DuplicateRequestError, match="already running"):
+        driver.submit("d", [4, 5], GREEDY)
+    running.cancel()
+    list(running)
+    load = wait_until_idle(driver)
+    assert load.num_free_blocks == load.num_total_blocks
+    assert list(driver.submit("d", [4, 5], GREEDY))[-1].finish_reason is not None  # id reusable
+
+
+def test_stop_ends_open_streams_with_an_error(tiny_model_f64):
+    driver = EngineDriver(make_engine(tiny_model_f64))
+    with pytest.raises(RuntimeError, match="start"):
+        driver.submit("early", [1, 2], GREEDY)
+    driver.start()
+    stream = driver.submit("open", [1, 2, 3], LONG)
+    next(stream)
+    driver.stop(timeout_s=10)
+    with pytest.raises(DriverStopped, match="shutting down"):
+        list(stream)
+    with pytest.raises(DriverStopped, match="shutting down"):
+        driver.submit("late", [1, 2], GREEDY)
+    assert driver.load().num_free_blocks == driver.load().num_total_blocks
+
+
+def test_a_failing_step_fails_every_stream_and_later_submissions(tiny_model_f64):
+    engine = make_engine(tiny_model_f64)
+    step = engine.step
+    calls = 0
+
+    def failing_step():
+        nonlocal calls
+        calls += 1
+        if calls > 3:
+            raise RuntimeError("device lost")
+        return step()
+
+    engine.step = failing_step
+    driver = EngineDriver(engine)
+    driver.start()
+    streams = [driver.submit(f"r{i}", [1, 2, 3 + i], LONG) for i in range(2)]
+    for stream in streams:
+        with pytest.raises(EngineFailed, match="device lost"):
+            list(stream)
+    with pytest.raises(RuntimeError, match="engine failed.*device lost"):
+        driver.submit("after", [1, 2], GREEDY)
+    assert isinstance(driver.failure, RuntimeError)
+    driver.stop(timeout_s=10)
+
+
+def test_always_step_steps_while_idle_and_still_serves(tiny_model_f64):
+    engine = make_engine(tiny_model_f64)
+    driver = EngineDriver(engine, always_step=True)
+    driver.start()
+    try:
+        deadline = time.monotonic() + 5
+        while engine.stats.num_steps < 10 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert engine.stats.num_steps >= 10  # empty steps, no request in sight
+        prompt = [7, 8, 9, 10]
+        want = make_engine(tiny_model_f64).generate([prompt], GREEDY)[0].token_ids
+        assert list(driver.submit("x", prompt, GREEDY))[-1].token_ids == want
+    finally:
+        driver.stop(timeout_s=10)
