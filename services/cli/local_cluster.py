@@ -30,6 +30,12 @@ class LocalCluster:
     def __init__(self, echo: bool = True) -> None:
         self.children: list[Child] = []
         self.echo = echo
+        self._output = threading.Lock()  # whole lines, never interleaved
+
+    def say(self, line: str) -> None:
+        with self._output:
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
 
     def start(self, name: str, args: list[str]) -> Child:
         process = subprocess.Popen(
@@ -51,7 +57,7 @@ class LocalCluster:
                 child.address = match.group(1) or match.group(2)
                 child.ready.set()
             if self.echo:
-                print(f"[{child.name}] {line}", end="", flush=True)
+                self.say(f"[{child.name}] {line.rstrip()}")
 
     def wait_ready(self, child: Child, timeout_s: float) -> str:
         """The child's address, once it prints it; raises if it dies or takes too long."""

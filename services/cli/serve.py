@@ -97,10 +97,9 @@ def run(args: argparse.Namespace) -> int:
         ]
         for child in [*attention, *ffn]:
             cluster.wait_ready(child, READY_TIMEOUT_S)
-        print(
+        cluster.say(
             "cluster ready: attention instances at "
-            + " ".join(child.address for child in attention),
-            flush=True,
+            + " ".join(child.address for child in attention)
         )
         while not stop.wait(0.2):
             dead = cluster.first_exit()

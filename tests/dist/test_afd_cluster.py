@@ -1,0 +1,115 @@
+"""A real disaggregated cluster (controller, attention and FFN processes over gloo) gives
+exactly the single-process engine's tokens, and its logprobs, for every M:N and
+micro-batch count; and it stops without leaving a process behind."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.attention.builder import local_engine
+from services.attention.engine import EngineConfig
+from services.attention.scheduler import SchedulerConfig
+from services.common.model.build import load_model
+from services.common.sampling_params import SamplingParams
+from tests.support.cluster import Cluster, afd, wait_until_gone
+
+PARAMS = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, ignore_eos=True)
+FP8_LOGPROB_TOLERANCE = 0.25  # e4m3 keeps 3 mantissa bits: ~6% per activation
+BUDGET = 64  # tokens per step: the longer prompts are prefilled in several chunks
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("afd-cluster") / "tiny"
+    assert afd("init-checkpoint", str(path), "--preset", "tiny", "--seed", "3").wait() == 0
+    return path
+
+
+@pytest.fixture(scope="module")
+def prompts() -> list[list[int]]:
+    rng = random.Random(7)
+    return [[rng.randrange(128000) for _ in range(n)] for n in (3, 17, 40, 90, 9, 130)]
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint, prompts):
+    model = load_model(checkpoint, dtype="float32", progress=False)
+    config = EngineConfig(scheduler=SchedulerConfig(max_num_batched_tokens=BUDGET))
+    return local_engine(model, config).generate(prompts, PARAMS)
+
+
+def serve(checkpoint: Path, m: int, n: int, k: int, *extra: str) -> Cluster:
+    return Cluster(
+        "--model", str(checkpoint), "--attention-instances", str(m), "--ffn-instances", str(n),
+        "--micro-batches", str(k), "--dtype", "float32",
+        "--max-num-batched-tokens", str(BUDGET), *extra,
+    )
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("m", [1, 2])
+def test_disaggregated_equals_single_process(checkpoint, prompts, expected, m, n, k):
+    cluster = serve(checkpoint, m, n, k)
+    try:
+        results = cluster.generate_all(prompts, PARAMS)
+    finally:
+        code = cluster.stop()
+    for result, reference in zip(results, expected, strict=True):
+        assert result.token_ids == reference.token_ids
+        assert result.finish_reason == "length"
+        torch.testing.assert_close(
+            torch.tensor(result.logprobs),
+            torch.tensor([entry.logprob for entry in reference.logprobs]),
+            rtol=0,
+            atol=1e-4,
+        )
+    assert code == 0
+    assert wait_until_gone(str(checkpoint)) == []
+
+
+def test_replicated_ffn_layout_gives_the_same_tokens(checkpoint, prompts, expected):
+    cluster = serve(checkpoint, 2, 2, 3, "--ffn-layout", "replicated")
+    try:
+        results = cluster.generate_all(prompts, PARAMS)
+    finally:
+        assert cluster.stop() == 0
+    assert [r.token_ids for r in results] == [e.token_ids for e in expected]
+
+
+def test_fp8_dispatch_serves_and_stays_close(checkpoint, prompts, expected):
+    cluster = serve(checkpoint, 1, 2, 3, "--fp8-dispatch")
+    try:
+        results = cluster.generate_all(prompts, PARAMS)
+    finally:
+        assert cluster.stop() == 0
+    # e4m3 activations move the logits a little, enough to flip the random model's
+    # near-ties, so tokens may differ; the best first token's logprob barely moves.
+    for result, reference in zip(results, expected, strict=True):
+        assert len(result.token_ids) == PARAMS.max_tokens
+        assert abs(result.logprobs[0] - reference.logprobs[0].logprob) < FP8_LOGPROB_TOLERANCE
+
+
+def test_an_instance_serving_another_model_is_refused(checkpoint, tmp_path):
+    controller = afd(
+        "controller", "--attention-instances", "1", "--ffn-instances", "1",
+        "--fingerprint", "0123456789abcdef", stdout=subprocess.PIPE,
+    )
+    try:
+        address = controller.stdout.readline().split()[-1]
+        ffn = afd(
+            "ffn", "--index", "0", "--controller", address, "--model", str(checkpoint),
+            stderr=subprocess.PIPE,
+        )
+        _, err = ffn.communicate(timeout=120)
+    finally:
+        controller.terminate()
+        controller.wait(30)
+    assert ffn.returncode == 2
+    assert "Traceback" not in err
+    assert "ffn instance 0" in err and "0123456789abcdef" in err
