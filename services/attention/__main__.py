@@ -62,7 +62,9 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, cfg)
     config = engine_config(args)
     tokenizer = Tokenizer.from_dir(args.model)
-    instance = Instance(options, ERROR_CODES)
+    # Each open Generate stream holds a server thread: room for every running request, plus
+    # Cancel, GetLoad and health checks.
+    instance = Instance(options, ERROR_CODES, max_workers=2 * config.scheduler.max_num_seqs + 16)
     try:
         membership, transport = instance.join()
         names = [n for n in checkpoint_tensors(cfg) if not is_ffn_tensor(n)]
@@ -75,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
             # Then wait for everyone's: attention instances stay in lockstep even when idle
             # (an idle step moves no tensors, so nothing else would hold them together).
             instance.control.submit_plan(membership.epoch, step, options.index, counts)
-            instance.control.get_plan(membership.epoch, step, options.step_timeout_s)
+            if len(membership.attention_ranks) > 1:
+                instance.control.get_plan(membership.epoch, step, options.step_timeout_s)
 
         runner = DisaggregatedRunner(
             model,
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
             Engine(runner, num_blocks, config, tokenizer), always_step=True, idle_wait_s=0.01
         )
         add_attention_service(instance.server.server, driver)
+        instance.wait_for_peers()
         driver.start()
         instance.server.set_serving(True, ("", SERVICE_NAME))
         print(f"{options.name} serving on {instance.address}", flush=True)

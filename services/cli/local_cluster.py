@@ -7,6 +7,7 @@ dies, or on `stop()`, every child is stopped: SIGTERM, a grace period, then SIGK
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -27,8 +28,12 @@ class Child:
 
 
 class LocalCluster:
-    def __init__(self, echo: bool = True) -> None:
+    def __init__(self, num_processes: int, echo: bool = True) -> None:
         self.children: list[Child] = []
+        # The instances share this machine's cores: without a cap each would start a thread
+        # per core, and oversubscribed CPU math runs many times slower. A user's setting wins.
+        threads = str(max(1, (os.cpu_count() or 1) // num_processes))
+        self.env = {"OMP_NUM_THREADS": threads, **os.environ}
         self.echo = echo
         self._output = threading.Lock()  # whole lines, never interleaved
 
@@ -42,6 +47,7 @@ class LocalCluster:
             [sys.executable, "-m", "services.cli", *args],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
+            env=self.env,
             text=True,
             bufsize=1,
         )

@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    cluster = LocalCluster()
+    cluster = LocalCluster(args.attention_instances + args.ffn_instances)
     try:
         controller = cluster.start(
             "controller",

@@ -18,8 +18,11 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def join_group(membership: Membership, rank: int, device: torch.device, timeout_s: float) -> None:
-    """Initialise the default process group as `rank` of this epoch's world."""
+def join_group(
+    membership: Membership, rank: int, device: torch.device, timeout_s: float
+) -> dist.Store:
+    """Initialise the default process group as `rank` of this epoch's world; returns the
+    epoch's store, for barriers that must outlast the step timeout (see `wait_for_all`)."""
     store = dist.TCPStore(
         membership.store_host,
         membership.store_port,
@@ -36,6 +39,21 @@ def join_group(membership: Membership, rank: int, device: torch.device, timeout_
         world_size=membership.world_size,
         timeout=timedelta(seconds=timeout_s),
     )
+    return prefixed
+
+
+def wait_for_all(store: dist.Store, membership: Membership, rank: int, timeout_s: float) -> None:
+    """Block until every member has called this: the step loop starts only once every
+    instance has loaded its weights (which may take far longer than a step)."""
+    store.set(f"ready/{rank}", "1")
+    keys = [f"ready/{r}" for r in range(membership.world_size)]
+    try:
+        store.wait(keys, timedelta(seconds=timeout_s))
+    except dist.DistStoreError as err:
+        late = [f"rank {r}" for r, key in enumerate(keys) if not store.check([key])]
+        raise TimeoutError(
+            f"not every instance was ready within {timeout_s:g} s: waiting for {', '.join(late)}"
+        ) from err
 
 
 def peer_names(membership: Membership) -> dict[int, str]:

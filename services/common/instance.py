@@ -13,14 +13,15 @@ from dataclasses import dataclass
 import torch
 
 from services.common.control_client import ControlClient, Membership
-from services.common.dist import join_group, leave_group, peer_names
+from services.common.dist import join_group, leave_group, peer_names, wait_for_all
 from services.common.fingerprint import model_fingerprint
-from services.common.grpc_server import ErrorCodes, GrpcServer
+from services.common.grpc_server import DEFAULT_MAX_WORKERS, ErrorCodes, GrpcServer
 from services.common.transport import Transport
 
 log = logging.getLogger(__name__)
 
 HEARTBEAT_INTERVAL_S = 1.0
+READY_TIMEOUT_S = 3600.0  # loading a real checkpoint's share can take many minutes
 
 
 def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -77,10 +78,15 @@ class InstanceOptions:
 class Instance:
     """One member's lifecycle. `joined` membership and `transport` are set by `join`."""
 
-    def __init__(self, options: InstanceOptions, error_codes: ErrorCodes | None = None) -> None:
+    def __init__(
+        self,
+        options: InstanceOptions,
+        error_codes: ErrorCodes | None = None,
+        max_workers: int = DEFAULT_MAX_WORKERS,
+    ) -> None:
         self.options = options
         self.stopping = threading.Event()
-        self.server = GrpcServer(error_codes)
+        self.server = GrpcServer(error_codes, max_workers)
         self.port = self.server.bind(options.host, options.port)
         self.server.start()
         self.control = ControlClient(options.controller)
@@ -97,10 +103,15 @@ class Instance:
         membership = self.control.register(
             o.role, o.index, self.address, model_fingerprint(o.model)
         )
-        rank = membership.rank_of(o.role, o.index)
-        join_group(membership, rank, o.device, o.step_timeout_s)
+        self.rank = membership.rank_of(o.role, o.index)
+        self.membership = membership
+        self._store = join_group(membership, self.rank, o.device, o.step_timeout_s)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         return membership, Transport(peer_names(membership), o.step_timeout_s)
+
+    def wait_for_peers(self) -> None:
+        """Call once loaded: returns when every instance is, so no step starts before."""
+        wait_for_all(self._store, self.membership, self.rank, READY_TIMEOUT_S)
 
     def _heartbeats(self) -> None:
         while not self.stopping.wait(HEARTBEAT_INTERVAL_S):

@@ -65,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             args.fp8_dispatch,
         )
         del tensors
+        instance.wait_for_peers()
         instance.server.set_serving(True)
         print(f"{options.name} serving on {instance.address}", flush=True)
         serve(worker, instance.control, membership.epoch, options.step_timeout_s, instance)

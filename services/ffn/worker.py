@@ -53,11 +53,19 @@ class FFNWorker:
             for _ in range(num_micro_batches)
         ]
         self._sends: list[list[Pending]] = [[] for _ in range(num_micro_batches)]
+        self.max_tokens_per_step = max_tokens_per_step
         self.num_tokens_computed = 0
 
     @torch.inference_mode()
     def run_step(self, counts: list[list[int]]) -> None:
         """counts[attention index][micro-batch]: the step plan."""
+        for a, row in enumerate(counts):
+            if sum(row) > self.max_tokens_per_step:
+                raise ValueError(
+                    f"attention instance {a} plans {sum(row)} tokens in one step, more than "
+                    f"this FFN instance's --max-num-batched-tokens {self.max_tokens_per_step}: "
+                    "start every instance with the same value"
+                )
         slots = [
             (slot, [row[slot] for row in counts])
             for slot in range(len(counts[0]))
