@@ -131,10 +131,6 @@ class Scheduler:
     def _chunk(seq: Sequence, start: int, num_tokens: int) -> ScheduledChunk:
         return ScheduledChunk(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
 
-    @staticmethod
-    def _chunk(seq: Sequence, start: int, num_tokens: int) -> ScheduledChunk:
-        return ScheduledChunk(seq, start, num_tokens, start + num_tokens == seq.num_tokens)
-
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
         seq.num_computed_tokens = 0

@@ -31,6 +31,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--step-timeout", type=float, default=30.0)
     parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu, or cuda: one GPU per instance, round-robin over this machine's GPUs "
+        "(NCCL needs a GPU of its own for every instance)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -40,6 +46,22 @@ def validate(args: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
     if not 1 <= args.micro_batches <= 4:
         raise ValueError(f"--micro-batches must be 1 to 4, got {args.micro_batches}")
+
+
+def instance_devices(device: str, num_instances: int) -> list[str]:
+    if device == "cpu":
+        return ["cpu"] * num_instances
+    if device != "cuda":
+        raise ValueError(f"--device must be cpu or cuda, got {device!r}")
+    import torch  # only here: the launcher itself needs no torch on CPU
+
+    count = torch.cuda.device_count()
+    if count < num_instances:
+        raise ValueError(
+            f"{num_instances} instances need {num_instances} GPUs with NCCL; this machine has "
+            f"{count}: use fewer instances or --device cpu"
+        )
+    return [f"cuda:{i}" for i in range(num_instances)]
 
 
 def run(args: argparse.Namespace) -> int:
@@ -84,14 +106,27 @@ def run(args: argparse.Namespace) -> int:
         ]
         if args.fp8_dispatch:
             common.append("--fp8-dispatch")
+        devices = instance_devices(args.device, args.attention_instances + args.ffn_instances)
         attention = [
-            cluster.start(f"attention instance {i}", ["attention", "--index", str(i), *common])
+            cluster.start(
+                f"attention instance {i}",
+                ["attention", "--index", str(i), "--device", devices[i], *common],
+            )
             for i in range(args.attention_instances)
         ]
         ffn = [
             cluster.start(
                 f"ffn instance {i}",
-                ["ffn", "--index", str(i), "--layout", args.ffn_layout, *common],
+                [
+                    "ffn",
+                    "--index",
+                    str(i),
+                    "--layout",
+                    args.ffn_layout,
+                    "--device",
+                    devices[args.attention_instances + i],
+                    *common,
+                ],
             )
             for i in range(args.ffn_instances)
         ]

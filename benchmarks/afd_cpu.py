@@ -1,0 +1,452 @@
+"""What disaggregation costs on CPU, against the single-process engine, and what the control
+plane costs per step. A script, not a test: it prints Markdown tables for docs/benchmarks.md.
+
+    .venv/bin/python benchmarks/afd_cpu.py [--batches 1 8 32] [--output-tokens 64]
+
+Decode: a random tiny checkpoint (`afd init-checkpoint --preset tiny`), B concurrent requests
+of a fixed length (random 32-token prompts, 64 output tokens, ignore_eos), served by
+- `local`: the single-process engine (`local_engine`), stepped in this process;
+- `local gRPC`: the same engine behind the attention gRPC API, in its own process (this
+  script's `serve-local` mode), so the API's own cost is visible apart from AFD's;
+- `AFD K=1`, `AFD K=3`: `afd serve` with 1 attention and 1 FFN instance.
+TPOT is the median over requests of (last token time - first token time) / (tokens - 1);
+decode tokens/s is B / TPOT; end to end counts every token from the first submit to the last
+token, prefill included. Each figure is the median of --repeats runs; every process runs
+torch with --threads intra-op threads (1 by default).
+
+Control plane: a real controller (`python -m services.controller`), an attention member and
+an FFN member registered from two threads; per step the attention member's submit_plan +
+get_plan round trip, while the FFN member long-polls the same plans as `afd ffn` does.
+
+Data plane: one layer's A2F message and F2A answer between two processes through the
+production `Transport` on gloo, in the wire layout (`Layout`) of the tiny model and of Step-3.
+
+Knows nothing of GPUs; every figure is float32 on whatever CPU runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from datetime import timedelta
+from pathlib import Path
+from statistics import median
+
+import grpc
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from services.attention.api import ERROR_CODES, add_attention_service
+from services.attention.builder import local_engine
+from services.attention.driver import EngineDriver
+from services.attention.engine import Engine, EngineConfig
+from services.common.activations import Layout
+from services.common.control_client import ControlClient
+from services.common.grpc_server import GrpcServer
+from services.common.model.build import load_model
+from services.common.sampling_params import SamplingParams
+from services.common.transport import Transport
+from services.common.wire import attention as wire
+from services.common.wire.attention_client import AttentionClient
+
+START_TIMEOUT_S = 120.0
+PAPER_TPOT_S = 0.050  # Step-3's SLA: 50 ms per output token
+PAPER_LAYER_STAGE_S = 272e-6  # its budget per layer and pipeline stage (16.6 ms / 61 layers)
+
+
+@dataclass(frozen=True)
+class Result:
+    system: str
+    batch: int
+    tpot_s: float  # median over requests
+    decode_tokens_per_s: float  # batch / TPOT
+    e2e_tokens_per_s: float  # all tokens / (last token - first submit)
+    tpot_range_s: tuple[float, float] = (0.0, 0.0)  # fastest and slowest of the repeats
+
+
+def typical(runs: list[Result]) -> Result:
+    """The run with the median TPOT, carrying the spread of all of them."""
+    ordered = sorted(runs, key=lambda r: r.tpot_s)
+    spread = (ordered[0].tpot_s, ordered[-1].tpot_s)
+    return replace(ordered[len(ordered) // 2], tpot_range_s=spread)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def prompts(rng: random.Random, batch: int, length: int) -> list[list[int]]:
+    """Random ids below the special tokens, fresh each call: no prefix-cache hits."""
+    return [[rng.randrange(128000) for _ in range(length)] for _ in range(batch)]
+
+
+def summarise(system: str, stamps: list[list[tuple[float, int]]], start: float) -> Result:
+    """stamps[request]: (arrival time, tokens arrived) per response."""
+    tpots = []
+    for request in stamps:
+        later = sum(n for _, n in request[1:])
+        tpots.append((request[-1][0] - request[0][0]) / later)
+    tokens = sum(n for request in stamps for _, n in request)
+    end = max(request[-1][0] for request in stamps)
+    tpot = median(tpots)
+    return Result(system, len(stamps), tpot, len(stamps) / tpot, tokens / (end - start))
+
+
+def run_local(engine: Engine, batch_prompts: list[list[int]], params: SamplingParams) -> Result:
+    stamps: dict[str, list[tuple[float, int]]] = {}
+    start = time.perf_counter()
+    for i, prompt in enumerate(batch_prompts):
+        engine.add_request(f"r{i}", prompt, params)
+        stamps[f"r{i}"] = []
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        now = time.perf_counter()
+        for out in outputs:
+            stamps[out.request_id].append((now, len(out.new_token_ids)))
+    return summarise("local", list(stamps.values()), start)
+
+
+def run_client(
+    system: str, client: AttentionClient, batch_prompts: list[list[int]], params: SamplingParams
+) -> Result:
+    """B concurrent streams, one thread each."""
+    stamps: list[list[tuple[float, int]]] = [[] for _ in batch_prompts]
+    errors: list[BaseException] = []
+    tag = f"{time.monotonic_ns()}"
+
+    def stream(i: int) -> None:
+        try:
+            for delta in client.generate(f"{tag}-{i}", batch_prompts[i], params, timeout_s=120):
+                stamps[i].append((time.perf_counter(), len(delta.new_token_ids)))
+        except BaseException as err:  # reported below, after every thread ended
+            errors.append(err)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(batch_prompts))]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise RuntimeError(f"{system}: {len(errors)} stream(s) failed: {errors[0]}")
+    return summarise(system, stamps, start)
+
+
+class Child:
+    """A process that prints a line matching `ready` (group 1: its address) once it serves."""
+
+    def __init__(self, command: list[str], ready: str, log: Path) -> None:
+        self.log = log.open("w")
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1
+        )
+        self.address = ""
+        self._ready = threading.Event()
+        threading.Thread(target=self._read, args=(re.compile(ready),), daemon=True).start()
+        if not self._ready.wait(START_TIMEOUT_S) or not self.address:
+            self.stop()
+            raise RuntimeError(f"{command[:4]} did not start; see {log}")
+
+    def _read(self, ready: re.Pattern) -> None:
+        for line in self.process.stdout:  # drained to the end so the child never blocks
+            match = ready.search(line)
+            if match and not self.address:
+                self.address = match.group(1)
+                self._ready.set()
+        self._ready.set()
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of this process and its children (for `afd serve`)."""
+        pids = [self.process.pid]
+        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
+        pids += [int(p) for p in children.read_text().split()]
+        total = 0
+        for pid in pids:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+def afd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "services.cli", *args]
+
+
+def bench_served(
+    system: str, child: Child, args: argparse.Namespace, rng: random.Random
+) -> tuple[list[Result], float]:
+    """Every batch size against one server; also the server's idle CPU use (cores)."""
+    channel = grpc.insecure_channel(child.address)
+    try:
+        grpc.channel_ready_future(channel).result(START_TIMEOUT_S)
+        client = AttentionClient(channel)
+        params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
+        run_client(system, client, prompts(rng, 1, args.prompt_tokens), params)  # warm-up
+        results = []
+        for batch in args.batches:
+            runs = [
+                run_client(system, client, prompts(rng, batch, args.prompt_tokens), params)
+                for _ in range(args.repeats)
+            ]
+            results.append(typical(runs))
+        before = child.cpu_seconds()
+        time.sleep(args.idle_seconds)
+        idle_cores = (child.cpu_seconds() - before) / args.idle_seconds
+        return results, idle_cores
+    finally:
+        channel.close()
+
+
+def bench_decode(args: argparse.Namespace, checkpoint: Path, logs: Path) -> list[str]:
+    rng = random.Random(0)
+    params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
+    engine = local_engine(load_model(checkpoint, "float32", progress=False), EngineConfig())
+    run_local(engine, prompts(rng, 1, args.prompt_tokens), params)  # warm-up
+    local = {}
+    for batch in args.batches:
+        runs = [
+            run_local(engine, prompts(rng, batch, args.prompt_tokens), params)
+            for _ in range(args.repeats)
+        ]
+        local[batch] = typical(runs)
+
+    served: list[Result] = []
+    idle: dict[str, float] = {}
+    here = Path(__file__).resolve()
+    commands = {
+        "local gRPC": [sys.executable, str(here), "serve-local", str(checkpoint)],
+        **{
+            f"AFD K={k}": afd(
+                "serve",
+                "--model",
+                str(checkpoint),
+                "--attention-instances",
+                "1",
+                "--ffn-instances",
+                "1",
+                "--micro-batches",
+                str(k),
+                "--dtype",
+                "float32",
+            )  # fmt: skip
+            for k in args.micro_batches
+        },
+    }
+    for system, command in commands.items():
+        log = logs / f"{system.replace(' ', '_').replace('=', '')}.log"
+        ready = r"^serving on (\S+)" if system == "local gRPC" else r"attention instances at (\S+)"
+        child = Child(command, ready, log)
+        try:
+            results, idle[system] = bench_served(system, child, args, rng)
+            served += results
+        finally:
+            child.stop()
+
+    lines = [
+        "| system | B | TPOT ms | TPOT range ms | decode tok/s | end-to-end tok/s | TPOT / local |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in [*local.values(), *served]:
+        ratio = r.tpot_s / local[r.batch].tpot_s
+        lines.append(
+            f"| {r.system} | {r.batch} | {r.tpot_s * 1e3:.1f} "
+            f"| {r.tpot_range_s[0] * 1e3:.1f}-{r.tpot_range_s[1] * 1e3:.1f} "
+            f"| {r.decode_tokens_per_s:.0f} "
+            f"| {r.e2e_tokens_per_s:.0f} | {ratio:.2f} |"
+        )
+    lines += ["", "| server | idle CPU (cores busy with no request) |", "|---|---|"]
+    lines += [f"| {system} | {cores:.2f} |" for system, cores in idle.items()]
+    return lines
+
+
+def ping_pong(rank: int, port: int, messages: list[tuple[int, int]], iterations: int) -> None:
+    """One layer's transfers, over and over: rank 0 (attention) sends a2f bytes, rank 1 (FFN)
+    answers f2a bytes; through the production `Transport` on gloo. Rank 0 stores the medians."""
+    torch.set_num_threads(1)
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", store=dist.PrefixStore("pp", store), rank=rank, world_size=2)
+    transport = Transport({0: "attention", 1: "ffn"}, 30.0)
+    peer = 1 - rank
+    medians = []
+    for a2f, f2a in messages:
+        request, answer = torch.zeros(a2f, dtype=torch.uint8), torch.zeros(f2a, dtype=torch.uint8)
+        times = []
+        for _ in range(iterations):
+            start = time.perf_counter()
+            if rank == 0:
+                sent = transport.send(request, peer, 0, "a2f")
+                back = transport.recv(answer, peer, 0, "f2a")
+                transport.wait(sent)
+                transport.wait(back)
+            else:
+                transport.wait(transport.recv(request, peer, 0, "a2f"))
+                transport.wait(transport.send(answer, peer, 0, "f2a"))
+            times.append(time.perf_counter() - start)
+        medians.append(median(times[iterations // 10 :]))
+    if rank == 0:
+        store.set("medians", " ".join(map(str, medians)))
+    dist.destroy_process_group()
+
+
+def bench_data_plane(args: argparse.Namespace) -> list[str]:
+    """A2F + F2A of one layer and micro-batch, in the wire layout `afd serve` uses."""
+    tiny = Layout(64, 3, torch.float32, fp8=False)
+    step3 = Layout(7168, 3, torch.bfloat16, fp8=True)
+    cases = [(f"tiny fp32, {b} tokens", b * tiny.bytes_per_token, b * 64 * 4) for b in args.batches]
+    cases += [
+        (f"Step-3 FP8 dispatch / bf16 return, {n} tokens", n * step3.bytes_per_token, n * 7168 * 2)
+        for n in (128, 2048)
+    ]
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    messages = [(a2f, f2a) for _, a2f, f2a in cases]
+    mp.start_processes(
+        ping_pong, (store.port, messages, args.pings), nprocs=2, start_method="spawn"
+    )
+    medians = [float(m) for m in store.get("medians").decode().split()]
+    lines = [
+        "| message (one layer, one micro-batch) | A2F bytes | F2A bytes | round trip us "
+        "| / 272 us |",
+        "|---|---|---|---|---|",
+    ]
+    for (name, a2f, f2a), seconds in zip(cases, medians, strict=True):
+        lines.append(
+            f"| {name} | {a2f} | {f2a} | {seconds * 1e6:.0f} "
+            f"| {seconds / PAPER_LAYER_STAGE_S:.2f}x |"
+        )
+    return lines
+
+
+def bench_control_plane(args: argparse.Namespace, logs: Path) -> list[str]:
+    command = [
+        sys.executable, "-m", "services.controller", "--host", "127.0.0.1", "--port", "0",
+        "--attention-instances", "1", "--ffn-instances", "1", "--fingerprint", "x",
+    ]  # fmt: skip
+    child = Child(command, r"controller listening on (\S+)", logs / "controller.log")
+    try:
+        with ControlClient(child.address) as attention, ControlClient(child.address) as ffn:
+            joined: dict[str, object] = {}
+            threads = [
+                threading.Thread(
+                    target=lambda c=client, r=role: joined.update(
+                        {r: c.register(r, 0, f"{r}-0:1", "x", 60)}
+                    )
+                )
+                for client, role in ((attention, "attention"), (ffn, "ffn"))
+            ]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(90)
+            epoch = joined["attention"].epoch
+            steps = args.plan_steps
+
+            def follow() -> None:  # the FFN member, as `afd ffn` does
+                for step in range(steps):
+                    ffn.get_plan(epoch, step, 30)
+
+            follower = threading.Thread(target=follow)
+            follower.start()
+            times = []
+            for step in range(steps):
+                start = time.perf_counter()
+                attention.submit_plan(epoch, step, 0, [step % 7, 1, 2])
+                attention.get_plan(epoch, step, 30)
+                times.append(time.perf_counter() - start)
+            follower.join(60)
+    finally:
+        child.stop()
+    times = times[len(times) // 10 :]  # the first tenth warms the channel up
+    p50, p90, p99 = (percentile(times, q) for q in (0.5, 0.9, 0.99))
+    return [
+        "| steps | median us | p90 us | p99 us | median / 50 ms TPOT | median / 272 us |",
+        "|---|---|---|---|---|---|",
+        f"| {len(times)} | {p50 * 1e6:.0f} | {p90 * 1e6:.0f} | {p99 * 1e6:.0f} "
+        f"| {p50 / PAPER_TPOT_S:.2%} | {p50 / PAPER_LAYER_STAGE_S:.2f}x |",
+    ]
+
+
+def serve_local(checkpoint: str) -> int:
+    """The single-process engine behind the attention API, until SIGTERM."""
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    engine = local_engine(load_model(checkpoint, "float32", progress=False), EngineConfig())
+    driver = EngineDriver(engine, idle_wait_s=0.01)
+    driver.start()
+    server = GrpcServer(ERROR_CODES)
+    add_attention_service(server.server, driver)
+    port = server.bind("127.0.0.1", 0)
+    server.start()
+    server.set_serving(True, ("", wire.SERVICE_NAME))
+    print(f"serving on 127.0.0.1:{port}", flush=True)
+    stop.wait()
+    server.stop(1.0)
+    driver.stop()
+    return 0
+
+
+def main() -> int:
+    if sys.argv[1:2] == ["serve-local"]:
+        return serve_local(sys.argv[2])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--micro-batches", type=int, nargs="+", default=[1, 3])
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per figure; the median")
+    parser.add_argument("--plan-steps", type=int, default=500)
+    parser.add_argument("--pings", type=int, default=300, help="round trips per message size")
+    parser.add_argument("--idle-seconds", type=float, default=3.0)
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads per process (every process, children included)",
+    )
+    args = parser.parse_args()
+    # Each process would otherwise take one thread per core; on a small shared machine the
+    # processes then spin against each other and every figure is noise.
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="afd-bench-") as tmp:
+        checkpoint, logs = Path(tmp) / "tiny", Path(tmp)
+        subprocess.run(
+            afd("init-checkpoint", str(checkpoint), "--preset", "tiny"),
+            check=True,
+            capture_output=True,
+        )
+        started, load_before = time.perf_counter(), f"{os.getloadavg()[0]:.2f}"
+        control = bench_control_plane(args, logs)
+        data = bench_data_plane(args)
+        decode = bench_decode(args, checkpoint, logs)
+        sections = ["## Decode", "", *decode, "", "## Control plane", "", *control]
+        sections += ["", "## Data plane", "", *data]
+        print("\n".join(sections))
+        print(
+            f"\n(total {time.perf_counter() - started:.0f} s; load average before "
+            f"{load_before}, after {os.getloadavg()[0]:.2f})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
