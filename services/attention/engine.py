@@ -178,7 +178,12 @@ class Engine:
         logits = self.runner.execute(batch.chunks)  # [sampling chunks, V]
         sampling = [self._requests[c.seq.request_id] for c in batch.chunks if c.samples]
         params = [r.seq.params for r in sampling]
-        tokens = sample(logits, params, [r.generator for r in sampling])
+        generated = (
+            [r.seq.output_token_ids for r in sampling]
+            if any(p.has_penalties for p in params)
+            else None
+        )
+        tokens = sample(logits, params, [r.generator for r in sampling], generated)
         return [
             (token, None if p.logprobs is None else token_logprobs(logits[row], token, p.logprobs))
             for row, (token, p) in enumerate(zip(tokens, params, strict=True))

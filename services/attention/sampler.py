@@ -1,6 +1,6 @@
-"""Picks each sequence's next token from its logits: greedy, or temperature with top-k and
-top-p filtering. Every request draws from its own generator, so a seeded request gives the
-same tokens whatever else shares its batch."""
+"""Picks each sequence's next token from its logits: presence and frequency penalties first,
+then greedy, or temperature with top-k and top-p filtering. Every request draws from its own
+generator, so a seeded request gives the same tokens whatever else shares its batch."""
 
 from __future__ import annotations
 
@@ -34,10 +34,39 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
+def apply_penalties(
+    logits: Tensor, params: list[SamplingParams], output_token_ids: list[list[int]]
+) -> Tensor:
+    """logits: [N, V] -> a penalised copy (at least float32); `logits` itself is untouched.
+
+    For each row and token j generated c_j times so far (OpenAI's definition):
+    logits[j] -= presence_penalty * (c_j > 0) + frequency_penalty * c_j.
+    """
+    penalised = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
+    num_vocab = logits.shape[-1]
+    for row, (p, generated) in enumerate(zip(params, output_token_ids, strict=True)):
+        if not p.has_penalties or not generated:
+            continue
+        ids = torch.tensor(generated, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(ids, minlength=num_vocab).to(penalised.dtype)  # [V]
+        present = (counts > 0).to(penalised.dtype)  # [V]
+        penalised[row] -= p.presence_penalty * present + p.frequency_penalty * counts
+    return penalised
+
+
 def sample(
-    logits: Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+    logits: Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator],
+    output_token_ids: list[list[int]] | None = None,
 ) -> list[int]:
-    """logits: [N, V] -> one token id per row."""
+    """logits: [N, V] -> one token id per row.
+
+    output_token_ids: each row's generated tokens so far, needed only when some row has
+    penalties; None (the common case) skips them at no cost.
+    """
+    if output_token_ids is not None:
+        logits = apply_penalties(logits, params, output_token_ids)
     greedy = logits.argmax(dim=-1).tolist()
     tokens = []
     for row, (p, generator) in enumerate(zip(params, generators, strict=True)):

@@ -21,8 +21,13 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the top n
+    # OpenAI's penalties on tokens already generated (not the prompt): each token's logit
+    # drops by presence_penalty once it has appeared and by frequency_penalty per appearance.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
     MAX_LOGPROBS = 20
+    MAX_PENALTY = 2.0
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -43,7 +48,17 @@ class SamplingParams:
             raise ValueError(f"stop must hold non-empty strings, got {self.stop!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be token ids, got {self.stop_token_ids!r}")
-
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, int | float)
+                or not -self.MAX_PENALTY <= value <= self.MAX_PENALTY
+            ):
+                raise ValueError(
+                    f"{name} must be a number in [-{self.MAX_PENALTY}, {self.MAX_PENALTY}], "
+                    f"got {value!r}"
+                )
         if self.logprobs is not None and (
             isinstance(self.logprobs, bool)
             or not isinstance(self.logprobs, int)
@@ -56,3 +71,7 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0

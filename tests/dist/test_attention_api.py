@@ -224,6 +224,7 @@ def test_sampling_params_cross_the_wire_whole():
     params = SamplingParams(
         max_tokens=5, temperature=0.5, top_p=0.9, top_k=7, seed=-3, stop=("a", "bc"),
         stop_token_ids=(4, 0), ignore_eos=True, skip_special_tokens=False, logprobs=0,
+        presence_penalty=0.5, frequency_penalty=-1.25,
     )  # fmt: skip
     assert wire.params_from_proto(wire.params_to_proto(params)) == params
     assert wire.params_from_proto(wire.params_to_proto(SamplingParams())) == SamplingParams()
