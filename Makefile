@@ -31,9 +31,9 @@ setup: $(STAMP) $(STUBS) ## create .venv, install the project and generate the g
 
 proto: $(STUBS) ## generate the gRPC stubs from proto/ (when a .proto changed)
 
-run: setup ## generate from the embedded tiny model (created on first use)
+run: setup ## serve the tiny default model on http://127.0.0.1:8000 (1 attention, 2 FFN instances)
 	test -f $(TINY)/config.json || $(BIN)/afd init-checkpoint $(TINY) --preset tiny
-	$(BIN)/afd generate --model $(TINY) --prompt "$(or $(PROMPT),Hello! Who are you?)"
+	$(BIN)/afd serve --model $(TINY) --attention-instances 1 --ffn-instances 2
 
 test: setup ## run the test suite
 	$(BIN)/pytest -q

@@ -17,8 +17,9 @@ def _roles() -> dict[str, ModuleType]:
     # Imported here: each pulls in its whole service.
     import services.attention.__main__ as attention_main
     import services.ffn.__main__ as ffn_main
+    import services.gateway.__main__ as gateway_main
 
-    return {"attention": attention_main, "ffn": ffn_main}
+    return {"attention": attention_main, "ffn": ffn_main, "gateway": gateway_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 
 STOP_GRACE_S = 10.0
-READY = re.compile(r"serving on (\S+)|controller listening on (\S+)")
+READY = re.compile(r"serving on (\S+)|controller listening on (\S+)")  # printed when up
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """`afd serve --model DIR`: a whole disaggregated cluster on this machine (127.0.0.1).
 
-Starts the controller, M attention and N FFN instances as separate processes, prints the
-attention instances' addresses, and stops all of them on Ctrl-C or SIGTERM, or as soon as
-any of them dies.
+Starts the controller, M attention and N FFN instances and the OpenAI-compatible gateway
+as separate processes, prints where they listen, and stops all of them on Ctrl-C or
+SIGTERM, or as soon as any of them dies.
 """
 
 from __future__ import annotations
@@ -30,7 +30,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--step-timeout", type=float, default=30.0)
-    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--host", default="127.0.0.1", help="address of every process")
+    parser.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
+    parser.add_argument("--api-key", help="require this key (Authorization: Bearer) at the API")
+    parser.add_argument("--no-gateway", action="store_true", help="attention API (gRPC) only")
     parser.add_argument(
         "--device",
         default="cpu",
@@ -69,50 +72,19 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    cluster = LocalCluster(args.attention_instances + args.ffn_instances)
+    m, n = args.attention_instances, args.ffn_instances
+    cluster = LocalCluster(m + n)
     try:
-        controller = cluster.start(
-            "controller",
-            [
-                "controller",
-                "--host",
-                args.host,
-                "--port",
-                "0",
-                "--model",
-                args.model,
-                "--attention-instances",
-                str(args.attention_instances),
-                "--ffn-instances",
-                str(args.ffn_instances),
-                "--micro-batches",
-                str(args.micro_batches),
-            ],
-        )
+        controller = cluster.start("controller", controller_args(args))
         address = cluster.wait_ready(controller, READY_TIMEOUT_S)
-        common = [
-            "--controller",
-            address,
-            "--model",
-            args.model,
-            "--host",
-            args.host,
-            "--dtype",
-            args.dtype,
-            "--step-timeout",
-            str(args.step_timeout),
-            "--max-num-batched-tokens",
-            str(args.max_num_batched_tokens),
-        ]
-        if args.fp8_dispatch:
-            common.append("--fp8-dispatch")
-        devices = instance_devices(args.device, args.attention_instances + args.ffn_instances)
+        common = instance_args(args, address)
+        devices = instance_devices(args.device, m + n)
         attention = [
             cluster.start(
                 f"attention instance {i}",
                 ["attention", "--index", str(i), "--device", devices[i], *common],
             )
-            for i in range(args.attention_instances)
+            for i in range(m)
         ]
         ffn = [
             cluster.start(
@@ -121,21 +93,22 @@ def run(args: argparse.Namespace) -> int:
                     "ffn",
                     "--index",
                     str(i),
+                    "--device",
+                    devices[m + i],
                     "--layout",
                     args.ffn_layout,
-                    "--device",
-                    devices[args.attention_instances + i],
                     *common,
                 ],
-            )
-            for i in range(args.ffn_instances)
+            )  # fmt: skip
+            for i in range(n)
         ]
-        for child in [*attention, *ffn]:
+        addresses = [cluster.wait_ready(child, READY_TIMEOUT_S) for child in attention]
+        for child in ffn:
             cluster.wait_ready(child, READY_TIMEOUT_S)
-        cluster.say(
-            "cluster ready: attention instances at "
-            + " ".join(child.address for child in attention)
-        )
+        cluster.say("cluster ready: attention instances at " + " ".join(addresses))
+        if not args.no_gateway:
+            gateway = cluster.start("gateway", gateway_args(args, address, addresses))
+            cluster.wait_ready(gateway, READY_TIMEOUT_S)
         while not stop.wait(0.2):
             dead = cluster.first_exit()
             if dead is not None:
@@ -145,3 +118,30 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         cluster.stop()
+
+
+def controller_args(args: argparse.Namespace) -> list[str]:
+    return [
+        "controller", "--host", args.host, "--port", "0", "--model", args.model,
+        "--attention-instances", str(args.attention_instances),
+        "--ffn-instances", str(args.ffn_instances), "--micro-batches", str(args.micro_batches),
+    ]  # fmt: skip
+
+
+def instance_args(args: argparse.Namespace, controller: str) -> list[str]:
+    common = [
+        "--controller", controller, "--model", args.model, "--host", args.host,
+        "--dtype", args.dtype, "--step-timeout", str(args.step_timeout),
+        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+    ]  # fmt: skip
+    return [*common, "--fp8-dispatch"] if args.fp8_dispatch else common
+
+
+def gateway_args(args: argparse.Namespace, controller: str, attention: list[str]) -> list[str]:
+    gateway = ["gateway", "--model", args.model, "--controller", controller]
+    for address in attention:
+        gateway += ["--attention", address]
+    gateway += ["--host", args.host, "--port", str(args.port)]
+    if args.api_key:
+        gateway += ["--api-key", args.api_key]
+    return gateway

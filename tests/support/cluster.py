@@ -37,12 +37,16 @@ class Completion:
 
 
 class Cluster:
-    """`afd serve` started with `args`; `addresses` of its attention instances once ready."""
+    """`afd serve` started with `args`; `addresses` of its attention instances once ready,
+    and `gateway_url` (http://host:port) when started with `gateway=True`."""
 
-    def __init__(self, *args: str, ready_timeout_s: float = 180.0) -> None:
-        self.process = afd("serve", *args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    def __init__(self, *args: str, gateway: bool = False, ready_timeout_s: float = 180.0) -> None:
+        extra = ["--port", "0"] if gateway else ["--no-gateway"]
+        self.process = afd("serve", *args, *extra, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         self.lines: list[str] = []
         self.addresses: list[str] = []
+        self.gateway_url: str | None = None
+        self._wants_gateway = gateway
         ready = threading.Event()
         threading.Thread(target=self._read, args=(ready,), daemon=True).start()
         if not ready.wait(ready_timeout_s) or not self.addresses:
@@ -54,6 +58,10 @@ class Cluster:
             self.lines.append(line)
             if line.startswith("cluster ready: attention instances at "):
                 self.addresses = line.split(" at ", 1)[1].split()
+                if not self._wants_gateway:
+                    ready.set()
+            if line.startswith("[gateway] gateway serving on "):
+                self.gateway_url = line.split(" on ", 1)[1].strip()
                 ready.set()
         ready.set()  # the process ended
 

@@ -1,0 +1,380 @@
+"""The OpenAI-compatible HTTP API: routes, API keys, body limits, disconnects.
+
+`create_app(gateway)` builds the FastAPI app around a `Gateway` (the tokenizer, the router,
+the served model's name and limits). Handlers parse the body (protocol.py), tokenise, hand
+the choices to the router (generation.py) and shape the answer (responses.py); every
+refusal is an `APIError` in OpenAI's error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from grpc_health.v1 import health_pb2_grpc
+from starlette.exceptions import HTTPException
+
+from services.common.tokenizer import Tokenizer, TokenizerError
+from services.common.wire.attention_aio import health_serving
+from services.gateway import errors
+from services.gateway.errors import APIError
+from services.gateway.generation import Choices, Job
+from services.gateway.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    parse,
+    sampling_params,
+)
+from services.gateway.responses import (
+    CHAT_CHUNK,
+    COMPLETION,
+    ChoiceState,
+    Formatter,
+    Header,
+    sse,
+)
+from services.gateway.router import Router
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+DEFAULT_COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    served_model_name: str
+    max_context_tokens: int  # config.json's max_position_embedding
+    api_keys: frozenset[str] = frozenset()
+    max_body_bytes: int = 1 << 20
+    controller: str | None = None  # HOST:PORT whose gRPC health /ready checks
+
+
+@dataclass
+class Gateway:
+    config: GatewayConfig
+    tokenizer: Tokenizer
+    router: Router
+
+
+class ClientGone(Exception):
+    """The HTTP client disconnected before its answer was ready."""
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    config, tokenizer, router = gateway.config, gateway.tokenizer, gateway.router
+    formatter = Formatter(tokenizer)
+    controller: list[grpc.aio.Channel] = []
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await router.start()
+        if config.controller:
+            controller.append(grpc.aio.insecure_channel(config.controller))
+        try:
+            yield
+        finally:
+            await router.close()
+            for channel in controller:
+                await channel.close()
+
+    app = FastAPI(title="AFD", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, err: APIError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        body = APIError(err.status_code, str(err.detail), code=None).body()
+        return JSONResponse(body, status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(ClientGone)
+    async def client_gone(request: Request, err: ClientGone) -> Response:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+
+    @app.exception_handler(Exception)
+    async def server_error(request: Request, err: Exception) -> JSONResponse:
+        log.exception("%s %s failed", request.method, request.url.path)
+        body = APIError(500, f"internal error: {type(err).__name__}", type="server_error").body()
+        return JSONResponse(body, status_code=500)
+
+    def authorize(request: Request) -> None:
+        if not config.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        if scheme.lower() != "bearer" or not key:
+            raise errors.unauthorized(
+                "no API key: send it as the header 'Authorization: Bearer YOUR_KEY'"
+            )
+        if not any(hmac.compare_digest(key.strip(), k) for k in config.api_keys):
+            raise errors.unauthorized("the API key is not valid: check it and send it again")
+
+    async def read_body(request: Request) -> bytes:
+        limit = config.max_body_bytes
+        too_large = APIError(
+            413,
+            f"the request body exceeds {limit} bytes: send a shorter prompt",
+            code="request_too_large",
+        )
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise too_large
+        body = bytearray()
+        async for piece in request.stream():
+            body += piece
+            if len(body) > limit:
+                raise too_large
+        return bytes(body)
+
+    def check_model(model: str | None) -> None:
+        if model is not None and model != config.served_model_name:
+            raise errors.model_not_found(model, config.served_model_name)
+
+    def max_tokens_for(
+        num_prompt: int, requested: int | None, default: int | None, param: str
+    ) -> int:
+        limit = config.max_context_tokens
+        wanted = requested if requested is not None else default
+        if wanted is None:
+            wanted = limit - num_prompt
+        if num_prompt + max(wanted, 1) > limit:
+            raise errors.context_length_exceeded(
+                f"This model's maximum context length is {limit} tokens. However, you "
+                f"requested {num_prompt + wanted} tokens ({num_prompt} in the prompt, {wanted} "
+                f"in the completion). Please reduce the length of the prompt or the completion.",
+                param,
+            )
+        return wanted
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        checks: list[tuple[str, Awaitable[bool]]] = []
+        for channel in controller:
+            stub = health_pb2_grpc.HealthStub(channel)
+            checks.append((f"controller {config.controller}", health_serving(stub, "", 1.0)))
+        for instance in router.instances:
+            checks.append((f"attention {instance.address}", instance.client.serving(timeout_s=1.0)))
+        results = await asyncio.gather(*(check for _, check in checks))
+        not_ready = [name for (name, _), ok in zip(checks, results, strict=True) if not ok]
+        if not_ready:
+            return JSONResponse({"status": "not ready", "not_ready": not_ready}, status_code=503)
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": config.served_model_name,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "afd",
+                    "max_model_len": config.max_context_tokens,
+                }
+            ],
+        }
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        authorize(request)
+        body: ChatCompletionRequest = parse(ChatCompletionRequest, await read_body(request))
+        check_model(body.model)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        try:
+            prompt = await asyncio.to_thread(tokenizer.encode_chat, messages)
+        except TokenizerError as err:
+            raise errors.invalid(str(err), param="messages") from None
+        max_tokens = max_tokens_for(len(prompt), body.requested_max_tokens(), None, "messages")
+        jobs = [Job(prompt, sampling_params(body, max_tokens, i)) for i in range(body.n)]
+        header = Header(f"chatcmpl-{uuid.uuid4().hex}", config.served_model_name)
+        with_logprobs = body.logprobs
+        choices = Choices(router, header.id, jobs)
+        if body.stream:
+            first = await first_delta(request, choices)
+            stream = chat_stream(
+                header, choices, first, body.n, with_logprobs, body.include_usage, len(prompt)
+            )
+            return StreamingResponse(stream, media_type="text/event-stream")
+        states = await collect(request, choices, len(jobs))
+        return JSONResponse(formatter.chat_completion(header, states, with_logprobs, len(prompt)))
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        authorize(request)
+        body: CompletionRequest = parse(CompletionRequest, await read_body(request))
+        check_model(body.model)
+        prompts = await asyncio.to_thread(prompt_ids, tokenizer, body.prompt)
+        requested = body.requested_max_tokens()
+        jobs = []
+        for prompt in prompts:
+            max_tokens = max_tokens_for(
+                len(prompt), requested, DEFAULT_COMPLETION_MAX_TOKENS, "prompt"
+            )
+            jobs += [Job(prompt, sampling_params(body, max_tokens, j)) for j in range(body.n)]
+        header = Header(f"cmpl-{uuid.uuid4().hex}", config.served_model_name)
+        with_logprobs = body.logprobs is not None
+        num_prompt = sum(len(p) for p in prompts)
+        choices = Choices(router, header.id, jobs)
+        if body.stream:
+            first = await first_delta(request, choices)
+            stream = completion_stream(
+                header, choices, first, len(jobs), with_logprobs, body.include_usage, num_prompt
+            )
+            return StreamingResponse(stream, media_type="text/event-stream")
+        states = await collect(request, choices, len(jobs))
+        return JSONResponse(formatter.completion(header, states, with_logprobs, num_prompt))
+
+    async def first_delta(request: Request, choices: Choices):
+        """The first delta before any byte is sent, so a refusal is still an HTTP status."""
+        try:
+            return await until_disconnected(request, choices.next())
+        except BaseException:
+            await choices.close()
+            raise
+
+    async def collect(request: Request, choices: Choices, num: int) -> list[ChoiceState]:
+        async def run() -> list[ChoiceState]:
+            states = [ChoiceState() for _ in range(num)]
+            while (item := await choices.next()) is not None:
+                states[item.index].add(item.delta)
+            return states
+
+        try:
+            return await until_disconnected(request, run())
+        finally:
+            await choices.close()
+
+    async def chat_stream(
+        header: Header,
+        choices: Choices,
+        first,
+        num: int,
+        with_logprobs: bool,
+        include_usage: bool,
+        num_prompt: int,
+    ) -> AsyncIterator[bytes]:
+        try:
+            for index in range(num):
+                role = {"role": "assistant", "content": ""}
+                yield sse(formatter.chat_chunk(header, index, role))
+            num_completion, item = 0, first
+            while item is not None:
+                delta = item.delta
+                num_completion += len(delta.new_token_ids)
+                logprobs = list(delta.logprobs) if with_logprobs else None
+                if delta.new_text or (logprobs and delta.new_token_ids):
+                    content = {"content": delta.new_text}
+                    yield sse(formatter.chat_chunk(header, item.index, content, logprobs))
+                if delta.finished:
+                    yield sse(
+                        formatter.chat_chunk(header, item.index, {}, None, delta.finish_reason)
+                    )
+                try:
+                    item = await choices.next()
+                except APIError as err:
+                    yield sse(err.body())
+                    break
+            if include_usage:
+                yield sse(formatter.usage_chunk(header, CHAT_CHUNK, num_prompt, num_completion))
+            yield sse("[DONE]")
+        finally:
+            await choices.close()
+
+    async def completion_stream(
+        header: Header,
+        choices: Choices,
+        first,
+        num: int,
+        with_logprobs: bool,
+        include_usage: bool,
+        num_prompt: int,
+    ) -> AsyncIterator[bytes]:
+        try:
+            offsets = [0] * num
+            num_completion, item = 0, first
+            while item is not None:
+                delta, index = item.delta, item.index
+                num_completion += len(delta.new_token_ids)
+                logprobs = None
+                if with_logprobs:
+                    logprobs = formatter.completion_logprobs(list(delta.logprobs), offsets[index])
+                offsets[index] += len(delta.new_text)
+                if delta.new_text or delta.finished or (with_logprobs and delta.new_token_ids):
+                    reason = delta.finish_reason if delta.finished else None
+                    chunk = formatter.completion_chunk(
+                        header, index, delta.new_text, logprobs, reason
+                    )
+                    yield sse(chunk)
+                try:
+                    item = await choices.next()
+                except APIError as err:
+                    yield sse(err.body())
+                    break
+            if include_usage:
+                yield sse(formatter.usage_chunk(header, COMPLETION, num_prompt, num_completion))
+            yield sse("[DONE]")
+        finally:
+            await choices.close()
+
+    return app
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str | list[Any]) -> list[list[int]]:
+    """The token ids of each prompt of a completions request (BOS added to text prompts)."""
+    if isinstance(prompt, str):
+        prompts: Sequence[Any] = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [prompt]
+    else:
+        prompts = prompt
+    if not prompts:
+        raise errors.invalid("prompt must not be empty", param="prompt")
+    result = []
+    for p in prompts:
+        ids = tokenizer.encode(p, add_special_tokens=True) if isinstance(p, str) else list(p)
+        if not ids:
+            raise errors.invalid("prompt must not be empty", param="prompt")
+        bad = [t for t in ids if not 0 <= t < tokenizer.vocab_size]
+        if bad:
+            raise errors.invalid(
+                f"prompt token id {bad[0]} is outside the vocabulary "
+                f"(0..{tokenizer.vocab_size - 1})",
+                param="prompt",
+            )
+        result.append(ids)
+    return result
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or `ClientGone` (and `work` cancelled) if the client leaves first."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.create_task(_disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            return task.result()
+        raise ClientGone()
+    finally:
+        for pending in (task, watcher):
+            pending.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,96 @@
+"""One API request's choices running on attention instances, their deltas merged in one
+stream.
+
+Each choice (a prompt, its sampling parameters) takes a slot from the router, opens a
+Generate stream on that instance and forwards its deltas, timing them for the admission
+control's TPOT. `close()` cancels every stream still open, which aborts those requests on
+their instances and frees their KV blocks. Knows nothing of HTTP or of the response formats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import grpc
+
+from services.common.sampling_params import SamplingParams
+from services.common.wire.attention import GenerateDelta
+from services.gateway.errors import APIError, from_rpc_error
+from services.gateway.router import Router
+
+
+@dataclass(frozen=True)
+class Job:
+    """One choice: what to generate from."""
+
+    prompt_token_ids: Sequence[int]
+    params: SamplingParams
+
+
+@dataclass(frozen=True)
+class ChoiceDelta:
+    index: int
+    delta: GenerateDelta
+
+
+_DONE = object()
+
+
+class Choices:
+    """The deltas of every job, in arrival order; `next()` returns None once all finished."""
+
+    def __init__(self, router: Router, request_id: str, jobs: Sequence[Job]) -> None:
+        self._router = router
+        self._request_id = request_id
+        self._queue: asyncio.Queue[object] = asyncio.Queue()
+        self._tasks = [asyncio.create_task(self._run(i, job)) for i, job in enumerate(jobs)]
+        self._num_open = len(jobs)
+
+    async def next(self) -> ChoiceDelta | None:
+        """The next delta of any choice; raises `APIError` when a choice is refused."""
+        while self._num_open:
+            item = await self._queue.get()
+            if item is _DONE:
+                self._num_open -= 1
+                continue
+            if isinstance(item, BaseException):
+                raise item
+            assert isinstance(item, ChoiceDelta)
+            return item
+        return None
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _run(self, index: int, job: Job) -> None:
+        try:
+            async with self._router.slot() as instance:
+                request_id = f"{self._request_id}-{index}-{uuid.uuid4().hex[:8]}"
+                stream = instance.client.generate(request_id, job.prompt_token_ids, job.params)
+                last: float | None = None
+                try:
+                    async for delta in stream:
+                        now = time.monotonic()
+                        # The first delta carries the prefill: TTFT, not TPOT.
+                        if last is not None and delta.new_token_ids:
+                            tpot = (now - last) / len(delta.new_token_ids)
+                            self._router.record_tpot(instance, tpot)
+                        last = now
+                        await self._queue.put(ChoiceDelta(index, delta))
+                finally:
+                    await stream.aclose()  # type: ignore[attr-defined]
+        except APIError as err:
+            await self._queue.put(err)
+        except grpc.RpcError as err:
+            await self._queue.put(from_rpc_error(err))
+        finally:
+            self._queue.put_nowait(_DONE)

@@ -1,0 +1,176 @@
+"""OpenAI response bodies: whole completions, streamed chunks, usage and logprobs, for the
+chat and the legacy completions endpoints.
+
+Plain dicts built from the gateway's accumulated choices; knows nothing of how the tokens
+were made.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common.tokenizer import Tokenizer
+from services.common.wire.attention import GenerateDelta, TokenLogprob
+
+CHAT = "chat.completion"
+CHAT_CHUNK = "chat.completion.chunk"
+COMPLETION = "text_completion"
+
+
+@dataclass
+class ChoiceState:
+    """What one choice has produced so far."""
+
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+
+    def add(self, delta: GenerateDelta) -> None:
+        self.text += delta.new_text
+        self.token_ids += delta.new_token_ids
+        self.logprobs += delta.logprobs
+        self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
+        if delta.finished:
+            self.finish_reason = delta.finish_reason
+
+
+@dataclass(frozen=True)
+class Header:
+    """The fields every body and chunk of one response repeats."""
+
+    id: str
+    model: str
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def body(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+
+def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+    }
+
+
+def sse(payload: dict[str, Any] | str) -> bytes:
+    data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {data}\n\n".encode()
+
+
+class Formatter:
+    """Token strings for logprobs need the tokenizer; everything else is shape."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._tokenizer = tokenizer
+
+    def token(self, token_id: int) -> str:
+        return self._tokenizer.decode([token_id])
+
+    # Chat.
+
+    def chat_logprobs(self, entries: list[TokenLogprob]) -> dict[str, Any]:
+        def one(token_id: int, logprob: float) -> dict[str, Any]:
+            text = self.token(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {
+            "content": [
+                {**one(e.token_id, e.logprob), "top_logprobs": [one(t, v) for t, v in e.top]}
+                for e in entries
+            ],
+            "refusal": None,
+        }
+
+    def chat_completion(
+        self, header: Header, choices: list[ChoiceState], with_logprobs: bool, prompt: int
+    ) -> dict[str, Any]:
+        return {
+            **header.body(CHAT),
+            "choices": [
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": c.text, "refusal": None},
+                    "logprobs": self.chat_logprobs(c.logprobs) if with_logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": usage(prompt, sum(len(c.token_ids) for c in choices)),
+        }
+
+    def chat_chunk(
+        self,
+        header: Header,
+        index: int,
+        delta: dict[str, Any],
+        entries: list[TokenLogprob] | None = None,
+        finish_reason: str | None = None,
+    ) -> dict[str, Any]:
+        return {
+            **header.body(CHAT_CHUNK),
+            "choices": [
+                {
+                    "index": index,
+                    "delta": delta,
+                    "logprobs": None if entries is None else self.chat_logprobs(entries),
+                    "finish_reason": finish_reason,
+                }
+            ],
+        }
+
+    # Completions.
+
+    def completion_logprobs(self, entries: list[TokenLogprob], offset: int) -> dict[str, Any]:
+        tokens = [self.token(e.token_id) for e in entries]
+        offsets, position = [], offset
+        for text in tokens:
+            offsets.append(position)
+            position += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{self.token(t): v for t, v in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+    def completion(
+        self, header: Header, choices: list[ChoiceState], with_logprobs: bool, prompt: int
+    ) -> dict[str, Any]:
+        return {
+            **header.body(COMPLETION),
+            "choices": [
+                {
+                    "index": i,
+                    "text": c.text,
+                    "logprobs": self.completion_logprobs(c.logprobs, 0) if with_logprobs else None,
+                    "finish_reason": c.finish_reason,
+                }
+                for i, c in enumerate(choices)
+            ],
+            "usage": usage(prompt, sum(len(c.token_ids) for c in choices)),
+        }
+
+    def completion_chunk(
+        self,
+        header: Header,
+        index: int,
+        text: str,
+        logprobs: dict[str, Any] | None,
+        finish_reason: str | None,
+    ) -> dict[str, Any]:
+        return {
+            **header.body(COMPLETION),
+            "choices": [
+                {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+            ],
+        }
+
+    def usage_chunk(self, header: Header, obj: str, prompt: int, completion: int) -> dict[str, Any]:
+        return {**header.body(obj), "choices": [], "usage": usage(prompt, completion)}
