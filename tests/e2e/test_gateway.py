@@ -340,7 +340,7 @@ def test_logprobs(client, model_name):
 
 
 def test_concurrent_streams_equal_sequential_ones(client, model_name):
-    prompts = [f"Request number {i}: tell me about item {i * 7}" for i in range(16)]
+    prompts = [f"Request number {i}: tell me about item {i * 7}" for i in range(64)]
 
     def one(prompt: str) -> str:
         stream = client.completions.create(
