@@ -146,12 +146,8 @@ def sampling_params(body: _Sampling, max_tokens: int, seed_offset: int = 0) -> S
         "skip_special_tokens": body.skip_special_tokens,
         "logprobs": body.num_logprobs(),
     }
-    for name in ("presence_penalty", "frequency_penalty"):
-        value = getattr(body, name)
-        if name in _PARAM_NAMES:
-            values[name] = value
-        elif value:
-            raise invalid(f"{name} is not supported by this server; leave it out", param=name)
+    values["presence_penalty"] = body.presence_penalty
+    values["frequency_penalty"] = body.frequency_penalty
     try:
         return SamplingParams(**values)
     except ValueError as err:

@@ -247,6 +247,30 @@ def test_greedy_equals_the_single_process_engine(client, model_name, checkpoint,
     assert text.choices[0].text == expected[1].text
 
 
+def test_penalties_reach_the_engine(client, model_name, checkpoint, tokenizer):
+    from services.attention.builder import local_engine
+    from services.attention.engine import EngineConfig
+    from services.common.model.build import load_model
+    from services.common.sampling_params import SamplingParams
+
+    engine = local_engine(
+        load_model(checkpoint, dtype="float32", progress=False), EngineConfig(), tokenizer
+    )
+    ids = tokenizer.encode(PROMPT, add_special_tokens=True)
+    penalised = SamplingParams(
+        max_tokens=24, temperature=0.0, presence_penalty=-2.0, frequency_penalty=-2.0
+    )
+    plain, expected = engine.generate(
+        [ids, ids], [SamplingParams(max_tokens=24, temperature=0.0), penalised]
+    )
+    text = client.completions.create(
+        model=model_name, prompt=PROMPT, max_tokens=24, temperature=0,
+        presence_penalty=-2.0, frequency_penalty=-2.0,
+    ).choices[0].text  # fmt: skip
+    assert text == expected.text
+    assert expected.token_ids != plain.token_ids  # the penalties changed something
+
+
 def test_stream_joins_to_the_whole_text_and_ends_with_usage(client, model_name):
     whole = client.chat.completions.create(
         model=model_name, messages=MESSAGES, max_tokens=10, temperature=0
