@@ -18,7 +18,7 @@ from torch import Tensor
 
 from services.attention.block_manager import BlockManager
 from services.attention.kv_cache import KVCache
-from services.attention.output import RequestOutput, TextTracker, TokenLogprob
+from services.attention.output import RequestOutput, TextTracker
 from services.attention.sampler import new_generator, sample, token_logprobs
 from services.attention.scheduler import (
     ScheduledChunk,
@@ -29,6 +29,7 @@ from services.attention.scheduler import (
 from services.attention.sequence import Sequence
 from services.common.config import ModelConfig
 from services.common.detokenizer import Decoder
+from services.common.logprobs import TokenLogprob
 from services.common.sampling_params import SamplingParams
 
 

@@ -10,15 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from services.common.detokenizer import Decoder, IncrementalDetokenizer
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """The model's log-probability of a chosen token, and of the most likely alternatives."""
-
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
+from services.common.logprobs import TokenLogprob
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from services.attention.output import TokenLogprob
+from services.common.logprobs import TokenLogprob
 from services.common.sampling_params import SamplingParams
 
 

@@ -12,8 +12,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common.logprobs import TokenLogprob
 from services.common.tokenizer import Tokenizer
-from services.common.wire.attention import GenerateDelta, TokenLogprob
+from services.common.wire.attention import GenerateDelta
 
 CHAT = "chat.completion"
 CHAT_CHUNK = "chat.completion.chunk"

@@ -13,6 +13,7 @@ from typing import Protocol
 
 import grpc
 
+from services.common.logprobs import TokenLogprob
 from services.common.sampling_params import SamplingParams
 from services.common.wire.gen.afd.v1 import attention_pb2 as pb
 from services.common.wire.gen.afd.v1 import attention_pb2_grpc as pb_grpc
@@ -24,15 +25,6 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name
 # Every SamplingParams field has a namesake in the message; the API tests keep it so.
 _PARAM_FIELDS = tuple(f.name for f in fields(SamplingParams))
 _REPEATED_PARAM_FIELDS = ("stop", "stop_token_ids")
-
-
-class LogprobLike(Protocol):
-    @property
-    def token_id(self) -> int: ...
-    @property
-    def logprob(self) -> float: ...
-    @property
-    def top(self) -> Sequence[tuple[int, float]]: ...
 
 
 class OutputLike(Protocol):
@@ -53,7 +45,7 @@ class OutputLike(Protocol):
     @property
     def num_cached_tokens(self) -> int: ...
     @property
-    def logprobs(self) -> Sequence[LogprobLike] | None: ...
+    def logprobs(self) -> Sequence[TokenLogprob] | None: ...
 
 
 class LoadLike(Protocol):
@@ -65,13 +57,6 @@ class LoadLike(Protocol):
     def num_free_blocks(self) -> int: ...
     @property
     def num_total_blocks(self) -> int: ...
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token_id: int
-    logprob: float
-    top: tuple[tuple[int, float], ...]  # (token id, logprob), most likely first
 
 
 @dataclass(frozen=True)
