@@ -89,8 +89,12 @@ def run(args: argparse.Namespace) -> int:
             PipelineConfig(membership.num_micro_batches, args.fp8_dispatch),
             config.scheduler.max_num_batched_tokens,
         )
+        # Several attention instances step in lockstep, so an idle one still takes empty steps
+        # lest its peers wait for its plan; a lone one has no peer to hold up and sleeps.
         driver = EngineDriver(
-            Engine(runner, num_blocks, config, tokenizer), always_step=True, idle_wait_s=0.01
+            Engine(runner, num_blocks, config, tokenizer),
+            always_step=len(membership.attention_ranks) > 1,
+            idle_wait_s=0.01,
         )
         add_attention_service(instance.server.server, driver)
         instance.wait_for_peers()

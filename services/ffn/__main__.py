@@ -88,6 +88,11 @@ def serve(
                 counts = plan.result()
             except ClusterShutdown:
                 return
+            except TimeoutError:
+                # No step for a while: an idle cluster, not a fault (a peer that fails inside
+                # a step is caught by the data plane's timeout). Keep waiting.
+                plan = fetch(step)
+                continue
             step, plan = step + 1, fetch(step + 1)
             worker.run_step(counts)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -113,3 +114,15 @@ def test_an_instance_serving_another_model_is_refused(checkpoint, tmp_path):
     assert ffn.returncode == 2
     assert "Traceback" not in err
     assert "ffn instance 0" in err and "0123456789abcdef" in err
+
+
+def test_a_lone_attention_instance_idles_past_the_step_timeout(checkpoint, prompts, expected):
+    """With one attention instance nothing steps while idle; the FFN instances wait for the
+    next plan however long it takes, and serve it."""
+    cluster = serve(checkpoint, 1, 2, 3, "--step-timeout", "2")
+    try:
+        time.sleep(5)
+        results = cluster.generate_all(prompts[:2], PARAMS)
+    finally:
+        assert cluster.stop() == 0
+    assert [r.token_ids for r in results] == [e.token_ids for e in expected[:2]]
