@@ -71,16 +71,20 @@ class FFNWorker:
             for slot in range(len(counts[0]))
             if any(row[slot] for row in counts)
         ]
+        # Whose dense / shared-expert rows this instance computes depends on the plan only.
+        mlp_rows = {slot: self._mlp_rows(self._sources(sizes)) for slot, sizes in slots}
         for layer in range(self.cfg.num_hidden_layers):
             layout = self.layouts[self.cfg.is_moe_layer(layer)]
             for slot, sizes in slots:
-                self._micro_batch(layer, layout, slot, sizes)
+                self._micro_batch(layer, layout, slot, sizes, mlp_rows[slot])
         for slot, _ in slots:
             self.transport.drain(self._sends[slot])
 
-    def _micro_batch(self, layer: int, layout: Layout, slot: int, sizes: list[int]) -> None:
+    def _micro_batch(
+        self, layer: int, layout: Layout, slot: int, sizes: list[int], mlp_rows: Tensor
+    ) -> None:
         what = f"layer {layer}, micro-batch {slot}"
-        sources = [(a, n) for a, n in enumerate(sizes) if n]
+        sources = self._sources(sizes)
         received = []
         for a, n in sources:
             view = self._recv_bufs[slot][a][: n * layout.bytes_per_token]
@@ -93,7 +97,7 @@ class FFNWorker:
         h = torch.cat([p[0] for p in parts])  # [n_total, H], attention instances in order
         ids = torch.cat([p[1] for p in parts]) if layout.top_k else None
         weights = torch.cat([p[2] for p in parts]) if layout.top_k else None
-        out = self.shard.forward(layer, h, ids, weights, self._mlp_rows(sources))
+        out = self.shard.forward(layer, h, ids, weights, mlp_rows)
         self.num_tokens_computed += h.shape[0]
 
         self.transport.drain(self._sends[slot])  # the slot's send buffer is free again
@@ -107,6 +111,11 @@ class FFNWorker:
             sends.append(self.transport.send(packed[start : start + size], rank, slot, what))
             start += size
         self._sends[slot] = sends
+
+    @staticmethod
+    def _sources(sizes: list[int]) -> list[tuple[int, int]]:
+        """(attention index, tokens) of the attention instances with tokens in a micro-batch."""
+        return [(a, n) for a, n in enumerate(sizes) if n]
 
     def _mlp_rows(self, sources: list[tuple[int, int]]) -> Tensor:
         """Rows whose dense / shared-expert work is done here (see `ShardSpec.serves`)."""
