@@ -13,6 +13,7 @@ import sys
 
 from services.attention.afd_runner import DisaggregatedRunner, PipelineConfig
 from services.attention.api import ERROR_CODES, add_attention_service
+from services.attention.colocated import serve_colocated
 from services.attention.driver import EngineDriver
 from services.attention.engine import Engine, EngineConfig, default_num_kv_blocks
 from services.attention.kv_cache import KVCache
@@ -53,10 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--fp8-dispatch", action="store_true", help="send activations to FFN as FP8 (e4m3)"
     )
+    parser.add_argument(
+        "--colocated",
+        action="store_true",
+        help="hold the experts too: no controller, no FFN instances (the non-AFD baseline)",
+    )
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.colocated:
+        return serve_colocated(args, engine_config(args))
     options = InstanceOptions.from_args("attention", args)
     cfg = load_config(args.model)
     dtype = resolve_dtype(args.dtype, cfg)

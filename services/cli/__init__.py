@@ -6,11 +6,11 @@ import argparse
 import sys
 from types import ModuleType
 
-from services.cli import generate, init_checkpoint, serve
+from services.cli import bench, generate, init_checkpoint, serve
 from services.common.control_client import ControlError
 from services.common.transport import PeerFailure
 
-TOOLS = (init_checkpoint, generate, serve)
+TOOLS = (init_checkpoint, generate, serve, bench)
 
 
 def _roles() -> dict[str, ModuleType]:
@@ -29,6 +29,23 @@ def main(argv: list[str] | None = None) -> int:
         from services.controller.__main__ import main as controller_main
 
         return controller_main(argv[1:])
+    args = parse(argv)
+    try:
+        return args.run(args)
+    except (ValueError, OSError, ControlError, PeerFailure, RuntimeError) as err:
+        # User mistakes and cluster faults (bad config, missing tensor, a model that differs
+        # from the cluster's, a peer that stopped answering) end in one clear line.
+        print(f"afd {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    if argv[:2] == ["bench", "plot"]:
+        args = bench.plot_main(argv[2:])
+        args.command = "bench plot"
+        return args
     parser = argparse.ArgumentParser(
         prog="afd", description="Attention-FFN disaggregated serving for Step-3-style models."
     )
@@ -41,15 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     commands.add_parser("controller", help="run the control plane (see afd controller --help)")
     args = parser.parse_args(argv)
-    try:
-        return args.run(args)
-    except (ValueError, OSError, ControlError, PeerFailure, RuntimeError) as err:
-        # User mistakes and cluster faults (bad config, missing tensor, a model that differs
-        # from the cluster's, a peer that stopped answering) end in one clear line.
-        print(f"afd {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    args.argv = argv  # recorded by tools whose results name the command that made them
+    return args
 
 
 if __name__ == "__main__":

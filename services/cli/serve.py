@@ -2,7 +2,9 @@
 
 Starts the controller, M attention and N FFN instances and the OpenAI-compatible gateway
 as separate processes, prints where they listen, and stops all of them on Ctrl-C or
-SIGTERM, or as soon as any of them dies.
+SIGTERM, or as soon as any of them dies. With `--colocated` it starts M instances that each
+hold the whole model instead (no controller, no FFN instances) behind the same gateway: the
+baseline that AFD is compared with on the same machine, model and load.
 """
 
 from __future__ import annotations
@@ -23,16 +25,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--model", required=True, metavar="DIR")
     parser.add_argument("--attention-instances", type=int, default=1, metavar="M")
-    parser.add_argument("--ffn-instances", type=int, default=1, metavar="N")
-    parser.add_argument("--micro-batches", type=int, default=3, metavar="K")
-    parser.add_argument("--ffn-layout", choices=LAYOUTS, default="split")
+    parser.add_argument("--ffn-instances", type=int, metavar="N", help="default 1")
+    parser.add_argument("--micro-batches", type=int, metavar="K", help="default 3")
+    parser.add_argument("--ffn-layout", choices=LAYOUTS, help="default split")
     parser.add_argument("--fp8-dispatch", action="store_true")
+    parser.add_argument(
+        "--colocated",
+        action="store_true",
+        help="no disaggregation: each of the M instances holds attention and experts",
+    )
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--step-timeout", type=float, default=30.0)
     parser.add_argument("--host", default="127.0.0.1", help="address of every process")
     parser.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
     parser.add_argument("--api-key", help="require this key (Authorization: Bearer) at the API")
+    parser.add_argument(
+        "--tpot-sla-ms",
+        type=float,
+        default=50.0,
+        help="the gateway's TPOT target: it admits fewer running requests while TPOT is above",
+    )
     parser.add_argument("--no-gateway", action="store_true", help="attention API (gRPC) only")
     parser.add_argument(
         "--device",
@@ -43,7 +56,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
+AFD_DEFAULTS = {"ffn_instances": 1, "micro_batches": 3, "ffn_layout": "split"}
+
+
 def validate(args: argparse.Namespace) -> None:
+    """Checks the options and fills in the AFD-only ones' defaults."""
+    afd_only = [name for name in (*AFD_DEFAULTS, "fp8_dispatch") if getattr(args, name)]
+    if args.colocated and afd_only:
+        options = ", ".join("--" + name.replace("_", "-") for name in afd_only)
+        raise ValueError(f"--colocated runs no FFN instances: drop {options}")
+    for name, default in AFD_DEFAULTS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     for name in ("attention_instances", "ffn_instances"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
@@ -72,6 +96,8 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    if args.colocated:
+        return run_colocated(args, stop)
     m, n = args.attention_instances, args.ffn_instances
     cluster = LocalCluster(m + n)
     try:
@@ -105,19 +131,64 @@ def run(args: argparse.Namespace) -> int:
         addresses = [cluster.wait_ready(child, READY_TIMEOUT_S) for child in attention]
         for child in ffn:
             cluster.wait_ready(child, READY_TIMEOUT_S)
-        cluster.say("cluster ready: attention instances at " + " ".join(addresses))
-        if not args.no_gateway:
-            gateway = cluster.start("gateway", gateway_args(args, address, addresses))
-            cluster.wait_ready(gateway, READY_TIMEOUT_S)
-        while not stop.wait(0.2):
-            dead = cluster.first_exit()
-            if dead is not None:
-                raise RuntimeError(
-                    f"{dead.name} exited with code {dead.process.returncode}; stopping the cluster"
-                )
+        serve_until_stopped(cluster, args, address, addresses, stop)
         return 0
     finally:
         cluster.stop()
+
+
+def run_colocated(args: argparse.Namespace, stop: threading.Event) -> int:
+    m = args.attention_instances
+    cluster = LocalCluster(m)
+    try:
+        devices = instance_devices(args.device, m)
+        instances = [
+            cluster.start(
+                f"attention instance {i}",
+                [
+                    "attention",
+                    "--colocated",
+                    "--index",
+                    str(i),
+                    "--device",
+                    devices[i],
+                    "--model",
+                    args.model,
+                    "--host",
+                    args.host,
+                    "--dtype",
+                    args.dtype,
+                    "--max-num-batched-tokens",
+                    str(args.max_num_batched_tokens),
+                ],
+            )  # fmt: skip
+            for i in range(m)
+        ]
+        addresses = [cluster.wait_ready(child, READY_TIMEOUT_S) for child in instances]
+        serve_until_stopped(cluster, args, None, addresses, stop)
+        return 0
+    finally:
+        cluster.stop()
+
+
+def serve_until_stopped(
+    cluster: LocalCluster,
+    args: argparse.Namespace,
+    controller: str | None,
+    addresses: list[str],
+    stop: threading.Event,
+) -> None:
+    """Announce the instances, start the gateway, and watch every child until told to stop."""
+    cluster.say("cluster ready: attention instances at " + " ".join(addresses))
+    if not args.no_gateway:
+        gateway = cluster.start("gateway", gateway_args(args, controller, addresses))
+        cluster.wait_ready(gateway, READY_TIMEOUT_S)
+    while not stop.wait(0.2):
+        dead = cluster.first_exit()
+        if dead is not None:
+            raise RuntimeError(
+                f"{dead.name} exited with code {dead.process.returncode}; stopping the cluster"
+            )
 
 
 def controller_args(args: argparse.Namespace) -> list[str]:
@@ -137,11 +208,16 @@ def instance_args(args: argparse.Namespace, controller: str) -> list[str]:
     return [*common, "--fp8-dispatch"] if args.fp8_dispatch else common
 
 
-def gateway_args(args: argparse.Namespace, controller: str, attention: list[str]) -> list[str]:
-    gateway = ["gateway", "--model", args.model, "--controller", controller]
+def gateway_args(
+    args: argparse.Namespace, controller: str | None, attention: list[str]
+) -> list[str]:
+    gateway = ["gateway", "--model", args.model]
+    if controller:
+        gateway += ["--controller", controller]
     for address in attention:
         gateway += ["--attention", address]
     gateway += ["--host", args.host, "--port", str(args.port)]
+    gateway += ["--tpot-sla-ms", str(args.tpot_sla_ms)]
     if args.api_key:
         gateway += ["--api-key", args.api_key]
     return gateway

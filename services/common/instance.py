@@ -26,7 +26,7 @@ READY_TIMEOUT_S = 3600.0  # loading a real checkpoint's share can take many minu
 
 def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=int, required=True, help="0-based index in its role")
-    parser.add_argument("--controller", required=True, metavar="HOST:PORT")
+    parser.add_argument("--controller", metavar="HOST:PORT", help="the control plane (required)")
     parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder")
     parser.add_argument("--host", default="127.0.0.1", help="address of this instance's gRPC")
     parser.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one")
@@ -54,6 +54,8 @@ class InstanceOptions:
 
     @classmethod
     def from_args(cls, role: str, args: argparse.Namespace) -> InstanceOptions:
+        if not args.controller:
+            raise ValueError("--controller HOST:PORT is required: the control plane to join")
         if args.step_timeout <= 0:
             raise ValueError(f"--step-timeout must be positive, got {args.step_timeout}")
         device = torch.device(args.device)

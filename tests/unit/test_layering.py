@@ -1,5 +1,6 @@
 """Dependencies point one way: services -> common, never sideways, and the gateway's share
-of common (tokenizer, sampling parameters, config) stays free of torch."""
+of common (tokenizer, sampling parameters, config) stays free of torch, as does the bench
+client, which runs wherever the load is generated."""
 
 import ast
 import subprocess
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("attention", "ffn", "gateway")
+SERVICES = ("attention", "ffn", "gateway", "bench")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -44,6 +45,9 @@ def test_common_imports_no_service():
 def test_gateway_side_of_common_does_not_load_torch():
     modules = [
         "services.gateway",
+        "services.bench.runner",
+        "services.bench.report",
+        "services.bench.plot",
         "services.common.config",
         "services.common.sampling_params",
         "services.common.tokenizer",
