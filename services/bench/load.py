@@ -61,7 +61,8 @@ class Bounds:
 @dataclass
 class RunResult:
     results: list[RequestResult]  # measured requests, in the order they finished
-    duration_s: float  # from the first send to the last request's end
+    started: float  # perf_counter seconds when sending began
+    duration_s: float  # from then to the last request's end
 
 
 async def run_load(
@@ -107,7 +108,7 @@ async def run_load(
     await asyncio.gather(*tasks)
     bar.close()
     end = max((r.end for r in results), default=start)
-    return RunResult(results, end - start)
+    return RunResult(results, start, end - start)
 
 
 async def _limited(limit: asyncio.Semaphore, send: Send, request: BenchRequest) -> None:

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.bench.stats import DEFINITIONS, Summary
+from services.bench.client import RequestResult
+from services.bench.load import RunResult
+from services.bench.stats import DEFINITIONS, Summary, tpot, ttft
 
 FORMAT = "afd-bench/1"
 
@@ -24,8 +26,9 @@ class Report:
     config: dict[str, Any]  # what was run: server, model, workload, bounds, SLA
     points: list[dict[str, Any]] = field(default_factory=list)  # {"load": ..., "summary": ...}
 
-    def add(self, load: dict[str, Any], summary: Summary) -> None:
-        self.points.append({"load": load, "summary": summary.to_dict()})
+    def add(self, load: dict[str, Any], summary: Summary, run: RunResult) -> None:
+        requests = [request_record(r, run.started) for r in run.results]
+        self.points.append({"load": load, "summary": summary.to_dict(), "requests": requests})
 
     def to_json(self) -> dict[str, Any]:
         return _finite(
@@ -44,6 +47,23 @@ class Report:
         json_path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         md_path.write_text(markdown(self.to_json()))
         return json_path, md_path
+
+
+def request_record(result: RequestResult, started: float) -> dict[str, Any]:
+    """One request, for analyses the summary does not make; times in s from the run's start."""
+    record = {
+        "start_s": round(result.start - started, 6),
+        "end_s": round(result.end - started, 6),
+        "prompt_tokens": result.prompt_tokens,
+        "output_tokens": result.output_tokens,
+    }
+    if result.ok:
+        per_token = tpot(result)
+        record["ttft_s"] = round(ttft(result), 6)
+        record["tpot_s"] = None if per_token is None else round(per_token, 6)
+    else:
+        record["error"] = result.error
+    return record
 
 
 def read(path: str | Path) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import httpx
 
 from services.bench.client import Target, send
-from services.bench.load import Bounds, Load, run_load
+from services.bench.load import Bounds, Load, RunResult, run_load
 from services.bench.stats import SLA, Summary, summarize
 from services.bench.workload import BenchRequest
 
@@ -63,7 +63,7 @@ async def run_benchmark(
     seed: int = 0,
     request_timeout_s: float = 600.0,
     progress: bool = True,
-) -> list[tuple[Load, Summary]]:
+) -> list[tuple[Load, Summary, RunResult]]:
     # No pool limit: the load decides how many requests are in flight, not the client.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     timeout = httpx.Timeout(request_timeout_s, connect=10.0)
@@ -81,5 +81,6 @@ async def run_benchmark(
                 seed=seed + i,
                 progress=progress,
             )
-            points.append((load, summarize(run.results, run.duration_s, sla, num_gpus)))
+            summary = summarize(run.results, run.duration_s, sla, num_gpus)
+            points.append((load, summary, run))
         return points

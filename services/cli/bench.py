@@ -151,8 +151,8 @@ def run(args: argparse.Namespace) -> int:
     )
     label = args.label or args.model
     report = reports.Report(label, config(args, described, run_bounds))
-    for load, summary in points:
-        report.add({"concurrency": load.concurrency, "rate": load.rate}, summary)
+    for load, summary, run_result in points:
+        report.add({"concurrency": load.concurrency, "rate": load.rate}, summary, run_result)
     stem = f"bench-{slug(label)}-{time.strftime('%Y%m%d-%H%M%S')}"
     json_path, md_path = report.write(args.output_dir, stem)
     print(md_path.read_text())
@@ -161,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
         png = plot_frontier([report.to_json()], args.output_dir / f"{stem}.png")
         print(f"wrote {png}")
     # A load where nothing succeeded is a failed benchmark, whatever was written.
-    return 1 if any(summary.completed == 0 for _, summary in points) else 0
+    return 1 if any(summary.completed == 0 for _, summary, _ in points) else 0
 
 
 def config(args: argparse.Namespace, described: str, run_bounds: Bounds) -> dict:

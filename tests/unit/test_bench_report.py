@@ -9,24 +9,27 @@ import pytest
 
 from services.bench import report as reports
 from services.bench.client import RequestResult
+from services.bench.load import RunResult
 from services.bench.plot import plot_frontier
 from services.bench.stats import SLA, summarize
 
 
-def summary(tpot_s: float, tokens: int = 5):
-    times = [0.1 + i * tpot_s for i in range(tokens)]
-    result = RequestResult(0.0, times[-1], times, output_tokens=tokens, target_output_len=tokens)
-    return summarize(
-        [result, RequestResult(0.0, 1.0, [], error="HTTP 429: busy")], 2.0, SLA(1e3, 50)
-    )
+def measured(tpot_s: float, tokens: int = 5):
+    """A run that started at 1.0 s: one request of `tokens` tokens, one refused."""
+    times = [1.1 + i * tpot_s for i in range(tokens)]
+    results = [
+        RequestResult(1.0, times[-1], times, output_tokens=tokens, target_output_len=tokens),
+        RequestResult(1.0, 2.0, [], error="HTTP 429: busy"),
+    ]
+    return summarize(results, 2.0, SLA(1e3, 50)), RunResult(results, 1.0, 2.0)
 
 
 def written(tmp_path, label="AFD 1A2F", num_gpus=None):
     config = {"url": "http://x", "model": "tiny", "endpoint": "completions",
               "workload": "synthetic", "num_gpus": num_gpus}  # fmt: skip
     report = reports.Report(label, config)
-    report.add({"concurrency": 1, "rate": None}, summary(0.02))
-    report.add({"concurrency": 8, "rate": None}, summary(0.06))
+    report.add({"concurrency": 1, "rate": None}, *measured(0.02))
+    report.add({"concurrency": 8, "rate": None}, *measured(0.06))
     return report.write(tmp_path, "run")
 
 
@@ -40,6 +43,11 @@ def test_json_round_trips_and_has_no_nan(tmp_path):
     assert first["output_throughput_per_gpu"] is None  # no GPU count given
     assert "NaN" not in json_path.read_text()  # strict JSON for other tools
     assert set(data["definitions"]) >= {"ttft", "tpot", "itl", "goodput"}
+    # Every request, timed from the run's start, for analyses the summary does not make.
+    ok, refused = data["points"][0]["requests"]
+    assert ok["start_s"] == 0 and ok["ttft_s"] == pytest.approx(0.1)
+    assert ok["tpot_s"] == pytest.approx(0.02) and ok["output_tokens"] == 5
+    assert refused["error"] == "HTTP 429: busy" and "ttft_s" not in refused
 
 
 def test_markdown_has_a_row_per_load_the_definitions_and_the_errors(tmp_path):
