@@ -1,0 +1,342 @@
+"""MFA decode attention over the paged KV cache, in Triton, and its plain-torch reference.
+
+Step-3's MFA has 64 query heads and ONE shared K/V head (head_dim 256), so a decode step is
+memory-bound on reading K and V. One program takes one sequence (or one split of its context)
+with all H query heads at once: the [H, D] queries stay on chip and the single K/V stream is
+read from HBM exactly once, through tl.dot for q k^T and p v with an online softmax in fp32.
+When the batch alone cannot fill the GPU, the context is cut into splits (flash-decoding); a
+second small kernel merges the splits' partial outputs by their log-sum-exp.
+
+FP8 KV (float8_e4m3fn with per-tensor scales) is widened to fp16 on chip (one instruction per
+two values; e4m3 is exact in fp16) and multiplied in fp16; the K scale folds into the softmax
+scale and the V scale into the output.
+
+What this module does not know: which slots belong to whom (the block manager's block tables
+say) or how new K/V get written (the cache does that before calling here).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # a CPU-only install: the reference works, the kernel cannot run
+    triton = None
+
+
+def _jit(fn):
+    """triton.jit where Triton is installed; elsewhere the kernels are never launched."""
+    return fn if triton is None else triton.jit(fn)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    block_n: int  # context tokens per tile: K and V tiles are [block_n, D]
+    num_warps: int
+    num_stages: int  # software pipelining; K/V tiles load about (num_stages - 1) // 2 ahead
+    programs_per_sm: int  # how many fit on one multiprocessor (registers, shared memory)
+
+
+# Measured on one H200 with benchmarks/gpu_mfa_decode.py --sweep (H = 64, D = 256). One
+# warpgroup holds the [64, 256] fp32 accumulator (128 registers a thread); two programs per
+# multiprocessor hide each other's waits better than a deeper pipeline in one program does.
+CONFIGS = {
+    "16bit": KernelConfig(block_n=32, num_warps=4, num_stages=3, programs_per_sm=2),  # 96 KB
+    "fp8": KernelConfig(block_n=32, num_warps=4, num_stages=7, programs_per_sm=2),  # 112 KB
+}
+MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (Q load, pipeline fill) dominates
+MAX_SPLITS = 64
+# A split's fixed cost in tokens' worth of KV: pipeline fill, plus its fp32 partial output
+# (64 KB at H = 64, D = 256) written once and read once by the combine kernel.
+SPLIT_OVERHEAD_TOKENS = 256
+COMBINE_BLOCK_H = 16
+LOG2E = 1.4426950408889634
+
+
+def num_splits_for(batch: int, max_context: int, num_slots: int) -> int:
+    """How many context splits keep the GPU's `num_slots` resident programs busy.
+
+    Models a launch as waves of `num_slots` programs (multiprocessors x programs per
+    multiprocessor), each streaming its split plus a fixed overhead, and takes the fewest
+    splits with the shortest modelled time.
+    """
+    most = max(1, min(MAX_SPLITS, max_context // MIN_SPLIT_TOKENS))
+    best, best_time = 1, math.inf
+    for splits in range(1, most + 1):
+        waves = -(-batch * splits // num_slots)
+        time = waves * (-(-max_context // splits) + SPLIT_OVERHEAD_TOKENS)
+        if time < best_time:
+            best, best_time = splits, time
+    return best
+
+
+def mfa_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    scale: float,
+    *,
+    block_size: int = 16,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    num_splits: int | None = None,
+) -> Tensor:
+    """One decode token per sequence attending over its whole paged context.
+
+    q: [B, H, D] bf16/fp16, H query heads sharing the one K/V head.
+    k_cache, v_cache: [num_slots, D] or [num_slots, 1, D], bf16/fp16, or float8_e4m3fn with
+        per-tensor k_scale / v_scale (dequantised value = stored * scale);
+        slot = block_id * block_size + offset.
+    block_tables: [B, max_blocks_per_seq] int32 block ids; context_lens: [B] int32, each >= 1
+        (positions 0 .. context_len - 1, the new token's K/V already written).
+    num_splits: context splits per sequence; None picks them from B and the longest context,
+        taken to be max_blocks_per_seq * block_size, so that nothing is read back to the host
+        (and the call can be captured in a CUDA graph): keep block_tables no wider than the
+        batch's longest sequence needs.
+    Returns [B, H, D] in q's dtype.
+    """
+    config = CONFIGS["fp8" if k_cache.dtype == torch.float8_e4m3fn else "16bit"]
+    return launch(
+        config, q, k_cache, v_cache, block_tables, context_lens, scale,
+        block_size=block_size, k_scale=k_scale, v_scale=v_scale, num_splits=num_splits,
+    )  # fmt: skip
+
+
+def launch(
+    config: KernelConfig,
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    scale: float,
+    *,
+    block_size: int = 16,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+    num_splits: int | None = None,
+) -> Tensor:
+    """`mfa_decode` with the kernel's tile shape and pipelining given (for tuning)."""
+    if triton is None:
+        raise RuntimeError("mfa_decode needs Triton; use mfa_decode_reference on CPU")
+    batch, num_heads, head_dim = q.shape
+    k_cache, v_cache = k_cache.reshape(k_cache.shape[0], -1), v_cache.reshape(v_cache.shape[0], -1)
+    _check(q, k_cache, v_cache, block_tables, context_lens, block_size, k_scale, v_scale)
+    if block_tables.stride(1) != 1:
+        block_tables = block_tables.contiguous()
+    max_context = block_tables.shape[1] * block_size
+    if num_splits is None:
+        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        num_splits = num_splits_for(batch, max_context, num_sms * config.programs_per_sm)
+    # Splits are whole tiles (but the last); none starts past the longest context.
+    split_len = -(-max_context // num_splits)
+    split_len = -(-split_len // config.block_n) * config.block_n
+    num_splits = -(-max_context // split_len)
+
+    out = torch.empty_like(q)
+    if num_splits == 1:  # the split kernel writes `out` itself and no log-sum-exp
+        part, part_strides, lse, lse_strides = out, (out.stride(0), 0, out.stride(1)), out, (0, 0)
+    else:
+        part = q.new_empty((batch, num_splits, num_heads, head_dim), dtype=torch.float32)
+        lse = q.new_empty((batch, num_splits, num_heads), dtype=torch.float32)
+        part_strides, lse_strides = part.stride()[:3], lse.stride()[:2]
+    _mfa_decode_split_kernel[(batch, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, part, lse,
+        scale * _scale(k_scale) * LOG2E, _scale(v_scale), split_len,
+        q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0), block_tables.stride(0),
+        *part_strides, *lse_strides,
+        H=num_heads, D=head_dim, PAGE=block_size, BLOCK_N=config.block_n,
+        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, SINGLE_SPLIT=num_splits == 1,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    if num_splits > 1:
+        block_h = min(COMBINE_BLOCK_H, num_heads)
+        _mfa_decode_combine_kernel[(batch, num_heads // block_h)](
+            part, lse, out, num_splits, *part_strides, *lse_strides, out.stride(0), out.stride(1),
+            D=head_dim, BLOCK_H=block_h, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            num_warps=4,
+        )  # fmt: skip
+    return out
+
+
+def _scale(scale: float | None) -> float:
+    return 1.0 if scale is None else float(scale)
+
+
+def _is_tile_size(n: int) -> bool:
+    return n >= 16 and n & (n - 1) == 0
+
+
+def _check(q, k_cache, v_cache, block_tables, context_lens, block_size, k_scale, v_scale):
+    batch, num_heads, head_dim = q.shape
+    if not all(_is_tile_size(n) for n in (num_heads, head_dim, block_size)):
+        raise ValueError(
+            f"H={num_heads}, D={head_dim} and block_size={block_size} must be powers of two >= 16"
+        )
+    if k_cache.shape[1] != head_dim or v_cache.shape[1] != head_dim:
+        raise ValueError(f"K/V caches {tuple(k_cache.shape)} hold one head of D={head_dim}")
+    if q.stride(2) != 1 or k_cache.stride(1) != 1 or v_cache.stride(1) != 1:
+        raise ValueError("q, k_cache and v_cache must be contiguous along D")
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
+    if k_cache.dtype == torch.float8_e4m3fn:
+        if k_scale is None or v_scale is None:
+            raise ValueError("float8_e4m3fn K/V need k_scale and v_scale")
+    elif k_cache.dtype not in (torch.bfloat16, torch.float16):
+        raise ValueError(f"K/V dtype {k_cache.dtype} is not bf16, fp16 or float8_e4m3fn")
+    if block_tables.dtype != torch.int32 or context_lens.dtype != torch.int32:
+        raise ValueError("block_tables and context_lens must be int32")
+    if block_tables.shape[0] != batch or context_lens.shape != (batch,):
+        raise ValueError(
+            f"block_tables {tuple(block_tables.shape)} and context_lens "
+            f"{tuple(context_lens.shape)} must have B={batch} rows"
+        )
+
+
+@_jit
+def _mfa_decode_split_kernel(
+    q_ptr,  # [B, H, D]
+    k_ptr,  # [num_slots, D]
+    v_ptr,
+    block_tables_ptr,  # [B, max_blocks] int32
+    context_lens_ptr,  # [B] int32
+    part_ptr,  # SINGLE_SPLIT: the output [B, H, D]; else fp32 partial outputs [B, S, H, D]
+    lse_ptr,  # [B, S, H] fp32 log2-sum-exp2 of each split's scores; unused if SINGLE_SPLIT
+    qk_scale,  # softmax scale * k_scale * log2(e): scores in log2 units
+    out_scale,  # v_scale
+    split_len,  # tokens per split, a multiple of BLOCK_N
+    stride_qb,
+    stride_qh,
+    stride_k,
+    stride_v,
+    stride_bt,
+    stride_pb,
+    stride_ps,
+    stride_ph,
+    stride_lb,
+    stride_ls,
+    H: tl.constexpr,
+    D: tl.constexpr,
+    PAGE: tl.constexpr,  # the cache's block size
+    BLOCK_N: tl.constexpr,
+    KV_FP8: tl.constexpr,
+    SINGLE_SPLIT: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    split = tl.program_id(1)
+    context_len = tl.load(context_lens_ptr + seq)
+    start = split * split_len
+    end = tl.minimum(start + split_len, context_len)
+
+    offs_h = tl.arange(0, H)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(q_ptr + seq * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :])
+    if KV_FP8:
+        q = q.to(tl.float16)  # [H, D]
+    else:
+        q = q.to(k_ptr.dtype.element_ty)
+
+    row_max = tl.full([H], float("-inf"), tl.float32)  # of the scores so far, log2 units
+    row_sum = tl.zeros([H], tl.float32)  # of exp2(score - row_max)
+    acc = tl.zeros([H, D], tl.float32)
+    table = block_tables_ptr + seq * stride_bt
+    for tile in range(start, end, BLOCK_N):
+        pos = tile + offs_n  # [BLOCK_N] context positions
+        valid = pos < end
+        block = tl.load(table + pos // PAGE, mask=valid, other=0)
+        slot = block.to(tl.int64) * PAGE + pos % PAGE
+        k = tl.load(k_ptr + slot[:, None] * stride_k + offs_d[None, :], valid[:, None], 0.0)
+        v = tl.load(v_ptr + slot[:, None] * stride_v + offs_d[None, :], valid[:, None], 0.0)
+        if KV_FP8:
+            k = k.to(tl.float16)
+            v = v.to(tl.float16)
+        s = tl.dot(q, tl.trans(k)) * qk_scale  # [H, BLOCK_N]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(s, 1))
+        alpha = tl.exp2(row_max - new_max)
+        p = tl.exp2(s - new_max[:, None])
+        row_sum = row_sum * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        row_max = new_max
+
+    nonempty = row_sum > 0  # a split past a short sequence's end saw no tokens
+    out = acc * (out_scale / tl.where(nonempty, row_sum, 1.0))[:, None]
+    part = part_ptr + seq * stride_pb + split * stride_ps
+    part = part + offs_h[:, None] * stride_ph + offs_d[None, :]
+    tl.store(part, out.to(part_ptr.dtype.element_ty))
+    if not SINGLE_SPLIT:
+        lse = tl.where(nonempty, row_max + tl.log2(row_sum), float("-inf"))
+        tl.store(lse_ptr + seq * stride_lb + split * stride_ls + offs_h, lse)
+
+
+@_jit
+def _mfa_decode_combine_kernel(
+    part_ptr,  # [B, S, H, D] fp32
+    lse_ptr,  # [B, S, H] fp32, log2 units; -inf for an empty split
+    out_ptr,  # [B, H, D]
+    num_splits,
+    stride_pb,
+    stride_ps,
+    stride_ph,
+    stride_lb,
+    stride_ls,
+    stride_ob,
+    stride_oh,
+    D: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+):
+    seq = tl.program_id(0)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, D)
+    lse_base = lse_ptr + seq * stride_lb
+    lse = tl.load(
+        lse_base + offs_s[:, None] * stride_ls + heads[None, :],
+        mask=offs_s[:, None] < num_splits,
+        other=float("-inf"),
+    )  # [SPLITS_PAD, BLOCK_H]
+    m = tl.max(lse, 0)  # finite: split 0 always holds position 0
+    denom = tl.sum(tl.exp2(lse - m[None, :]), 0)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
+    for split in range(num_splits):
+        weight = tl.exp2(tl.load(lse_base + split * stride_ls + heads) - m) / denom
+        part = part_ptr + seq * stride_pb + split * stride_ps
+        part = tl.load(part + heads[:, None] * stride_ph + offs_d[None, :])
+        acc += weight[:, None] * part
+    out = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty))
+
+
+def mfa_decode_reference(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    context_lens: Tensor,
+    scale: float,
+    *,
+    block_size: int = 16,
+    k_scale: float | None = None,
+    v_scale: float | None = None,
+) -> Tensor:
+    """`mfa_decode` in plain torch, one sequence at a time, in float32 on the dequantised cache."""
+    k_cache, v_cache = k_cache.reshape(k_cache.shape[0], -1), v_cache.reshape(v_cache.shape[0], -1)
+    out = torch.empty_like(q)
+    for b, context_len in enumerate(context_lens.tolist()):
+        pos = torch.arange(context_len, device=q.device)
+        slots = block_tables[b, pos // block_size].long() * block_size + pos % block_size
+        k = k_cache[slots].float() * _scale(k_scale)  # [L, D]
+        v = v_cache[slots].float() * _scale(v_scale)
+        probs = torch.softmax(q[b].float() @ k.T * scale, dim=-1)  # [H, L]
+        out[b] = (probs @ v).to(q.dtype)
+    return out
