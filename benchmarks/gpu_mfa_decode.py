@@ -33,7 +33,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from services.attention.kernels.mfa_decode import (  # noqa: E402
     CONFIGS,
     KernelConfig,
-    launch,
     mfa_decode,
     mfa_decode_reference,
     num_splits_for,
@@ -111,11 +110,11 @@ def sweep(block_size: int) -> None:
         caches, SWEEP, (1, 2)
     ):
         config = KernelConfig(block_n, warps, stages, programs_per_sm=1)  # splits are given
-        args = (config, q, kk, vv, tables, lens, SCALE)
-        kwargs = dict(block_size=block_size, num_splits=splits, **scales)
+        args = (q, kk, vv, tables, lens, SCALE)
+        kwargs = dict(block_size=block_size, num_splits=splits, config=config, **scales)
         try:
-            launch(*args, **kwargs)
-            us = median_us(lambda a=args, kw=kwargs: launch(*a, **kw))
+            mfa_decode(*args, **kwargs)
+            us = median_us(lambda a=args, kw=kwargs: mfa_decode(*a, **kw))
             cells = f"{us:.1f} | {2 * kk.numel() * kk.element_size() / us / 1e3:.0f}"
         except Exception as e:  # a config that does not fit (shared memory) says why
             cells = f"{type(e).__name__} | -"

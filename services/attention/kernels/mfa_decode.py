@@ -88,6 +88,7 @@ def mfa_decode(
     k_scale: float | None = None,
     v_scale: float | None = None,
     num_splits: int | None = None,
+    config: KernelConfig | None = None,
 ) -> Tensor:
     """One decode token per sequence attending over its whole paged context.
 
@@ -101,30 +102,10 @@ def mfa_decode(
         taken to be max_blocks_per_seq * block_size, so that nothing is read back to the host
         (and the call can be captured in a CUDA graph): keep block_tables no wider than the
         batch's longest sequence needs.
+    config: the kernel's tile shape and pipelining; None takes the tuned one (`CONFIGS`).
     Returns [B, H, D] in q's dtype.
     """
-    config = CONFIGS["fp8" if k_cache.dtype == torch.float8_e4m3fn else "16bit"]
-    return launch(
-        config, q, k_cache, v_cache, block_tables, context_lens, scale,
-        block_size=block_size, k_scale=k_scale, v_scale=v_scale, num_splits=num_splits,
-    )  # fmt: skip
-
-
-def launch(
-    config: KernelConfig,
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    block_tables: Tensor,
-    context_lens: Tensor,
-    scale: float,
-    *,
-    block_size: int = 16,
-    k_scale: float | None = None,
-    v_scale: float | None = None,
-    num_splits: int | None = None,
-) -> Tensor:
-    """`mfa_decode` with the kernel's tile shape and pipelining given (for tuning)."""
+    config = config or CONFIGS["fp8" if k_cache.dtype == torch.float8_e4m3fn else "16bit"]
     if triton is None:
         raise RuntimeError("mfa_decode needs Triton; use mfa_decode_reference on CPU")
     batch, num_heads, head_dim = q.shape
