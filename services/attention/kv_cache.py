@@ -2,7 +2,10 @@
 
 K and V of every layer live in flat slot arrays: slot = block * block_size + offset, the
 block ids coming from the block manager. One step's `PagedAttention` writes the new tokens'
-K/V into their slots, then lets each sequence's queries attend over its own slots.
+K/V into their slots, then lets each sequence's queries attend over its own slots. On a GPU
+the decode rows (one query each) go to the MFA decode kernel in one call, which reads each
+sequence's single K/V stream once for all its query heads; prefill chunks, and every row on
+CPU, take plain torch.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from services.attention.kernels import mfa_decode
 from services.common.config import ModelConfig
 from services.common.model.attention import causal_attention
 
@@ -29,6 +33,10 @@ class KVCache:
             cfg.head_dim,
         )
         self.block_size = block_size
+        self.decode_kernel = mfa_decode.supports(
+            cfg.num_attention_heads, cfg.head_dim, cfg.num_attention_groups, block_size, dtype,
+            device,
+        )  # fmt: skip
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
@@ -53,14 +61,43 @@ class SequenceSpan:
     context_slots: Tensor  # [context_len] slots of positions 0 .. context_len - 1
 
 
+@dataclass(frozen=True)
+class DecodeBatch:
+    """The step's decode rows, one query each, as the decode kernel takes them."""
+
+    rows: Tensor  # [B] their rows in the step's flat batch
+    block_tables: Tensor  # [B, blocks of the longest] int32, padded with 0
+    context_lens: Tensor  # [B] int32
+
+    @classmethod
+    def build(
+        cls, rows: list[int], tables: list[list[int]], lens: list[int], device
+    ) -> DecodeBatch:
+        width = max(len(table) for table in tables)
+        padded = [table + [0] * (width - len(table)) for table in tables]
+        return cls(
+            torch.tensor(rows, dtype=torch.long, device=device),
+            torch.tensor(padded, dtype=torch.int32, device=device),
+            torch.tensor(lens, dtype=torch.int32, device=device),
+        )
+
+
 class PagedAttention:
     """The `AttentionBackend` of one engine step."""
 
-    def __init__(self, cache: KVCache, new_slots: Tensor, spans: list[SequenceSpan], scale: float):
+    def __init__(
+        self,
+        cache: KVCache,
+        new_slots: Tensor,
+        spans: list[SequenceSpan],
+        scale: float,
+        decode: DecodeBatch | None = None,
+    ):
         self.cache = cache
         self.new_slots = new_slots  # [T] where this step's K/V go
-        self.spans = spans
+        self.spans = spans  # the rows plain torch attends for
         self.scale = scale
+        self.decode = decode  # the rows the decode kernel attends for
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: [T, Hq, D]; k, v: [T, G, D] -> [T, Hq, D]."""
@@ -68,6 +105,12 @@ class PagedAttention:
         k_cache.index_copy_(0, self.new_slots, k.to(k_cache.dtype))
         v_cache.index_copy_(0, self.new_slots, v.to(v_cache.dtype))
         out = torch.empty_like(q)
+        if self.decode is not None:
+            d = self.decode
+            out[d.rows] = mfa_decode.mfa_decode(
+                q[d.rows], k_cache, v_cache, d.block_tables, d.context_lens, self.scale,
+                block_size=self.cache.block_size,
+            )  # fmt: skip
         for span in self.spans:
             rows = slice(span.row_start, span.row_start + span.num_queries)
             context_len = span.context_slots.numel()

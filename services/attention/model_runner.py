@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.attention.kv_cache import KVCache, PagedAttention, SequenceSpan
+from services.attention.kv_cache import DecodeBatch, KVCache, PagedAttention, SequenceSpan
 from services.attention.scheduler import ScheduledChunk
 from services.common.model.step3 import Step3ForCausalLM
 
@@ -34,19 +34,31 @@ def prepare_inputs(chunks: list[ScheduledChunk], cache: KVCache, scale: float) -
     spans: list[SequenceSpan] = []
     new_slots: list[Tensor] = []
     sample_rows: list[int] = []
+    decode_rows: list[int] = []
+    decode_tables: list[list[int]] = []
+    decode_lens: list[int] = []
     for chunk in chunks:
         seq, end = chunk.seq, chunk.start + chunk.num_tokens
-        context_slots = cache.slots(seq.block_table, 0, end)  # [end]
-        spans.append(SequenceSpan(len(token_ids), chunk.num_tokens, context_slots))
-        new_slots.append(context_slots[chunk.start :])
+        if cache.decode_kernel and chunk.num_tokens == 1:
+            decode_rows.append(len(token_ids))
+            decode_tables.append(seq.block_table[: -(-end // cache.block_size)])
+            decode_lens.append(end)
+            new_slots.append(cache.slots(seq.block_table, chunk.start, end))
+        else:
+            context_slots = cache.slots(seq.block_table, 0, end)  # [end]
+            spans.append(SequenceSpan(len(token_ids), chunk.num_tokens, context_slots))
+            new_slots.append(context_slots[chunk.start :])
         positions.append(torch.arange(chunk.start, end))
         token_ids.extend(seq.token_ids[chunk.start : end])
         if chunk.samples:
             sample_rows.append(len(token_ids) - 1)
+    decode = (
+        DecodeBatch.build(decode_rows, decode_tables, decode_lens, device) if decode_rows else None
+    )
     return StepInputs(
         token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
         positions=torch.cat(positions).to(device),
-        backend=PagedAttention(cache, torch.cat(new_slots), spans, scale),
+        backend=PagedAttention(cache, torch.cat(new_slots), spans, scale, decode),
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
     )
 

@@ -67,3 +67,32 @@ def test_block_fp8_checkpoint_dequantises_on_the_gpu(tmp_path):
     assert loaded.device.type == "cuda"
     exact = random_tensor(name, tuple(loaded.shape), torch.float32, 0).cuda()
     assert (loaded.float() - exact).abs().max() <= exact.abs().max() * 2**-3
+
+
+def kernel_engine(model, use_kernel: bool):
+    config = EngineConfig(
+        block_size=16,
+        num_kv_blocks=64,
+        scheduler=SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=24),
+    )
+    engine = local_engine(model, config)
+    assert engine.runner.cache.decode_kernel  # the shape and dtype the kernel serves
+    engine.runner.cache.decode_kernel = use_kernel
+    return engine
+
+
+def test_the_decode_kernel_path_gives_the_torch_path_tokens_and_logprobs():
+    # 16 query heads of 32 sharing one K/V head: the smallest shape the MFA kernel takes.
+    cfg = small_config(num_attention_heads=16, head_dim=32)
+    model = random_model(cfg, torch.bfloat16).to("cuda")
+    params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=0)
+    fast = kernel_engine(model, True).generate(PROMPTS, params)
+    plain = kernel_engine(model, False).generate(PROMPTS, params)
+    same = [f.token_ids == p.token_ids for f, p in zip(fast, plain, strict=True)]
+    assert sum(same) >= len(PROMPTS) - 1  # bf16 summation order may flip a near-tie
+    for f, p in zip(fast, plain, strict=True):
+        pairs = zip(f.token_ids, p.token_ids, strict=False)
+        shorter = min(len(f.token_ids), len(p.token_ids))
+        agree = next((i for i, (a, b) in enumerate(pairs) if a != b), shorter)
+        for a, b in zip(f.logprobs[:agree], p.logprobs[:agree], strict=True):
+            assert abs(a.logprob - b.logprob) < 0.05

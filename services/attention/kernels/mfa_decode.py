@@ -76,6 +76,19 @@ def num_splits_for(batch: int, max_context: int, num_slots: int) -> int:
     return best
 
 
+def supports(
+    num_heads: int, head_dim: int, num_kv_heads: int, block_size: int, dtype, device
+) -> bool:
+    """Whether `mfa_decode` can serve a cache of this shape, dtype and device."""
+    return (
+        triton is not None
+        and torch.device(device).type == "cuda"
+        and num_kv_heads == 1
+        and dtype in (torch.bfloat16, torch.float16)
+        and all(_is_tile_size(n) for n in (num_heads, head_dim, block_size))
+    )
+
+
 def mfa_decode(
     q: Tensor,
     k_cache: Tensor,
