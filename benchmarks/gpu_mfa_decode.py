@@ -26,10 +26,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
-from triton.testing import do_bench
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_timing import copy_bandwidth, graph_us, median_us  # noqa: E402
 from services.attention.kernels.mfa_decode import (  # noqa: E402
     CONFIGS,
     KernelConfig,
@@ -45,32 +45,6 @@ CONTEXTS = (4096, 32768)
 FP8 = torch.float8_e4m3fn
 # (BLOCK_N, warps, stages) tried by --sweep; K/V tiles load about (stages - 1) // 2 ahead.
 SWEEP = [(16, 4, 7), (16, 4, 9), (32, 4, 3), (32, 4, 7)]
-
-
-def median_us(fn) -> float:
-    return do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
-
-
-def graph_us(fn) -> float:
-    """Median device time of `fn` replayed from a CUDA graph: no Python launch cost in it."""
-    fn()  # compiles
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    try:
-        with torch.cuda.graph(graph):
-            fn()
-    except RuntimeError as e:  # then the eager time, said so
-        print(f"graph capture failed ({e}); timing eagerly")
-        return median_us(fn)
-    return median_us(graph.replay)
-
-
-def copy_bandwidth() -> float:
-    """Bytes read + written per second by a device-to-device copy of 2 GiB."""
-    src = torch.randn(2**29, device="cuda")  # 2 GiB of float32
-    dst = torch.empty_like(src)
-    seconds = median_us(lambda: dst.copy_(src)) * 1e-6
-    return 2 * src.numel() * src.element_size() / seconds
 
 
 def paged_cache(batch: int, context: int, block_size: int):

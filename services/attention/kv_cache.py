@@ -4,8 +4,8 @@ K and V of every layer live in flat slot arrays: slot = block * block_size + off
 block ids coming from the block manager. One step's `PagedAttention` writes the new tokens'
 K/V into their slots, then lets each sequence's queries attend over its own slots. On a GPU
 the decode rows (one query each) go to the MFA decode kernel in one call, which reads each
-sequence's single K/V stream once for all its query heads; prefill chunks, and every row on
-CPU, take plain torch.
+sequence's single K/V stream once for all its query heads, and prefill chunks go to PyTorch's
+fused SDPA; on CPU every row takes plain torch.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import Tensor
 
 from services.attention.kernels import mfa_decode
 from services.common.config import ModelConfig
-from services.common.model.attention import causal_attention
+from services.common.model.attention import causal_attention, causal_attention_sdpa
 
 
 class KVCache:
@@ -111,14 +111,15 @@ class PagedAttention:
                 q[d.rows], k_cache, v_cache, d.block_tables, d.context_lens, self.scale,
                 block_size=self.cache.block_size,
             )  # fmt: skip
+        # On a GPU the fused SDPA kernels: a long prompt's [n, c] scores would not fit. The
+        # float64 oracle runs keep the exact path.
+        fused = q.is_cuda and q.dtype != torch.float64
         for span in self.spans:
             rows = slice(span.row_start, span.row_start + span.num_queries)
-            context_len = span.context_slots.numel()
-            out[rows] = causal_attention(
-                q[rows],
-                k_cache[span.context_slots],
-                v_cache[span.context_slots],
-                self.scale,
-                q_offset=context_len - span.num_queries,
-            )
+            k_span, v_span = k_cache[span.context_slots], v_cache[span.context_slots]
+            if fused:
+                out[rows] = causal_attention_sdpa(q[rows], k_span, v_span, self.scale)
+            else:
+                q_offset = span.context_slots.numel() - span.num_queries
+                out[rows] = causal_attention(q[rows], k_span, v_span, self.scale, q_offset)
         return out

@@ -5,9 +5,15 @@ import math
 import pytest
 import torch
 
-from services.common.model.attention import causal_attention
+from services.common.model.attention import causal_attention, causal_attention_sdpa
 from services.common.model.layers import RMSNorm, apply_rope, rope_cos_sin
-from services.common.model.moe import MoE, expert_forward, expert_forward_per_token, route
+from services.common.model.moe import (
+    MoE,
+    expert_forward,
+    expert_forward_per_token,
+    grouped_expert_forward,
+    route,
+)
 from services.common.model.reference import reference_logits
 from tests.support.models import random_model, small_config
 
@@ -45,6 +51,19 @@ def test_expert_shards_sum_to_the_whole():
         for a, b in [(0, 3), (3, 5), (5, 8)]
     )
     torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("shard", [(0, 8), (0, 3), (3, 8), (5, 6)])
+def test_grouped_gemm_experts_match_the_exact_loop_for_any_shard(shard):
+    # The GPU's bf16 path, run here on torch's CPU grouped GEMM.
+    a, b = shard
+    gate, up, down = random_experts(dtype=torch.float64)
+    x = torch.randn(33, 24, dtype=torch.float64)
+    weights, ids = route(torch.randn(33, 8, dtype=torch.float64), 3, renormalize=False)
+    exact = expert_forward(x, weights, ids, gate[a:b], up[a:b], down[a:b], first_expert=a)
+    bf16 = [t[a:b].bfloat16() for t in (gate, up, down)]
+    grouped = grouped_expert_forward(x.bfloat16(), weights, ids, *bf16, first_expert=a)
+    torch.testing.assert_close(grouped.double(), exact, rtol=0.05, atol=0.02)
 
 
 def test_router_is_softmax_topk_without_renormalisation():
@@ -123,6 +142,18 @@ def test_attention_with_an_offset_equals_the_tail_of_a_full_pass():
     full = causal_attention(q, k, v, 0.3, q_offset=0)
     tail = causal_attention(q[6:], k, v, 0.3, q_offset=6)
     torch.testing.assert_close(tail, full[6:])
+
+
+@pytest.mark.parametrize("n, c, groups", [(6, 6, 1), (3, 11, 1), (1, 9, 1), (7, 20, 2)])
+def test_fused_attention_equals_the_exact_one_for_chunks_at_the_end_of_the_context(n, c, groups):
+    # What a GPU prefill takes: a chunk of n queries after c - n tokens of context.
+    q = torch.randn(n, 8, 16, dtype=torch.float64)
+    k, v = (
+        torch.randn(c, groups, 16, dtype=torch.float64),
+        torch.randn(c, groups, 16, dtype=torch.float64),
+    )
+    expected = causal_attention(q, k, v, 0.25, q_offset=c - n)
+    torch.testing.assert_close(causal_attention_sdpa(q, k, v, 0.25), expected)
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])

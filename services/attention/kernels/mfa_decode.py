@@ -23,16 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # a CPU-only install: the reference works, the kernel cannot run
-    triton = None
-
-
-def _jit(fn):
-    """triton.jit where Triton is installed; elsewhere the kernels are never launched."""
-    return fn if triton is None else triton.jit(fn)
+from services.common.triton_jit import jit, tl, triton
 
 
 @dataclass(frozen=True)
@@ -195,7 +186,7 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, block_size, k_scale,
         )
 
 
-@_jit
+@jit
 def _mfa_decode_split_kernel(
     q_ptr,  # [B, H, D]
     k_ptr,  # [num_slots, D]
@@ -272,7 +263,7 @@ def _mfa_decode_split_kernel(
         tl.store(lse_ptr + seq * stride_lb + split * stride_ls + offs_h, lse)
 
 
-@_jit
+@jit
 def _mfa_decode_combine_kernel(
     part_ptr,  # [B, S, H, D] fp32
     lse_ptr,  # [B, S, H] fp32, log2 units; -inf for an empty split

@@ -13,7 +13,9 @@ from __future__ import annotations
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.bias import causal_lower_right
 
 from services.common.config import ModelConfig
 from services.common.model.layers import RMSNorm, apply_rope
@@ -42,6 +44,29 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, q_offset: in
     probs = torch.softmax(scores, dim=-1)
     out = torch.einsum("grnc,cgd->ngrd", probs, v.to(acc))  # [n, G, R, D]
     return out.reshape(n, num_heads, dim).to(q.dtype)
+
+
+def causal_attention_sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:
+    """`causal_attention` with the queries at the end of the context (q_offset = c - n), through
+    PyTorch's fused SDPA kernels: no [n, c] score matrix in memory, which a long prefill on a
+    GPU could not hold. The causal mask is aligned bottom-right, so a chunk of a longer prompt
+    sees all the context before it.
+    """
+    n, num_heads, dim = q.shape
+    c, groups, _ = k.shape
+
+    def per_query_head(x: Tensor) -> Tensor:  # [c, G, D] -> [1, Hq, c, D]; a view when G = 1
+        x = x.unsqueeze(2).expand(c, groups, num_heads // groups, dim)
+        return x.reshape(c, num_heads, dim).transpose(0, 1).unsqueeze(0)
+
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1).unsqueeze(0),
+        per_query_head(k),
+        per_query_head(v),
+        attn_mask=causal_lower_right(n, c),
+        scale=scale,
+    )  # [1, Hq, n, D]
+    return out.squeeze(0).transpose(0, 1)
 
 
 class MFAAttention(nn.Module):

@@ -1,8 +1,11 @@
 """Step-3's mixture of experts: a softmax top-k router and stacked routed experts.
 
 Routing (on the attention side in AFD) and expert compute (on the FFN side) are separate
-calls so each side runs only its half. The shared expert is a plain `SwiGLU` owned by the
-decoder layer, not by this module, matching the checkpoint's `share_expert.*` names.
+calls so each side runs only its half. Expert compute has two forms with one meaning: a loop
+over experts (any dtype and device; the exact one) and, for 16-bit weights on a GPU, grouped
+GEMMs over all experts at once (`torch._grouped_mm`) with no host synchronisation. The shared
+expert is a plain `SwiGLU` owned by the decoder layer, not by this module, matching the
+checkpoint's `share_expert.*` names.
 """
 
 from __future__ import annotations
@@ -26,6 +29,9 @@ def route(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor,
     return weights, ids
 
 
+GROUPED_DTYPES = (torch.bfloat16,)  # what torch._grouped_mm takes on a GPU
+
+
 def expert_forward(
     x: Tensor,
     weights: Tensor,
@@ -42,6 +48,56 @@ def expert_forward(
     experts outside that range contribute nothing, so an FFN shard returns its partial sum.
     Returns [T, H] in x's dtype.
     """
+    if x.is_cuda and gate_proj.dtype in GROUPED_DTYPES:
+        return grouped_expert_forward(x, weights, ids, gate_proj, up_proj, down_proj, first_expert)
+    return looped_expert_forward(x, weights, ids, gate_proj, up_proj, down_proj, first_expert)
+
+
+def grouped_expert_forward(
+    x: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+    first_expert: int = 0,
+) -> Tensor:
+    """`expert_forward` as three grouped GEMMs over every local expert, without a host sync.
+
+    Assignments are sorted by expert; those of other shards' experts sort last, past the
+    final group offset, where the GEMMs leave their rows undefined, so they are masked out.
+    """
+    num_experts, top_k = gate_proj.shape[0], ids.shape[1]
+    local = ids.flatten() - first_expert  # [T*K]
+    valid = (local >= 0) & (local < num_experts)
+    local = torch.where(valid, local, num_experts)  # other shards' experts: one group past the end
+    order = torch.argsort(local, stable=True)
+    # Not bincount: it reads the largest id back to the host, which a CUDA graph cannot.
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=x.device)
+    counts = counts.index_add_(0, local, torch.ones_like(local))[:num_experts]
+    offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # each group's end row
+    tokens = order // top_k
+    h = x[tokens].to(gate_proj.dtype)  # [T*K, H], grouped by expert
+    gate = torch._grouped_mm(h, gate_proj.transpose(-2, -1), offs=offsets)
+    up = torch._grouped_mm(h, up_proj.transpose(-2, -1), offs=offsets)
+    y = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    scaled = y.to(acc) * weights.flatten()[order, None].to(acc)
+    scaled = torch.where(valid[order, None], scaled, 0.0)
+    out = torch.zeros(x.shape[0], x.shape[-1], dtype=acc, device=x.device)
+    return out.index_add_(0, tokens, scaled).to(x.dtype)
+
+
+def looped_expert_forward(
+    x: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+    first_expert: int = 0,
+) -> Tensor:
+    """`expert_forward` one expert at a time: any dtype and device, exact to its precision."""
     num_tokens, top_k = ids.shape
     acc = torch.promote_types(x.dtype, torch.float32)
     out = torch.zeros(num_tokens, x.shape[-1], dtype=acc, device=x.device)

@@ -1,0 +1,95 @@
+"""One MoE layer at Step-3's real shapes on one GPU, against its roofline.
+
+48 routed experts (intermediate 5120) with top-3 routing plus the shared expert (5120), hidden
+7168, bf16 weights, for T tokens (2048 by default, the FFN side's batch in the paper's
+deployment). Times, each the median of CUDA-graph replays where the code can be captured:
+- `grouped`: `expert_forward` on the GPU (three grouped GEMMs over all experts, no host sync)
+  plus the shared expert;
+- `looped`: the exact one-expert-at-a-time loop (host syncs, so timed eagerly), plus the same
+  shared expert;
+against the roofline max(weight bytes / copy bandwidth, FLOPs / bf16 matmul peak), both
+ceilings measured in the same run. Routing is uniform random (balanced in expectation).
+
+A script, not a test: `python benchmarks/gpu_moe_layer.py [--tokens 2048 512 128]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_timing import copy_bandwidth, graph_us, matmul_peak, median_us  # noqa: E402
+from services.common.model.moe import (  # noqa: E402
+    grouped_expert_forward,
+    looped_expert_forward,
+    route,
+)
+
+HIDDEN, EXPERTS, INTER, TOP_K, SHARED = 7168, 48, 5120, 3, 5120
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--tokens", type=int, nargs="+", default=[2048, 512, 128])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dev, bf16 = "cuda", torch.bfloat16
+    scale = HIDDEN**-0.5
+    gate = torch.randn(EXPERTS, INTER, HIDDEN, device=dev, dtype=bf16) * scale
+    up = torch.randn(EXPERTS, INTER, HIDDEN, device=dev, dtype=bf16) * scale
+    down = torch.randn(EXPERTS, HIDDEN, INTER, device=dev, dtype=bf16) * INTER**-0.5
+    s_gate = torch.randn(SHARED, HIDDEN, device=dev, dtype=bf16) * scale
+    s_up = torch.randn(SHARED, HIDDEN, device=dev, dtype=bf16) * scale
+    s_down = torch.randn(HIDDEN, SHARED, device=dev, dtype=bf16) * SHARED**-0.5
+    copy, peak = copy_bandwidth(), matmul_peak()
+    weight_bytes = sum(t.numel() * t.element_size() for t in (gate, up, down, s_gate, s_up, s_down))
+
+    def shared(x):
+        return F.linear(F.silu(F.linear(x, s_gate)) * F.linear(x, s_up), s_down)
+
+    print(f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}; "
+          f"copy {copy / 1e9:.0f} GB/s, bf16 matmul {peak / 1e12:.0f} TFLOP/s; "
+          f"weights {weight_bytes / 1e9:.2f} GB\n")  # fmt: skip
+    print("| tokens | grouped us | looped us | roofline us | grouped / roofline "
+          "| looped / grouped | max abs diff |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|")
+    for tokens in args.tokens:
+        x = torch.randn(tokens, HIDDEN, device=dev, dtype=bf16)
+        weights, ids = route(torch.randn(tokens, EXPERTS, device=dev), TOP_K, renormalize=False)
+        grouped = graph_us(
+            lambda x=x, w=weights, i=ids: (
+                grouped_expert_forward(x, w, i, gate, up, down) + shared(x)
+            )
+        )
+        looped = median_us(
+            lambda x=x, w=weights, i=ids: looped_expert_forward(x, w, i, gate, up, down) + shared(x)
+        )
+        diff = (
+            (
+                grouped_expert_forward(x, weights, ids, gate, up, down)
+                - looped_expert_forward(x, weights, ids, gate, up, down)
+            )
+            .abs()
+            .max()
+            .item()
+        )
+        touched = ids.unique().numel() / EXPERTS  # experts with no token read no weights
+        routed_bytes = 3 * EXPERTS * INTER * HIDDEN * 2 * touched
+        shared_bytes = 3 * SHARED * HIDDEN * 2
+        flops = 2 * tokens * 3 * HIDDEN * (TOP_K * INTER + SHARED)
+        roofline = max((routed_bytes + shared_bytes) / copy, flops / peak) * 1e6
+        cells = [f"{grouped:.0f}", f"{looped:.0f}", f"{roofline:.0f}"]
+        cells += [f"{grouped / roofline:.2f}", f"{looped / grouped:.1f}", f"{diff:.3g}"]
+        print(f"| {tokens} | " + " | ".join(cells) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
