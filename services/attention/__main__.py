@@ -20,7 +20,7 @@ from services.attention.kv_cache import KVCache
 from services.attention.scheduler import SchedulerConfig
 from services.common.config import load_config
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
-from services.common.model.build import build_partial_model, resolve_dtype
+from services.common.model.build import build_partial_model, fp8_linears_on, resolve_dtype
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.model.weights import load_weights
 from services.common.tokenizer import Tokenizer
@@ -76,7 +76,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         membership, transport = instance.join()
         names = [n for n in checkpoint_tensors(cfg) if not is_ffn_tensor(n)]
-        tensors = load_weights(args.model, cfg, dtype=dtype, device=options.device, names=names)
+        tensors = load_weights(
+            args.model, cfg, dtype=dtype, device=options.device, names=names,
+            keep_fp8=fp8_linears_on(options.device),
+        )  # fmt: skip
         model = build_partial_model(cfg, tensors)
         num_blocks = default_num_kv_blocks(cfg, config, dtype)
         cache = KVCache(cfg, num_blocks, config.block_size, dtype, options.device)

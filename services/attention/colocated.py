@@ -19,7 +19,7 @@ from services.attention.builder import local_engine
 from services.attention.driver import EngineDriver
 from services.attention.engine import EngineConfig
 from services.common.grpc_server import GrpcServer
-from services.common.model.build import load_model
+from services.common.model.build import fp8_linears_on, load_model
 from services.common.tokenizer import Tokenizer
 from services.common.wire.attention import SERVICE_NAME
 
@@ -38,7 +38,7 @@ def serve_colocated(args: argparse.Namespace, config: EngineConfig) -> int:
     port = server.bind(args.host, args.port)
     server.start()
     try:
-        model = load_model(args.model, args.dtype, str(device))
+        model = load_model(args.model, args.dtype, str(device), keep_fp8=fp8_linears_on(device))
         engine = local_engine(model, config, Tokenizer.from_dir(args.model))
         # Nothing to keep in lockstep with: an idle instance sleeps.
         driver = EngineDriver(engine, always_step=False, idle_wait_s=0.01)

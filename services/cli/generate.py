@@ -11,7 +11,7 @@ import torch
 from services.attention.builder import local_engine
 from services.attention.engine import EngineConfig
 from services.common.config import load_config
-from services.common.model.build import load_model
+from services.common.model.build import fp8_linears_on, load_model
 from services.common.sampling_params import SamplingParams
 from services.common.tokenizer import Tokenizer
 
@@ -64,7 +64,9 @@ def run(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode(args.prompt, add_special_tokens=True)
     else:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
-    model = load_model(args.model, dtype=args.dtype, device=args.device)
+    model = load_model(
+        args.model, dtype=args.dtype, device=args.device, keep_fp8=fp8_linears_on(args.device)
+    )
     engine = local_engine(model, EngineConfig(), tokenizer)
     engine.add_request("generate", prompt, params)
 

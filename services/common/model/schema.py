@@ -65,6 +65,14 @@ def is_norm(name: str) -> bool:
 _FFN_PARTS = (".mlp.", ".share_expert.", ".moe.gate_proj.", ".moe.up_proj.", ".moe.down_proj.")
 
 
+_ATTENTION_LINEARS = ("q_proj", "k_proj", "v_proj", "wq", "o_proj")
+
+
+def is_attention_linear(name: str) -> bool:
+    """The weight of one of MFA's five projections (what FP8 GEMMs serve on the GPU)."""
+    return any(name.endswith(f".self_attn.{linear}.weight") for linear in _ATTENTION_LINEARS)
+
+
 def is_ffn_tensor(name: str) -> bool:
     """Feed-forward weights (dense MLP, shared and routed experts): the FFN side's in AFD.
     Everything else, the router included, stays on the attention side."""

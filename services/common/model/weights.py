@@ -20,7 +20,7 @@ This module knows nothing of parallelism: callers pick their shard with `names`.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,11 +74,14 @@ def load_weights(
     device: str | torch.device = "cpu",
     names: Collection[str] | None = None,
     progress: bool = True,
+    keep_fp8: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read the text model's tensors, named as in `checkpoint_tensors(cfg)`.
 
     Every tensor comes back in `dtype` on `device` (block FP8 is dequantised). `names` picks a
-    subset (default: all); the whole checkpoint is validated either way.
+    subset (default: all); the whole checkpoint is validated either way. A block-FP8 weight
+    (128 x 128 blocks) whose name `keep_fp8` accepts comes back as stored instead, e4m3, with
+    its float32 scales beside it as `NAME_scale_inv`, for an FP8 GEMM to use as they are.
     """
     root = Path(checkpoint_dir)
     schema = checkpoint_tensors(cfg)
@@ -108,7 +111,10 @@ def load_weights(
             entry = tensors[name]
             if entry.is_fp8:
                 q, scale_inv = read(entry).to(device), read(scales[name]).to(device)
-                loaded[name] = dequantize_block_fp8(q, scale_inv, block, dtype)
+                if keep_fp8 is not None and keep_fp8(name) and block == DEFAULT_BLOCK:
+                    loaded[name], loaded[name + SCALE_SUFFIX] = q, scale_inv.float()
+                else:
+                    loaded[name] = dequantize_block_fp8(q, scale_inv, block, dtype)
             else:
                 loaded[name] = read(entry).to(device=device, dtype=dtype)
     return loaded
