@@ -1,13 +1,19 @@
 """Building blocks of the Step-3 decoder: RMSNorm, rotate-half RoPE and the SwiGLU MLP.
 
 Plain torch on any device and dtype. Norms and RoPE compute in float32 and cast back, as the
-released checkpoints were trained with.
+released checkpoints were trained with. On a CUDA GPU with Triton, in bf16, fp16 or fp32, the
+norm and RoPE run as one Triton kernel each (`fused.py`) with the same math; the plain-torch
+`rms_norm_reference` and `apply_rope_reference` are the CPU path and the kernels' oracle.
 """
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import Tensor, nn
+
+from services.common.model import fused
 
 
 class RMSNorm(nn.Module):
@@ -19,9 +25,22 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (x32 * self.weight.float()).to(x.dtype)
+        """x [..., dim] -> [..., dim] in x's dtype."""
+        if fused.supports(x, self.weight) and x.shape[-1] <= fused.MAX_NORM_DIM:
+            return fused.with_reference_grad(
+                partial(fused.rms_norm, eps=self.eps),
+                partial(rms_norm_reference, eps=self.eps),
+                x,
+                self.weight,
+            )
+        return rms_norm_reference(x, self.weight, self.eps)
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm in plain torch: float32 math (float64 stays float64), cast back to x's dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * weight.float()).to(x.dtype)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -35,6 +54,18 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x: [T, heads, D] by cos/sin: [T, D] (neox / rotate-half layout)."""
+    if (
+        fused.supports(x, cos, sin)
+        and x.dim() == 3
+        and x.shape[-1] % 2 == 0
+        and cos.shape == sin.shape == (x.shape[0], x.shape[-1])
+    ):
+        return fused.with_reference_grad(fused.rope, apply_rope_reference, x, cos, sin)
+    return apply_rope_reference(x, cos, sin)
+
+
+def apply_rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`apply_rope` in plain torch: float32 math, cast back to x's dtype."""
     x32 = x.float()
     half = x.shape[-1] // 2
     rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)

@@ -1,0 +1,171 @@
+"""Single-kernel Triton RMSNorm and rotate-half RoPE: the fast paths of `layers.py`.
+
+In decode these run on a few dozen tokens, where plain torch spends its time launching its
+five or six elementwise kernels (~20-35 us a call on an H200) rather than moving bytes. Each
+op here is one launch that reads its input once and writes its output once, with the same
+math as the torch reference in `layers.py`: float32 throughout, one cast back at the end.
+
+- `rms_norm`: one program per row of x [..., N]; the whole row sits in registers (N up to
+  `MAX_NORM_DIM`), so x is read once.
+- `rope`: one program per (token, block of heads) of x [T, heads, D]; it loads the token's
+  cos/sin rows once and rotates each head's two halves.
+
+What this module does not know: which layer calls it, or the torch reference it must match
+(`layers.py` passes that in, for `with_reference_grad`). Callers check `supports` first and
+take their torch path where it says no (CPU, float64, no Triton, another GPU than the current).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from services.common.triton_jit import jit, tl, triton
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+MAX_NORM_DIM = 16384  # a longer row would spill the registers of one program
+HEADS_PER_PROGRAM = 16
+
+
+def supports(*tensors: Tensor) -> bool:
+    """Whether the kernels here can take these tensors: Triton installed, every tensor on the
+    current CUDA device (Triton launches there), in bf16, fp16 or fp32, and not empty."""
+    if triton is None:
+        return False
+    device = tensors[0].device
+    return (
+        device.type == "cuda"
+        and device.index == torch.cuda.current_device()
+        and all(t.device == device and t.dtype in DTYPES and t.numel() for t in tensors)
+    )
+
+
+def with_reference_grad(fast: Callable[..., Tensor], reference: Callable[..., Tensor], *inputs):
+    """fast(*inputs); where autograd wants a gradient, it comes from `reference` recomputed on
+    the saved inputs, so the kernels need no backward of their own."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
+        return _ReferenceBackward.apply(fast, reference, *inputs)
+    return fast(*inputs)
+
+
+class _ReferenceBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fast, reference, *inputs):
+        ctx.reference = reference
+        ctx.save_for_backward(*inputs)
+        return fast(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        needed = ctx.needs_input_grad[2:]
+        inputs = [
+            t.detach().requires_grad_(n) for t, n in zip(ctx.saved_tensors, needed, strict=True)
+        ]
+        with torch.enable_grad():
+            wanted = [t for t in inputs if t.requires_grad]
+            grads = iter(torch.autograd.grad(ctx.reference(*inputs), wanted, grad))
+        return None, None, *(next(grads) if n else None for n in needed)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """x [..., N] / rms(x) * weight [N], in float32, returned in x's dtype (contiguous).
+
+    x's rows may be strided (a split of a wider tensor); its last dim must be N <= MAX_NORM_DIM.
+    """
+    n = x.shape[-1]
+    if n > MAX_NORM_DIM:
+        raise ValueError(f"rows of {n} > MAX_NORM_DIM = {MAX_NORM_DIM}")
+    rows = x.reshape(-1, n)  # [T, N]; a view for 2-D x, strided or not
+    if rows.stride(-1) != 1:
+        rows = rows.contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    block = triton.next_power_of_2(n)
+    _rms_norm_kernel[(rows.shape[0],)](
+        rows, weight.contiguous(), out, rows.stride(0), n, eps,
+        BLOCK=block, num_warps=min(max(block // 512, 1), 16),
+    )  # fmt: skip
+    return out
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE: x [T, heads, D] by cos, sin [T, D], in float32, returned in x's dtype.
+
+    out = x * cos + cat(-x[..., D/2:], x[..., :D/2]) * sin; D must be even. x may be strided
+    in its first two dims (a view of a fused projection's output).
+    """
+    tokens, heads, dim = x.shape
+    if dim % 2 or cos.shape != (tokens, dim) or sin.shape != (tokens, dim):
+        raise ValueError(f"x {list(x.shape)} needs even D and cos, sin [{tokens}, {dim}]")
+    x, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, cos, sin))
+    out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
+    block_h = min(triton.next_power_of_2(heads), HEADS_PER_PROGRAM)
+    block_half = triton.next_power_of_2(dim // 2)
+    _rope_kernel[(tokens, triton.cdiv(heads, block_h))](
+        x, cos, sin, out, x.stride(0), x.stride(1), cos.stride(0), sin.stride(0),
+        out.stride(0), out.stride(1), heads, dim // 2,
+        BLOCK_H=block_h, BLOCK_HALF=block_half,
+        num_warps=min(max(block_h * block_half // 512, 1), 8),
+    )  # fmt: skip
+    return out
+
+
+@jit
+def _rms_norm_kernel(
+    x_ptr,  # [T, N], rows stride_x apart
+    w_ptr,  # [N]
+    out_ptr,  # [T, N] contiguous
+    stride_x,
+    n,
+    eps,
+    BLOCK: tl.constexpr,  # N rounded up to a power of two
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 0) / n + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = x * rstd * w  # the reference's order: (x * rsqrt(mean + eps)) * weight
+    tl.store(out_ptr + row * n + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _rope_kernel(
+    x_ptr,  # [T, heads, D], last dim contiguous
+    cos_ptr,  # [T, D]
+    sin_ptr,  # [T, D]
+    out_ptr,  # [T, heads, D]
+    stride_xt,
+    stride_xh,
+    stride_cos,
+    stride_sin,
+    stride_ot,
+    stride_oh,
+    heads,
+    half,  # D / 2
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,  # D / 2 rounded up to a power of two
+):
+    token = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    d = tl.arange(0, BLOCK_HALF)  # [BLOCK_HALF]
+    d_mask = d < half
+    mask = (h < heads)[:, None] & d_mask[None, :]
+
+    cos1 = tl.load(cos_ptr + token * stride_cos + d, mask=d_mask, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + token * stride_cos + half + d, mask=d_mask, other=0.0)
+    sin1 = tl.load(sin_ptr + token * stride_sin + d, mask=d_mask, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + token * stride_sin + half + d, mask=d_mask, other=0.0)
+    cos2, sin2 = cos2.to(tl.float32), sin2.to(tl.float32)
+
+    x_row = x_ptr + token * stride_xt + h[:, None] * stride_xh + d[None, :]  # [BLOCK_H, HALF]
+    x1 = tl.load(x_row, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(x_row + half, mask=mask, other=0.0).to(tl.float32)
+    out1 = x1 * cos1[None, :] + -x2 * sin1[None, :]
+    out2 = x2 * cos2[None, :] + x1 * sin2[None, :]
+
+    o_row = out_ptr + token * stride_ot + h[:, None] * stride_oh + d[None, :]
+    tl.store(o_row, out1.to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_row + half, out2.to(out_ptr.dtype.element_ty), mask=mask)
