@@ -1,41 +1,44 @@
-"""The `afd` command: one subcommand per role or tool."""
+"""The `afd` command: one subcommand per role or tool.
+
+Each role (`afd attention`, `ffn`, `gateway`, `controller`) is its service's own entry point,
+imported only when asked for, so a command loads only what it runs: the gateway and
+`afd bench` never import torch.
+"""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
-from types import ModuleType
+from collections.abc import Callable
 
 from services.cli import bench, generate, init_checkpoint, serve
-from services.common.control_client import ControlError
-from services.common.transport import PeerFailure
 
 TOOLS = (init_checkpoint, generate, serve, bench)
-
-
-def _roles() -> dict[str, ModuleType]:
-    # Imported here: each pulls in its whole service.
-    import services.attention.__main__ as attention_main
-    import services.ffn.__main__ as ffn_main
-    import services.gateway.__main__ as gateway_main
-
-    return {"attention": attention_main, "ffn": ffn_main, "gateway": gateway_main}
+ROLES = {
+    "attention": ("services.attention.__main__", "run one attention instance"),
+    "ffn": ("services.ffn.__main__", "run one FFN instance"),
+    "gateway": ("services.gateway.__main__", "run the OpenAI-compatible gateway"),
+    "controller": ("services.controller.__main__", "run the control plane"),
+}
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["controller"]:
-        # The control plane keeps its own entry point and options.
-        from services.controller.__main__ import main as controller_main
-
-        return controller_main(argv[1:])
+    if argv[:1] and argv[0] in ROLES:
+        role = importlib.import_module(ROLES[argv[0]][0])
+        return reporting(argv[0], lambda: role.main(argv[1:]))
     args = parse(argv)
+    return reporting(args.command, lambda: args.run(args))
+
+
+def reporting(command: str, run: Callable[[], int]) -> int:
+    """Run a command; user mistakes and cluster faults (bad config, missing tensor, a model
+    that differs from the cluster's, a peer that stopped answering) end in one clear line."""
     try:
-        return args.run(args)
-    except (ValueError, OSError, ControlError, PeerFailure, RuntimeError) as err:
-        # User mistakes and cluster faults (bad config, missing tensor, a model that differs
-        # from the cluster's, a peer that stopped answering) end in one clear line.
-        print(f"afd {args.command}: error: {err}", file=sys.stderr)
+        return run()
+    except (ValueError, OSError, RuntimeError) as err:
+        print(f"afd {command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -52,11 +55,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in TOOLS:
         module.add_parser(commands)
-    for role, module in _roles().items():
-        module.add_arguments(
-            commands.add_parser(role, help=f"run one {role} instance", description=module.__doc__)
-        )
-    commands.add_parser("controller", help="run the control plane (see afd controller --help)")
+    for role, (_, help_text) in ROLES.items():  # listed for --help; main() dispatches them
+        commands.add_parser(role, help=f"{help_text} (see afd {role} --help)")
     args = parser.parse_args(argv)
     args.argv = argv  # recorded by tools whose results name the command that made them
     return args

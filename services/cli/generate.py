@@ -6,12 +6,7 @@ import argparse
 import sys
 import time
 
-import torch
-
-from services.attention.builder import local_engine
-from services.attention.engine import EngineConfig
 from services.common.config import load_config
-from services.common.model.build import fp8_linears_on, load_model
 from services.common.sampling_params import SamplingParams
 from services.common.tokenizer import Tokenizer
 
@@ -38,6 +33,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def check_device(device: str) -> None:
+    import torch  # here, not at the top: every `afd` command imports this module
+
     try:
         kind = torch.device(device).type
     except RuntimeError as err:
@@ -64,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         prompt = tokenizer.encode(args.prompt, add_special_tokens=True)
     else:
         prompt = tokenizer.encode_chat([{"role": "user", "content": args.prompt}])
+    # The engine and the model load torch: imported only when a completion is generated.
+    from services.attention.builder import local_engine
+    from services.attention.engine import EngineConfig
+    from services.common.model.build import fp8_linears_on, load_model
+
     model = load_model(
         args.model, dtype=args.dtype, device=args.device, keep_fp8=fp8_linears_on(args.device)
     )

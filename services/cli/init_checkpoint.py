@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from services.common.model.build import resolve_dtype
-from services.common.model.checkpoint_writer import fp8_quantization_config, write_random_weights
 from services.common.presets import PRESETS, preset_config
 from services.common.tokenizer_files import write_tokenizer_files
 
@@ -36,6 +34,13 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Writing weights takes torch: imported only when this command runs.
+    from services.common.model.build import resolve_dtype
+    from services.common.model.checkpoint_writer import (
+        fp8_quantization_config,
+        write_random_weights,
+    )
+
     cfg = preset_config(args.preset, args.layers)
     write_weights = args.weights if args.weights is not None else args.preset == "tiny"
     args.dir.mkdir(parents=True, exist_ok=True)

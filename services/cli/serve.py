@@ -14,7 +14,7 @@ import signal
 import threading
 
 from services.cli.local_cluster import LocalCluster
-from services.ffn.shard import LAYOUTS
+from services.ffn.layouts import LAYOUTS
 
 READY_TIMEOUT_S = 300.0
 

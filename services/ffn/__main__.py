@@ -18,7 +18,8 @@ from services.common.instance import Instance, InstanceOptions, add_instance_arg
 from services.common.model.build import resolve_dtype
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.model.weights import load_weights
-from services.ffn.shard import LAYOUTS, FFNShard, ShardSpec
+from services.ffn.layouts import LAYOUTS, SPLIT
+from services.ffn.shard import FFNShard, ShardSpec
 from services.ffn.worker import FFNWorker
 
 log = logging.getLogger("services.ffn")
@@ -29,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--layout",
         choices=LAYOUTS,
-        default="split",
+        default=SPLIT,
         help="dense MLPs and the shared expert: split across FFN instances (partial sums) or "
         "replicated on each",
     )

@@ -18,15 +18,14 @@ from torch.nn import functional as F
 
 from services.common.config import ModelConfig
 from services.common.model.moe import expert_forward
-
-LAYOUTS = ("split", "replicated")
+from services.ffn.layouts import LAYOUTS, SPLIT
 
 
 @dataclass(frozen=True)
 class ShardSpec:
     index: int
     num_shards: int
-    layout: str = "split"
+    layout: str = SPLIT
 
     def __post_init__(self) -> None:
         if not 0 <= self.index < self.num_shards:
@@ -76,7 +75,7 @@ class FFNShard:
         p = f"model.layers.{layer}."
         mlp = p + ("share_expert." if cfg.is_moe_layer(layer) else "mlp.")
         gate, up, down = (tensors[f"{mlp}{n}_proj.weight"] for n in ("gate", "up", "down"))
-        if self.spec.layout == "split":
+        if self.spec.layout == SPLIT:
             a, b = self.spec.range_of(gate.shape[0])
             gate, up, down = gate[a:b], up[a:b], down[:, a:b]
         shard = MLPShard(gate.contiguous(), up.contiguous(), down.contiguous())

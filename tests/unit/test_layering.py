@@ -59,3 +59,16 @@ def test_gateway_side_of_common_does_not_load_torch():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("command", [["bench", "--help"], ["gateway", "--help"], ["--help"]])
+def test_commands_that_need_no_torch_do_not_load_it(command):
+    # The gateway's processes and the load generator stay small and start fast.
+    code = (
+        "import sys\nfrom services.cli import main\n"
+        f"try:\n    main({command!r})\nexcept SystemExit:\n    pass\n"
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "False"
