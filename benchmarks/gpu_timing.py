@@ -38,3 +38,12 @@ def matmul_peak() -> float:
     a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
     b = torch.randn_like(a)
     return 2 * 8192**3 / (median_us(lambda: a @ b) * 1e-6)
+
+
+def fp8_matmul_peak() -> float:
+    """e4m3 FLOP/s of an 8192^3 `torch._scaled_mm` (per-tensor scales)."""
+    a = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn)
+    b = torch.randn(8192, 8192, device="cuda").to(torch.float8_e4m3fn).t()
+    one = torch.ones((), device="cuda")
+    seconds = median_us(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16)) * 1e-6
+    return 2 * 8192**3 / seconds

@@ -10,6 +10,8 @@ checkpoint's `share_expert.*` names.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
@@ -62,30 +64,48 @@ def grouped_expert_forward(
     down_proj: Tensor,
     first_expert: int = 0,
 ) -> Tensor:
-    """`expert_forward` as three grouped GEMMs over every local expert, without a host sync.
+    """`expert_forward` as three grouped GEMMs over every local expert, without a host sync."""
+    groups = ExpertGroups.of(ids, gate_proj.shape[0], first_expert)
+    h = x[groups.tokens].to(gate_proj.dtype)  # [T*K, H], grouped by expert
+    gate = torch._grouped_mm(h, gate_proj.transpose(-2, -1), offs=groups.offsets)
+    up = torch._grouped_mm(h, up_proj.transpose(-2, -1), offs=groups.offsets)
+    y = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=groups.offsets)
+    return groups.combine(y, weights, x)
 
-    Assignments are sorted by expert; those of other shards' experts sort last, past the
-    final group offset, where the GEMMs leave their rows undefined, so they are masked out.
+
+@dataclass(frozen=True)
+class ExpertGroups:
+    """A step's expert assignments sorted by local expert, as grouped GEMMs take them.
+
+    Assignments to other shards' experts sort last, past the final group offset, where the
+    GEMMs leave their rows undefined; `combine` masks them out. Nothing is read back to the
+    host, so a step using this can be captured in a CUDA graph.
     """
-    num_experts, top_k = gate_proj.shape[0], ids.shape[1]
-    local = ids.flatten() - first_expert  # [T*K]
-    valid = (local >= 0) & (local < num_experts)
-    local = torch.where(valid, local, num_experts)  # other shards' experts: one group past the end
-    order = torch.argsort(local, stable=True)
-    # Not bincount: it reads the largest id back to the host, which a CUDA graph cannot.
-    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=x.device)
-    counts = counts.index_add_(0, local, torch.ones_like(local))[:num_experts]
-    offsets = torch.cumsum(counts, 0, dtype=torch.int32)  # each group's end row
-    tokens = order // top_k
-    h = x[tokens].to(gate_proj.dtype)  # [T*K, H], grouped by expert
-    gate = torch._grouped_mm(h, gate_proj.transpose(-2, -1), offs=offsets)
-    up = torch._grouped_mm(h, up_proj.transpose(-2, -1), offs=offsets)
-    y = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=offsets)
-    acc = torch.promote_types(x.dtype, torch.float32)
-    scaled = y.to(acc) * weights.flatten()[order, None].to(acc)
-    scaled = torch.where(valid[order, None], scaled, 0.0)
-    out = torch.zeros(x.shape[0], x.shape[-1], dtype=acc, device=x.device)
-    return out.index_add_(0, tokens, scaled).to(x.dtype)
+
+    order: Tensor  # [T*K] assignment indices (t * K + k), grouped by expert
+    tokens: Tensor  # [T*K] the token of each, in that order
+    offsets: Tensor  # [E_local] int32: each group's end row
+    valid: Tensor  # [T*K] bool, in that order: the expert is local
+
+    @classmethod
+    def of(cls, ids: Tensor, num_experts: int, first_expert: int) -> ExpertGroups:
+        local = ids.flatten() - first_expert  # [T*K]
+        valid = (local >= 0) & (local < num_experts)
+        local = torch.where(valid, local, num_experts)  # other shards': one group past the end
+        order = torch.argsort(local, stable=True)
+        # Not bincount: it reads the largest id back to the host, which a CUDA graph cannot.
+        counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device)
+        counts = counts.index_add_(0, local, torch.ones_like(local))[:num_experts]
+        offsets = torch.cumsum(counts, 0, dtype=torch.int32)
+        return cls(order, order // ids.shape[1], offsets, valid[order])
+
+    def combine(self, y: Tensor, weights: Tensor, x: Tensor) -> Tensor:
+        """Sum each token's expert outputs y [T*K, H] (in group order) by its routing weights."""
+        acc = torch.promote_types(x.dtype, torch.float32)
+        scaled = y.to(acc) * weights.flatten()[self.order, None].to(acc)
+        scaled = torch.where(self.valid[:, None], scaled, 0.0)
+        out = torch.zeros(x.shape[0], x.shape[-1], dtype=acc, device=x.device)
+        return out.index_add_(0, self.tokens, scaled).to(x.dtype)
 
 
 def looped_expert_forward(
