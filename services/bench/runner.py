@@ -24,7 +24,7 @@ def parse_sweep(text: str, cap: int | None = None) -> list[Load]:
     except ValueError:
         raise ValueError(f"--sweep {text!r}: the values must be numbers") from None
     if key == "concurrency":
-        if any(n != int(n) for n in numbers):
+        if not all(n.is_integer() for n in numbers):
             raise ValueError(f"--sweep {text!r}: concurrencies are whole numbers")
         return [Load(concurrency=int(n)) for n in numbers]
     return [Load(concurrency=cap, rate=n) for n in numbers]

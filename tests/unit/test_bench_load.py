@@ -12,6 +12,7 @@ import pytest
 
 from services.bench.client import RequestResult
 from services.bench.load import Bounds, Load, run_load
+from services.bench.runner import parse_sweep
 from services.bench.workload import BenchRequest
 
 
@@ -101,3 +102,25 @@ def test_a_rate_with_a_concurrency_cap_never_exceeds_the_cap():
 def test_impossible_loads_and_bounds_are_refused(make, message):
     with pytest.raises(ValueError, match=message):
         make()
+
+
+def test_a_sweep_is_a_list_of_loads():
+    assert parse_sweep("concurrency=1,4,16") == [Load(1), Load(4), Load(16)]
+    assert parse_sweep("rate=0.5,2", cap=8) == [Load(8, 0.5), Load(8, 2.0)]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("threads=1,2", "give concurrency=1,4,16 or rate="),
+        ("concurrency=", "give concurrency=1,4,16 or rate="),
+        ("rate=fast", "must be numbers"),
+        ("concurrency=1.5", "whole numbers"),
+        ("concurrency=nan", "whole numbers"),
+        ("concurrency=0,2", "at least 1"),
+        ("rate=0", "positive"),
+    ],
+)
+def test_a_bad_sweep_says_what_to_write(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_sweep(text)
