@@ -17,7 +17,7 @@ from services.common.control_client import ClusterShutdown, ControlClient
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
 from services.common.model.build import resolve_dtype
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
-from services.common.model.weights import load_weights
+from services.common.model.weights import load_weights, stored_fp8
 from services.ffn.layouts import LAYOUTS, SPLIT
 from services.ffn.shard import FFNShard, ShardSpec
 from services.ffn.worker import FFNWorker
@@ -54,9 +54,13 @@ def run(args: argparse.Namespace) -> int:
         spec = ShardSpec(options.index, len(membership.ffn_ranks), args.layout)
         names = [n for n in checkpoint_tensors(cfg) if is_ffn_tensor(n)]
         tensors = load_weights(args.model, cfg, dtype=dtype, device=options.device, names=names)
+        # A block-FP8 checkpoint's experts stay FP8 on a GPU (requantised to per-row scales).
+        fp8_experts = options.device.type == "cuda" and any(
+            ".moe." in name for name in stored_fp8(args.model, cfg)
+        )
         worker = FFNWorker(
             cfg,
-            FFNShard(cfg, spec, tensors),
+            FFNShard(cfg, spec, tensors, fp8_experts),
             transport,
             membership.attention_ranks,
             membership.num_micro_batches,

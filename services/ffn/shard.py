@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from services.common.config import ModelConfig
+from services.common.model.fp8_moe import Fp8Experts, fp8_grouped_expert_forward
 from services.common.model.moe import expert_forward
 from services.ffn.layouts import LAYOUTS, SPLIT
 
@@ -57,18 +58,28 @@ class MLPShard:
 @dataclass(frozen=True)
 class LayerShard:
     mlp: MLPShard  # the dense MLP, or the shared expert of a MoE layer
-    experts: tuple[Tensor, Tensor, Tensor] | None  # local gate, up [E_l, F, H], down [E_l, H, F]
+    # Local gate, up [E_l, F, H] and down [E_l, H, F], wide or FP8; None in a dense layer.
+    experts: tuple[Tensor, Tensor, Tensor] | Fp8Experts | None
     first_expert: int
 
 
 class FFNShard:
-    def __init__(self, cfg: ModelConfig, spec: ShardSpec, tensors: dict[str, Tensor]) -> None:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        spec: ShardSpec,
+        tensors: dict[str, Tensor],
+        fp8_experts: bool = False,
+    ) -> None:
+        """`fp8_experts`: hold the routed experts in e4m3 with per-row scales (a GPU serving a
+        block-FP8 checkpoint): half the bytes, FP8 grouped GEMMs."""
         if spec.num_shards > cfg.moe_num_experts and cfg.moe_layers:
             raise ValueError(
                 f"{spec.num_shards} FFN instances for {cfg.moe_num_experts} experts: "
                 "some instance would hold none; use fewer FFN instances"
             )
         self.spec = spec
+        self.fp8_experts = fp8_experts
         self.layers = [self._layer(cfg, i, tensors) for i in range(cfg.num_hidden_layers)]
 
     def _layer(self, cfg: ModelConfig, layer: int, tensors: dict[str, Tensor]) -> LayerShard:
@@ -85,7 +96,7 @@ class FFNShard:
         experts = tuple(
             tensors[f"{p}moe.{n}_proj.weight"][a:b].contiguous() for n in ("gate", "up", "down")
         )
-        return LayerShard(shard, experts, a)
+        return LayerShard(shard, Fp8Experts.quantize(*experts) if self.fp8_experts else experts, a)
 
     def forward(
         self, layer: int, h: Tensor, ids: Tensor | None, weights: Tensor | None, mlp_rows: Tensor
@@ -101,6 +112,8 @@ class FFNShard:
             out += shard.mlp(h)
         elif mlp_rows.numel():
             out[mlp_rows] += shard.mlp(h[mlp_rows])
-        if shard.experts is not None:
+        if isinstance(shard.experts, Fp8Experts):
+            out += fp8_grouped_expert_forward(h, weights, ids, shard.experts, shard.first_expert)
+        elif shard.experts is not None:
             out += expert_forward(h, weights, ids, *shard.experts, first_expert=shard.first_expert)
         return out

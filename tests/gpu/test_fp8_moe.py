@@ -2,7 +2,8 @@
 
 Bound, ||out - ref|| / ||ref||: 6e-2. The weights are the same on both sides; what differs is
 the activations' per-token e4m3 rounding before each GEMM (2^-4 of a value at worst, a few
-percent over a row) and bf16 outputs.
+percent over a row) and bf16 outputs. Against wide weights (an FFN shard's twin) the weights'
+own rounding adds as much again: 8e-2.
 """
 
 from __future__ import annotations
@@ -10,8 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.common.model.checkpoint_writer import random_tensor
 from services.common.model.fp8_moe import Fp8Experts, fp8_grouped_expert_forward
 from services.common.model.moe import looped_expert_forward, route
+from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
+from services.ffn.shard import FFNShard, ShardSpec
+from tests.support.models import small_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -44,3 +49,22 @@ def test_fp8_experts_hold_half_the_bytes_of_bf16():
     fp8 = experts(4, 512, 1024)
     assert fp8.gate.dtype == torch.float8_e4m3fn and fp8.gate.element_size() == 1
     assert fp8.gate_scale.shape == (4, 512) and fp8.down_scale.shape == (4, 1024)
+
+
+def test_an_ffn_shard_with_fp8_experts_tracks_its_wide_twin():
+    # What an FFN instance serving a block-FP8 checkpoint on a GPU holds.
+    cfg = small_config(hidden_size=256, moe_intermediate_size=128)
+    tensors = {
+        name: random_tensor(name, shape, torch.bfloat16, seed=1).cuda()
+        for name, shape in checkpoint_tensors(cfg).items()
+        if is_ffn_tensor(name)
+    }
+    spec = ShardSpec(1, 2)  # the second half of the experts
+    wide, fp8 = FFNShard(cfg, spec, tensors), FFNShard(cfg, spec, tensors, fp8_experts=True)
+    assert isinstance(fp8.layers[1].experts, Fp8Experts)
+    h = torch.randn(40, 256, device="cuda", dtype=torch.bfloat16)
+    weights, ids = route(torch.randn(40, cfg.moe_num_experts, device="cuda"), 3, False)
+    rows = torch.arange(40, device="cuda")
+    a = fp8.forward(1, h, ids, weights, rows).float()
+    b = wide.forward(1, h, ids, weights, rows).float()
+    assert ((a - b).norm() / b.norm()).item() < 8e-2  # weights and activations in e4m3

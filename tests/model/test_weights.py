@@ -24,7 +24,7 @@ from services.common.model.fp8 import dequantize_block_fp8, quantize_block_fp8
 from services.common.model.fp8_linear import Fp8Linear
 from services.common.model.reference import reference_logits
 from services.common.model.schema import checkpoint_tensors, is_attention_linear
-from services.common.model.weights import CheckpointError, load_weights
+from services.common.model.weights import CheckpointError, load_weights, stored_fp8
 from services.common.presets import tiny_config
 
 E4M3_HALF_ULP = 2**-4  # 3 mantissa bits: round-to-nearest is within 2^-4 of the value
@@ -216,6 +216,14 @@ def test_a_model_with_fp8_attention_linears_tracks_the_dequantised_one(tmp_path:
     a, b = reference_logits(fp8, prompt).float(), reference_logits(wide, prompt).float()
     # What is left is the activations' 1 x 128 e4m3 rounding (about 3% per value).
     assert ((a - b).norm() / b.norm()).item() < 0.1
+
+
+def test_which_tensors_a_checkpoint_stores_in_fp8_is_read_from_the_headers(tmp_path: Path):
+    fp8 = stored_fp8(write(tmp_path / "fp8", fp8=True), small_config())
+    assert "model.layers.1.moe.gate_proj.weight" in fp8
+    assert "model.layers.0.self_attn.q_proj.weight" in fp8
+    assert not {"model.norm.weight", "lm_head.weight", "model.layers.1.moe.gate.weight"} & fp8
+    assert stored_fp8(write(tmp_path / "wide"), small_config()) == set()
 
 
 def test_fp8_block_size_comes_from_config_json(tmp_path: Path):

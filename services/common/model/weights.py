@@ -120,6 +120,13 @@ def load_weights(
     return loaded
 
 
+def stored_fp8(checkpoint_dir: str | Path, cfg: ModelConfig) -> set[str]:
+    """The text model's tensors that the checkpoint stores in FP8 (from the headers alone)."""
+    entries = _read_headers(*_find_files(Path(checkpoint_dir)))
+    tensors, _ = _text_tensors(entries, _choose_layout(entries, checkpoint_tensors(cfg)))
+    return {name for name, entry in tensors.items() if entry.is_fp8}
+
+
 def _find_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files to read and, for a sharded checkpoint, its name -> file map."""
     if not root.is_dir():
