@@ -68,17 +68,22 @@ class DecodeBatch:
     rows: Tensor  # [B] their rows in the step's flat batch
     block_tables: Tensor  # [B, blocks of the longest] int32, padded with 0
     context_lens: Tensor  # [B] int32
+    num_splits: int  # context splits per sequence: the same for every layer of the step
 
     @classmethod
     def build(
-        cls, rows: list[int], tables: list[list[int]], lens: list[int], device
+        cls, cache: KVCache, rows: list[int], tables: list[list[int]], lens: list[int]
     ) -> DecodeBatch:
+        device = cache.k.device
         width = max(len(table) for table in tables)
         padded = [table + [0] * (width - len(table)) for table in tables]
         return cls(
             torch.tensor(rows, dtype=torch.long, device=device),
             torch.tensor(padded, dtype=torch.int32, device=device),
             torch.tensor(lens, dtype=torch.int32, device=device),
+            mfa_decode.default_num_splits(
+                len(rows), width * cache.block_size, cache.k.dtype, device
+            ),
         )
 
 
@@ -109,7 +114,7 @@ class PagedAttention:
             d = self.decode
             out[d.rows] = mfa_decode.mfa_decode(
                 q[d.rows], k_cache, v_cache, d.block_tables, d.context_lens, self.scale,
-                block_size=self.cache.block_size,
+                block_size=self.cache.block_size, num_splits=d.num_splits,
             )  # fmt: skip
         # On a GPU the fused SDPA kernels: a long prompt's [n, c] scores would not fit. The
         # float64 oracle runs keep the exact path.

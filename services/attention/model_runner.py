@@ -53,7 +53,7 @@ def prepare_inputs(chunks: list[ScheduledChunk], cache: KVCache, scale: float) -
         if chunk.samples:
             sample_rows.append(len(token_ids) - 1)
     decode = (
-        DecodeBatch.build(decode_rows, decode_tables, decode_lens, device) if decode_rows else None
+        DecodeBatch.build(cache, decode_rows, decode_tables, decode_lens) if decode_rows else None
     )
     return StepInputs(
         token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),

@@ -17,6 +17,7 @@ say) or how new K/V get written (the cache does that before calling here).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -65,6 +66,18 @@ def num_splits_for(batch: int, max_context: int, num_slots: int) -> int:
         if time < best_time:
             best, best_time = splits, time
     return best
+
+
+def default_num_splits(batch: int, max_context: int, kv_dtype, device) -> int:
+    """The splits `mfa_decode` picks by itself, for a caller that calls it once per layer with
+    the same batch (an engine step) and would rather work them out once."""
+    config = CONFIGS["fp8" if kv_dtype == torch.float8_e4m3fn else "16bit"]
+    return num_splits_for(batch, max_context, _num_sms(device) * config.programs_per_sm)
+
+
+@functools.cache
+def _num_sms(device) -> int:
+    return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
 
 
 def supports(
@@ -119,8 +132,7 @@ def mfa_decode(
         block_tables = block_tables.contiguous()
     max_context = block_tables.shape[1] * block_size
     if num_splits is None:
-        num_sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-        num_splits = num_splits_for(batch, max_context, num_sms * config.programs_per_sm)
+        num_splits = num_splits_for(batch, max_context, _num_sms(q.device) * config.programs_per_sm)
     # Splits are whole tiles (but the last); none starts past the longest context.
     split_len = -(-max_context // num_splits)
     split_len = -(-split_len // config.block_n) * config.block_n

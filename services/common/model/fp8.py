@@ -51,6 +51,18 @@ def quantize_block_fp8(
     return q, scale
 
 
+def quantize_rows_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantise `w` [..., N] to e4m3 with one float32 scale per row (over the last dim).
+
+    Returns `(q, scale)`: q [..., N] float8_e4m3fn and scale [...], `w ~= q.float() * scale`;
+    an all-zero row gets scale 1, as a zero block does.
+    """
+    w = w.float()
+    amax = w.abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    return (w / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
+
+
 def dequantize_block_fp8(
     q: torch.Tensor,
     scale_inv: torch.Tensor,

@@ -27,7 +27,12 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from services.common.model.fp8 import DEFAULT_BLOCK, FP8_DTYPE, FP8_MAX, dequantize_block_fp8
+from services.common.model.fp8 import (
+    DEFAULT_BLOCK,
+    FP8_DTYPE,
+    dequantize_block_fp8,
+    quantize_rows_fp8,
+)
 from services.common.triton_jit import jit, tl, triton
 
 Scaling = Literal["blockwise", "rowwise", "reference"]
@@ -79,10 +84,7 @@ class Fp8Linear(nn.Module):
         if scaling != "rowwise":
             return cls(weight, weight_scale_inv.float().contiguous(), scaling)
         w = dequantize_block_fp8(weight, weight_scale_inv, DEFAULT_BLOCK, torch.float32)
-        amax = w.abs().amax(dim=1)
-        scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-        q = (w / scale[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
-        return cls(q, scale, scaling)
+        return cls(*quantize_rows_fp8(w), scaling)
 
     def dequantized_weight(self) -> Tensor:
         """[out, in] float32."""
@@ -192,10 +194,7 @@ def quantize_activation_reference(
     rows = -(-tokens // row_multiple) * row_multiple
     padding = x.new_zeros((rows - tokens, k), dtype=torch.float32)
     groups = torch.cat((x.float(), padding)).view(rows, k // group, group)  # [T', G, group]
-    amax = groups.abs().amax(dim=-1)  # [T', G]
-    # An all-zero group gets scale 1, as fp8.py does for an all-zero tile, instead of 0/0 = NaN.
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    q = (groups / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    q, scale = quantize_rows_fp8(groups)  # one scale per group, [T', G]
     return q.view(rows, k), scale.t().contiguous().t()
 
 

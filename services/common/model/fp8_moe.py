@@ -16,7 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from services.common.activations import FP8, FP8_MAX, quantize_fp8
+from services.common.activations import quantize_fp8
+from services.common.model.fp8 import quantize_rows_fp8
 from services.common.model.moe import ExpertGroups
 
 
@@ -34,7 +35,7 @@ class Fp8Experts:
     @classmethod
     def quantize(cls, gate: Tensor, up: Tensor, down: Tensor) -> Fp8Experts:
         """From wide weights, one scale per (expert, output row)."""
-        (g, gs), (u, us), (d, ds) = (_rows_to_fp8(w) for w in (gate, up, down))
+        (g, gs), (u, us), (d, ds) = (quantize_rows_fp8(w) for w in (gate, up, down))
         return cls(g, u, d, gs, us, ds)
 
     def dequantized(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -44,12 +45,6 @@ class Fp8Experts:
             for w, s in ((self.gate, self.gate_scale), (self.up, self.up_scale),
                          (self.down, self.down_scale))
         )  # fmt: skip
-
-
-def _rows_to_fp8(w: Tensor) -> tuple[Tensor, Tensor]:
-    amax = w.float().abs().amax(dim=-1)  # [E, rows]
-    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
-    return (w.float() / scale[..., None]).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 def fp8_grouped_expert_forward(
