@@ -94,7 +94,10 @@ class Fp8AttentionLayer:
 
     def attend(self, q: torch.Tensor) -> torch.Tensor:
         c = self.cache
-        return mfa_decode(q, c["k"], c["v"], c["tables"], c["lens"], SCALE, block_size=PAGE)
+        return mfa_decode(
+            q, c["k"], c["v"], c["tables"], c["lens"], SCALE, block_size=PAGE,
+            k_scale=c.get("kv_scale"), v_scale=c.get("kv_scale"),
+        )  # fmt: skip
 
     def linear(self, linear: Fp8Linear, x: torch.Tensor) -> torch.Tensor:
         return self.gemm(linear, *linear.quantize_input(x))[: x.shape[0]]
@@ -106,8 +109,8 @@ class Fp8AttentionLayer:
         q = self.linear(self.wq, self.inter_norm(q_low)).view(batch, HEADS, D)  # [B, 64, 256]
         q = apply_rope(q, c["cos"], c["sin"])
         k = apply_rope(k.view(batch, 1, D), c["cos"], c["sin"])  # [B, 1, 256]
-        c["k"].index_copy_(0, c["new_slots"], k)
-        c["v"].index_copy_(0, c["new_slots"], v.view(batch, 1, D))
+        write_slots(c["k"], c["new_slots"], k)
+        write_slots(c["v"], c["new_slots"], v.view(batch, 1, D))
         a = self.attend(q)  # [B, 64, 256]
         return self.linear(self.o_proj, a.view(batch, HEADS * D))
 
@@ -181,6 +184,26 @@ class NaiveAttentionLayer:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.branch(x)
+
+
+def write_slots(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+    """cache[slots] = x in the cache's dtype, through bytes (index_copy_ has no FP8 kernel)."""
+    cache.view(torch.uint8).index_copy_(0, slots, x.to(cache.dtype).view(torch.uint8))
+
+
+def decode_cache(batch: int, context: int, kv_dtype: torch.dtype = torch.bfloat16) -> dict:
+    """A step's paged cache (shuffled blocks), new-token slots and RoPE tables: `batch`
+    sequences of `context` positions whose new token is the last. FP8 K/V get scale 1."""
+    _, k_cache, v_cache, tables, lens = paged_cache(batch, context, PAGE)
+    last = context - 1
+    new_slots = (tables[:, last // PAGE].long() * PAGE + last % PAGE).contiguous()
+    positions = torch.full((batch,), last, device="cuda")
+    cos, sin = rope_cos_sin(positions, D, CFG.rope_theta)  # [B, 256] each, once per step
+    cache = dict(k=k_cache.to(kv_dtype), v=v_cache.to(kv_dtype), tables=tables, lens=lens)
+    cache |= dict(new_slots=new_slots, cos=cos, sin=sin)
+    if kv_dtype == FP8_DTYPE:
+        cache["kv_scale"] = 1.0
+    return cache
 
 
 def per_tensor_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,16 +303,11 @@ def main() -> None:
     print(f"_scaled_mm scaling: {scaling}", flush=True)
     copy_bw = copy_bandwidth()
 
-    _, k_cache, v_cache, tables, lens = paged_cache(BATCH, CONTEXT, PAGE)
-    last = CONTEXT - 1  # every sequence's new token sits at its last position
-    new_slots = (tables[:, last // PAGE].long() * PAGE + last % PAGE).contiguous()
-    positions = torch.full((BATCH,), last, device="cuda")
-    cos, sin = rope_cos_sin(positions, D, CFG.rope_theta)  # [B, 256] each, once per step
-    cache = dict(k=k_cache, v=v_cache, tables=tables, lens=lens, new_slots=new_slots)
-    cache |= dict(cos=cos, sin=sin)
+    cache = decode_cache(BATCH, CONTEXT)
+    k_cache, tables = cache["k"], cache["tables"]
     layer = Fp8AttentionLayer(random_checkpoint(), scaling, cache)
     naive = NaiveAttentionLayer(
-        layer, contiguous_kv(k_cache, tables, PAGE), contiguous_kv(v_cache, tables, PAGE)
+        layer, contiguous_kv(k_cache, tables, PAGE), contiguous_kv(cache["v"], tables, PAGE)
     )
     x = torch.randn(BATCH, H, device="cuda", dtype=torch.bfloat16)
 

@@ -109,7 +109,8 @@ class Instance:
         self.membership = membership
         self._store = join_group(membership, self.rank, o.device, o.step_timeout_s)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
-        return membership, Transport(peer_names(membership), o.step_timeout_s)
+        on_gpu = o.device.type == "cuda"
+        return membership, Transport(peer_names(membership), o.step_timeout_s, on_gpu)
 
     def wait_for_peers(self) -> None:
         """Call once loaded: returns when every instance is, so no step starts before."""

@@ -6,6 +6,8 @@ modes `torch._scaled_grouped_mm` takes on Hopper. Half the bytes of bf16 experts
 what a memory-bound MoE layer costs. A block-FP8 checkpoint's 128 x 128 scales do not fit that
 mode: its experts are requantised once, at load, to rows (`Fp8Experts.quantize` on the
 dequantised weights), which adds about as much error as the block quantisation itself.
+Around the GEMMs, the gather, the quantisations and the weighted sum run as Triton kernels
+that skip other shards' assignment rows (`moe_kernels`), torch where Triton is missing.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from services.common.activations import quantize_fp8
+from services.common.model import moe_kernels
 from services.common.model.fp8 import quantize_rows_fp8
 from services.common.model.moe import ExpertGroups
 
@@ -52,7 +55,8 @@ def fp8_grouped_expert_forward(
 ) -> Tensor:
     """`moe.expert_forward` over FP8 experts: three scaled grouped GEMMs, no host sync."""
     groups = ExpertGroups.of(ids, experts.gate.shape[0], first_expert)
-    h, h_scale = quantize_fp8(x[groups.tokens])
+    fused = moe_kernels.supports(x)
+    h, h_scale = moe_kernels.gather_quantize(x, groups) if fused else quantize_fp8(x[groups.tokens])
 
     def gemm(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
         return torch._scaled_grouped_mm(
@@ -62,6 +66,11 @@ def fp8_grouped_expert_forward(
 
     gate = gemm(h, h_scale, experts.gate, experts.gate_scale)
     up = gemm(h, h_scale, experts.up, experts.up_scale)
-    act, act_scale = quantize_fp8(F.silu(gate) * up)
+    if fused:
+        act, act_scale = moe_kernels.silu_mul_quantize(gate, up, groups)
+    else:
+        act, act_scale = quantize_fp8(F.silu(gate) * up)
     y = gemm(act, act_scale, experts.down, experts.down_scale)
+    if fused:
+        return moe_kernels.combine(y, weights, groups, x.dtype)
     return groups.combine(y, weights, x)

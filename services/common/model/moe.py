@@ -16,6 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from services.common.model import moe_kernels
+
 
 def route(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
     """Softmax over experts, then top-k.
@@ -70,6 +72,8 @@ def grouped_expert_forward(
     gate = torch._grouped_mm(h, gate_proj.transpose(-2, -1), offs=groups.offsets)
     up = torch._grouped_mm(h, up_proj.transpose(-2, -1), offs=groups.offsets)
     y = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=groups.offsets)
+    if moe_kernels.supports(x):
+        return moe_kernels.combine(y, weights, groups, x.dtype)
     return groups.combine(y, weights, x)
 
 
