@@ -36,6 +36,11 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=64)
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs: run the colocated engine's decode steps eagerly on a GPU",
+    )
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
@@ -45,6 +50,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         max_model_len=args.max_model_len,
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens),
         enable_prefix_caching=not args.no_prefix_caching,
+        cuda_graphs=not args.enforce_eager,
     )
 
 

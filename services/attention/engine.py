@@ -41,6 +41,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max_position_embedding
     scheduler: SchedulerConfig = SchedulerConfig()
     enable_prefix_caching: bool = True
+    cuda_graphs: bool = True  # replay decode steps from CUDA graphs where they can be captured
 
 
 @dataclass
@@ -87,6 +88,15 @@ def default_num_kv_blocks(cfg: ModelConfig, config: EngineConfig, dtype: torch.d
     return max(1, min(config.kv_cache_bytes // per_block, enough))
 
 
+def max_model_len(cfg: ModelConfig, config: EngineConfig, num_kv_blocks: int) -> int:
+    """The longest sequence served: one of this length must always fit in the cache alone."""
+    return min(
+        config.max_model_len or cfg.max_position_embedding,
+        cfg.max_position_embedding,
+        num_kv_blocks * config.block_size,
+    )
+
+
 class Engine:
     def __init__(
         self,
@@ -100,12 +110,7 @@ class Engine:
         self.config = config
         self.tokenizer = tokenizer
         self.runner = runner
-        # One sequence of the longest allowed length must always fit in the cache on its own.
-        self.max_model_len = min(
-            config.max_model_len or cfg.max_position_embedding,
-            cfg.max_position_embedding,
-            num_kv_blocks * config.block_size,
-        )
+        self.max_model_len = max_model_len(cfg, config, num_kv_blocks)
         self.block_manager = BlockManager(
             num_kv_blocks, config.block_size, config.enable_prefix_caching
         )

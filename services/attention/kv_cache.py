@@ -21,18 +21,24 @@ from services.common.model.attention import causal_attention, causal_attention_s
 
 
 class KVCache:
-    """k, v: [layers, num_blocks * block_size, G, D] (G = K/V heads, one for Step-3)."""
+    """k, v: [layers, (num_blocks + 1) * block_size, G, D] (G = K/V heads, one for Step-3).
+
+    Blocks 0 .. num_blocks - 1 are the block manager's. The one after them is scratch: the
+    padding rows of a decode step replayed from a CUDA graph write their K/V there and read
+    it back, so they never touch a sequence's cache.
+    """
 
     def __init__(
         self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device
     ) -> None:
         shape = (
             cfg.num_hidden_layers,
-            num_blocks * block_size,
+            (num_blocks + 1) * block_size,
             cfg.num_attention_groups,
             cfg.head_dim,
         )
         self.block_size = block_size
+        self.scratch_block = num_blocks
         self.decode_kernel = mfa_decode.supports(
             cfg.num_attention_heads, cfg.head_dim, cfg.num_attention_groups, block_size, dtype,
             device,
@@ -46,10 +52,11 @@ class KVCache:
         return per_token * block_size * dtype.itemsize
 
     def slots(self, block_table: list[int], start: int, end: int) -> Tensor:
-        """Slot indices of token positions [start, end) of a sequence: [end - start] int64."""
+        """Slot indices of token positions [start, end) of a sequence: [end - start] int64,
+        on the host (a step moves all of its slots to the device at once)."""
         positions = torch.arange(start, end)
         blocks = torch.tensor(block_table, dtype=torch.long)[positions // self.block_size]
-        return (blocks * self.block_size + positions % self.block_size).to(self.k.device)
+        return blocks * self.block_size + positions % self.block_size
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from services.attention.decode_graphs import DecodeGraphs
 from services.attention.kv_cache import DecodeBatch, KVCache, PagedAttention, SequenceSpan
 from services.attention.scheduler import ScheduledChunk
 from services.common.model.step3 import Step3ForCausalLM
@@ -31,8 +32,9 @@ def prepare_inputs(chunks: list[ScheduledChunk], cache: KVCache, scale: float) -
     device = cache.k.device
     token_ids: list[int] = []
     positions: list[Tensor] = []
-    spans: list[SequenceSpan] = []
     new_slots: list[Tensor] = []
+    context_slots: list[Tensor] = []  # of the chunks plain attention takes, [end] each
+    span_rows: list[tuple[int, int]] = []  # their (first row, queries)
     sample_rows: list[int] = []
     decode_rows: list[int] = []
     decode_tables: list[list[int]] = []
@@ -45,9 +47,9 @@ def prepare_inputs(chunks: list[ScheduledChunk], cache: KVCache, scale: float) -
             decode_lens.append(end)
             new_slots.append(cache.slots(seq.block_table, chunk.start, end))
         else:
-            context_slots = cache.slots(seq.block_table, 0, end)  # [end]
-            spans.append(SequenceSpan(len(token_ids), chunk.num_tokens, context_slots))
-            new_slots.append(context_slots[chunk.start :])
+            context_slots.append(cache.slots(seq.block_table, 0, end))
+            span_rows.append((len(token_ids), chunk.num_tokens))
+            new_slots.append(context_slots[-1][chunk.start :])
         positions.append(torch.arange(chunk.start, end))
         token_ids.extend(seq.token_ids[chunk.start : end])
         if chunk.samples:
@@ -55,19 +57,31 @@ def prepare_inputs(chunks: list[ScheduledChunk], cache: KVCache, scale: float) -
     decode = (
         DecodeBatch.build(cache, decode_rows, decode_tables, decode_lens) if decode_rows else None
     )
+    # One host-to-device copy for every slot of the step: each copy from pageable memory
+    # waits for the GPU, so one per sequence would cost a wait per sequence.
+    slots = torch.cat(new_slots + context_slots).to(device)
+    num_new = sum(s.numel() for s in new_slots)
+    spans, start = [], num_new
+    for (row, queries), context in zip(span_rows, context_slots, strict=True):
+        spans.append(SequenceSpan(row, queries, slots[start : start + context.numel()]))
+        start += context.numel()
     return StepInputs(
         token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
         positions=torch.cat(positions).to(device),
-        backend=PagedAttention(cache, torch.cat(new_slots), spans, scale, decode),
+        backend=PagedAttention(cache, slots[:num_new], spans, scale, decode),
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
     )
 
 
 class ModelRunner:
-    def __init__(self, model: Step3ForCausalLM, cache: KVCache) -> None:
+    def __init__(
+        self, model: Step3ForCausalLM, cache: KVCache, graphs: DecodeGraphs | None = None
+    ) -> None:
+        """`graphs`: replay decode-only steps from CUDA graphs (None: every step eagerly)."""
         self.model = model
         self.model_config = model.cfg
         self.cache = cache
+        self.graphs = graphs
         self.device = model.lm_head.weight.device
         self.scale = model.cfg.head_dim**-0.5
 
@@ -77,5 +91,13 @@ class ModelRunner:
         if not chunks:
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
         inputs = prepare_inputs(chunks, self.cache, self.scale)
-        hidden = self.model(inputs.token_ids, inputs.positions, inputs.backend)  # [T, H]
+        backend = inputs.backend
+        decode_only = backend.decode is not None and not backend.spans
+        if decode_only and self.graphs is not None and self.graphs.fits(inputs.num_tokens):
+            logits = self.graphs.run(
+                inputs.token_ids, inputs.positions, backend.decode, backend.new_slots
+            )
+            if logits is not None:
+                return logits[inputs.sample_rows]
+        hidden = self.model(inputs.token_ids, inputs.positions, backend)  # [T, H]
         return self.model.compute_logits(hidden[inputs.sample_rows])

@@ -48,6 +48,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-gateway", action="store_true", help="attention API (gRPC) only")
     parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="with --colocated on a GPU: no CUDA graphs for decode steps",
+    )
+    parser.add_argument(
         "--device",
         default="cpu",
         help="cpu, or cuda: one GPU per instance, round-robin over this machine's GPUs "
@@ -61,6 +66,10 @@ AFD_DEFAULTS = {"ffn_instances": 1, "micro_batches": 3, "ffn_layout": "split"}
 
 def validate(args: argparse.Namespace) -> None:
     """Checks the options and fills in the AFD-only ones' defaults."""
+    if args.enforce_eager and not args.colocated:
+        raise ValueError(
+            "--enforce-eager applies to --colocated serving: AFD instances run eagerly already"
+        )
     afd_only = [name for name in (*AFD_DEFAULTS, "fp8_dispatch") if getattr(args, name)]
     if args.colocated and afd_only:
         options = ", ".join("--" + name.replace("_", "-") for name in afd_only)
@@ -160,6 +169,7 @@ def run_colocated(args: argparse.Namespace, stop: threading.Event) -> int:
                     args.dtype,
                     "--max-num-batched-tokens",
                     str(args.max_num_batched_tokens),
+                    *(["--enforce-eager"] if args.enforce_eager else []),
                 ],
             )  # fmt: skip
             for i in range(m)
