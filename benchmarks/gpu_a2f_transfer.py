@@ -6,8 +6,9 @@ scales, plus top-3 expert ids and weights) and receives the F2A answer ([n, 7168
 receives and answers at once (no compute), so the time is transfer and turnaround only.
 - `stream-ordered`: isend/irecv whose `wait` only orders the GPU stream, timed by CUDA events
   per round trip, as a data plane with no host synchronisation inside a layer would run;
-- `Transport`: the project's `Transport` as the AFD runner uses it on a GPU (its waits only
-  order the stream), with one host synchronisation per round trip, timed on the host;
+- `Transport`: the project's `Transport` as the AFD runner uses it on a GPU (a process group
+  per channel; its waits only order the stream), with one host synchronisation per round
+  trip, timed on the host;
 - `timed waits`: the same with `Transport`'s gloo-style waits, which spin the host until each
   transfer ends (what the GPU data plane did before);
 - `pack + unpack`: building and reading the A2F message (`activations.Layout`), one each.
@@ -34,12 +35,12 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from services.common.activations import Layout  # noqa: E402
-from services.common.transport import Transport  # noqa: E402
+from services.common.transport import A2F, F2A, Transport, channel, channel_groups  # noqa: E402
 
 HIDDEN, TOP_K = 7168, 3
 
 
-def round_trips(n: int, fp8: bool, rank: int, iterations: int) -> dict[str, float]:
+def round_trips(n: int, fp8: bool, rank: int, iterations: int, groups) -> dict[str, float]:
     layout = Layout(HIDDEN, TOP_K, torch.bfloat16, fp8)
     a2f = torch.empty(n * layout.bytes_per_token, dtype=torch.uint8, device="cuda")
     f2a = torch.empty(n, HIDDEN, dtype=torch.bfloat16, device="cuda")
@@ -67,17 +68,21 @@ def round_trips(n: int, fp8: bool, rank: int, iterations: int) -> dict[str, floa
     ordered = statistics.median(s.elapsed_time(e) * 1e3 for s, e in events)
 
     host = {}
+    out, back = channel(A2F, 0), channel(F2A, 0)
     for on_gpu in (True, False):
-        transport = Transport({peer: "peer"}, timeout_s=30.0, on_gpu=on_gpu)
+        transport = Transport({peer: "peer"}, timeout_s=30.0, groups=groups if on_gpu else None)
         times = []
         for _ in range(iterations):
             dist.barrier()
             started = time.perf_counter()
             if rank == 0:
-                pending = [transport.send(a2f, peer, 0, "a2f"), transport.recv(f2a, peer, 1, "f2a")]
+                pending = [
+                    transport.send(a2f, peer, out, "a2f"),
+                    transport.recv(f2a, peer, back, "f2a"),
+                ]
             else:
-                transport.wait(transport.recv(a2f, peer, 0, "a2f"))
-                pending = [transport.send(f2a, peer, 1, "f2a")]
+                transport.wait(transport.recv(a2f, peer, out, "a2f"))
+                pending = [transport.send(f2a, peer, back, "f2a")]
             transport.drain(pending)
             torch.cuda.synchronize()
             times.append((time.perf_counter() - started) * 1e6)
@@ -106,10 +111,11 @@ def round_trips(n: int, fp8: bool, rank: int, iterations: int) -> dict[str, floa
 def worker(rank: int, args: argparse.Namespace) -> None:
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", rank=rank, world_size=2, device_id=torch.device("cuda", rank))
+    groups = channel_groups()
     rows = []
     for n in args.tokens:
         for fp8 in (False, True):
-            rows.append((n, fp8, round_trips(n, fp8, rank, args.iterations)))
+            rows.append((n, fp8, round_trips(n, fp8, rank, args.iterations, groups)))
     if rank == 0:
         nccl = ".".join(map(str, torch.cuda.nccl.version()))
         print(f"{datetime.date.today()}, 2 x {torch.cuda.get_device_name()}, torch "

@@ -26,7 +26,7 @@ from services.attention.scheduler import ScheduledChunk
 from services.common.activations import Layout
 from services.common.model.layers import rope_cos_sin
 from services.common.model.step3 import MoEDecoderLayer, Step3ForCausalLM
-from services.common.transport import Pending, Transport
+from services.common.transport import A2F, F2A, Pending, Transport, channel
 
 PlanSink = Callable[[int, list[int]], None]  # (step, tokens per micro-batch) -> control plane
 
@@ -137,11 +137,12 @@ class DisaggregatedRunner:
         message = layout.pack(self._send_bufs[slot], h, ids, weights)
         what = f"layer {layer}, micro-batch {slot}"
         n, hidden = h.shape
-        mb.sends = [self.transport.send(message, r, slot, what) for r in self.ffn_ranks]
+        out, back = channel(A2F, slot), channel(F2A, slot)
+        mb.sends = [self.transport.send(message, r, out, what) for r in self.ffn_ranks]
         mb.recvs = []
         for rank, buf in zip(self.ffn_ranks, self._recv_bufs[slot], strict=True):
             view = buf[: n * hidden * self.dtype.itemsize]
-            mb.recvs.append((view, self.transport.recv(view, rank, slot, what)))
+            mb.recvs.append((view, self.transport.recv(view, rank, back, what)))
 
     def _combine(self, mb: _MicroBatch) -> Tensor:
         """Sum the FFN instances' partial outputs, in instance order."""

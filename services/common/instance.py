@@ -16,7 +16,7 @@ from services.common.control_client import ControlClient, Membership
 from services.common.dist import join_group, leave_group, peer_names, wait_for_all
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, ErrorCodes, GrpcServer
-from services.common.transport import Transport
+from services.common.transport import Transport, channel_groups
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +109,8 @@ class Instance:
         self.membership = membership
         self._store = join_group(membership, self.rank, o.device, o.step_timeout_s)
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
-        on_gpu = o.device.type == "cuda"
-        return membership, Transport(peer_names(membership), o.step_timeout_s, on_gpu)
+        groups = channel_groups() if o.device.type == "cuda" else None
+        return membership, Transport(peer_names(membership), o.step_timeout_s, groups)
 
     def wait_for_peers(self) -> None:
         """Call once loaded: returns when every instance is, so no step starts before."""

@@ -10,6 +10,13 @@ The same code runs on gloo (CPU) and NCCL (GPU). Transfers are asynchronous: `se
   wait would spin the host until the transfer ends.) A dead peer is caught by the process
   group's watchdog instead, after the same step timeout (`join_group`), which ends the
   process with the timed-out operation in its log.
+
+Every transfer goes on a channel: its direction (attention to FFN, or back) and micro-batch
+slot. On NCCL each channel is a process group of its own (`channel_groups`), so its
+transfers run on their own NCCL stream: NCCL runs the operations of one communicator in
+order, and on one group the send of micro-batch i + 1 would queue behind the receive of
+micro-batch i's answer, which is exactly the wait the pipeline exists to hide. On gloo the
+channel is the tag.
 """
 
 from __future__ import annotations
@@ -19,6 +26,23 @@ from datetime import timedelta
 
 import torch.distributed as dist
 from torch import Tensor
+
+A2F, F2A = "attention to FFN", "FFN to attention"
+MAX_SLOTS = 4  # micro-batches a step may have (PipelineConfig)
+NUM_CHANNELS = 2 * MAX_SLOTS
+
+
+def channel(direction: str, slot: int) -> int:
+    """The channel of a transfer: [0, MAX_SLOTS) towards FFN, the next MAX_SLOTS back."""
+    if not 0 <= slot < MAX_SLOTS:
+        raise ValueError(f"micro-batch slot {slot} is outside 0..{MAX_SLOTS - 1}")
+    return slot if direction == A2F else MAX_SLOTS + slot
+
+
+def channel_groups() -> list[dist.ProcessGroup]:
+    """One NCCL group of every rank per channel. Collective: every member calls it, in the
+    same order, right after joining the default group."""
+    return [dist.new_group(backend="nccl") for _ in range(NUM_CHANNELS)]
 
 
 class PeerFailure(RuntimeError):
@@ -35,16 +59,28 @@ class Pending:
 
 
 class Transport:
-    def __init__(self, peer_names: dict[int, str], timeout_s: float, on_gpu: bool = False) -> None:
+    def __init__(
+        self,
+        peer_names: dict[int, str],
+        timeout_s: float,
+        groups: list[dist.ProcessGroup] | None = None,
+    ) -> None:
+        """`groups`: NCCL, one group per channel (`channel_groups`); None: gloo, tags."""
         self.peer_names = peer_names  # rank -> "ffn instance 1" etc.
         self.timeout = timedelta(seconds=timeout_s)
-        self.on_gpu = on_gpu  # NCCL: waits are stream dependencies, not host waits
+        self.groups = groups
+        self.on_gpu = groups is not None  # NCCL: waits are stream dependencies
 
-    def send(self, tensor: Tensor, dst: int, tag: int, what: str) -> Pending:
-        return Pending(dist.isend(tensor, dst, tag=tag), self.peer_names[dst], what)
+    def send(self, tensor: Tensor, dst: int, channel: int, what: str) -> Pending:
+        work = dist.isend(tensor, dst, group=self._group(channel), tag=channel)
+        return Pending(work, self.peer_names[dst], what)
 
-    def recv(self, tensor: Tensor, src: int, tag: int, what: str) -> Pending:
-        return Pending(dist.irecv(tensor, src, tag=tag), self.peer_names[src], what)
+    def recv(self, tensor: Tensor, src: int, channel: int, what: str) -> Pending:
+        work = dist.irecv(tensor, src, group=self._group(channel), tag=channel)
+        return Pending(work, self.peer_names[src], what)
+
+    def _group(self, channel: int) -> dist.ProcessGroup | None:
+        return None if self.groups is None else self.groups[channel]
 
     def wait(self, pending: Pending) -> None:
         try:

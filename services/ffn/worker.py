@@ -14,7 +14,7 @@ from torch import Tensor
 
 from services.common.activations import Layout
 from services.common.config import ModelConfig
-from services.common.transport import Pending, Transport
+from services.common.transport import A2F, F2A, Pending, Transport, channel
 from services.ffn.shard import FFNShard
 
 
@@ -88,7 +88,7 @@ class FFNWorker:
         received = []
         for a, n in sources:
             view = self._recv_bufs[slot][a][: n * layout.bytes_per_token]
-            pending = self.transport.recv(view, self.attention_ranks[a], slot, what)
+            pending = self.transport.recv(view, self.attention_ranks[a], channel(A2F, slot), what)
             received.append((view, n, pending))
         parts = []
         for view, n, pending in received:
@@ -108,7 +108,8 @@ class FFNWorker:
         for a, n in sources:
             size = n * hidden * self.dtype.itemsize
             rank = self.attention_ranks[a]
-            sends.append(self.transport.send(packed[start : start + size], rank, slot, what))
+            part = packed[start : start + size]
+            sends.append(self.transport.send(part, rank, channel(F2A, slot), what))
             start += size
         self._sends[slot] = sends
 
