@@ -10,7 +10,9 @@ GEN := services/common/wire/gen
 STUBS := $(GEN)/.generated
 
 .DEFAULT_GOAL := help
-.PHONY: help setup proto run test lint
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: help setup proto run test lint prometheus
 
 help: ## list the verbs
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -35,8 +37,14 @@ run: setup ## serve the tiny default model on http://127.0.0.1:8000 (1 attention
 	test -f $(TINY)/config.json || $(BIN)/afd init-checkpoint $(TINY) --preset tiny
 	$(BIN)/afd serve --model $(TINY) --attention-instances 1 --ffn-instances 2
 
-test: setup ## run the test suite
+test: setup prometheus ## run the test suite
 	$(BIN)/pytest -q
+
+# The observability tests start a real Prometheus (and run promtool) on 127.0.0.1.
+prometheus: ## install the Prometheus server and promtool (Debian's package) if missing
+	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
+	  $(SUDO) apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
 lint: $(STAMP) ## ruff format check and lint
 	$(BIN)/ruff format --check services tests

@@ -11,15 +11,19 @@ import argparse
 import logging
 import sys
 
-from services.attention.afd_runner import DisaggregatedRunner, PipelineConfig
+from prometheus_client import CollectorRegistry
+
+from services.attention.afd_runner import DisaggregatedRunner, PipelineConfig, PipelineMonitor
 from services.attention.api import ERROR_CODES, add_attention_service
 from services.attention.colocated import serve_colocated
 from services.attention.driver import EngineDriver
 from services.attention.engine import Engine, EngineConfig, default_num_kv_blocks
 from services.attention.kv_cache import KVCache
+from services.attention.monitor import EngineMonitor
 from services.attention.scheduler import SchedulerConfig
 from services.common.config import load_config
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
+from services.common.metrics import AttentionMetrics, sampler_for, serve_metrics
 from services.common.model.build import build_partial_model, fp8_linears_on, resolve_dtype
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.model.weights import load_weights
@@ -97,6 +101,8 @@ def run(args: argparse.Namespace) -> int:
             if len(membership.attention_ranks) > 1:
                 instance.control.get_plan(membership.epoch, step, options.step_timeout_s)
 
+        registry = CollectorRegistry()
+        metrics = AttentionMetrics(registry)
         runner = DisaggregatedRunner(
             model,
             cache,
@@ -105,14 +111,18 @@ def run(args: argparse.Namespace) -> int:
             submit_plan,
             PipelineConfig(membership.num_micro_batches, args.fp8_dispatch),
             config.scheduler.max_num_batched_tokens,
+            PipelineMonitor(metrics, sampler_for(options.device.type)),
         )
+        engine = Engine(runner, num_blocks, config, tokenizer)
         # Several attention instances step in lockstep, so an idle one still takes empty steps
         # lest its peers wait for its plan; a lone one has no peer to hold up and sleeps.
         driver = EngineDriver(
-            Engine(runner, num_blocks, config, tokenizer),
+            engine,
             always_step=len(membership.attention_ranks) > 1,
             idle_wait_s=0.01,
+            on_step=EngineMonitor(engine, metrics).after_step,
         )
+        serve_metrics(registry, options.host, args.metrics_port)
         add_attention_service(instance.server.server, driver)
         instance.wait_for_peers()
         driver.start()

@@ -24,8 +24,10 @@ from services.attention.micro_batches import split_micro_batches
 from services.attention.model_runner import StepInputs, prepare_inputs
 from services.attention.scheduler import ScheduledChunk
 from services.common.activations import Layout
+from services.common.metrics import DIRECTIONS, AttentionMetrics, Sampler
 from services.common.model.layers import rope_cos_sin
 from services.common.model.step3 import MoEDecoderLayer, Step3ForCausalLM
+from services.common.pipeline_timer import PipelineTimer
 from services.common.transport import A2F, F2A, Pending, Transport, channel
 
 PlanSink = Callable[[int, list[int]], None]  # (step, tokens per micro-batch) -> control plane
@@ -51,6 +53,24 @@ class _MicroBatch:
     recvs: list[tuple[Tensor, Pending]]  # (partial [n, H] view, its transfer) per FFN
 
 
+class PipelineMonitor:
+    """Sampled steps' stage times into the attention instance's pipeline metrics."""
+
+    def __init__(self, metrics: AttentionMetrics, sampler: Sampler) -> None:
+        self.metrics = metrics
+        self.sampler = sampler
+
+    def record(self, timer: PipelineTimer) -> None:
+        m, step = self.metrics, timer.elapsed()
+        for seconds in timer.computes:
+            m.layer_attention_time.observe(seconds)
+        for direction in DIRECTIONS:
+            m.transfer_wait.labels(direction).observe(timer.waits.get(direction, 0.0))
+        ffn_wait = timer.waits.get("f2a", 0.0)
+        m.ffn_wait.observe(ffn_wait)
+        m.bubble_ratio.set(ffn_wait / step if step > 0 else 0.0)
+
+
 class DisaggregatedRunner:
     """A `Runner` for the engine: attention here, feed-forward on the FFN instances."""
 
@@ -63,8 +83,11 @@ class DisaggregatedRunner:
         plan_sink: PlanSink,
         config: PipelineConfig,
         max_tokens_per_step: int,
+        monitor: PipelineMonitor | None = None,
     ) -> None:
+        """`monitor`: where sampled steps' stage times go (None: nothing is timed)."""
         cfg = model.cfg
+        self.monitor = monitor
         self.model = model
         self.model_config = cfg
         self.cache = cache
@@ -90,29 +113,38 @@ class DisaggregatedRunner:
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> Tensor:
         groups = split_micro_batches(chunks, self.config.num_micro_batches)
+        timed = bool(chunks) and self.monitor is not None and self.monitor.sampler.next()
         step, self.step = self.step, self.step + 1
         self.plan_sink(step, [sum(c.num_tokens for c in g) for g in groups])
         slots = [(i, self._micro_batch(g)) for i, g in enumerate(groups) if g]
         cfg = self.model_config
+        timer = PipelineTimer(self.device, timed)
         for layer_index, layer in enumerate(self.model.model.layers):
             for slot, mb in slots:
                 if layer_index > 0:
-                    mb.x = mb.x + self._combine(mb)
-                mb.x = layer.attend(mb.x, mb.cos, mb.sin, mb.inputs.backend)
-                h = layer.post_attention_layernorm(mb.x)
-                if isinstance(layer, MoEDecoderLayer):
-                    weights, ids = layer.moe.route(h)
-                    self._dispatch(slot, mb, self.moe_layout, h, ids, weights, layer_index)
-                else:
-                    self._dispatch(slot, mb, self.dense_layout, h, None, None, layer_index)
+                    mb.x = mb.x + timer.waited("f2a", self._combine, mb)
+                timer.waited("a2f", self.transport.drain, mb.sends)  # the slot's buffer is free
+                timer.computed(self._layer, layer, layer_index, slot, mb)
         hidden = []
         for _, mb in slots:
-            mb.x = mb.x + self._combine(mb)
-            self.transport.drain(mb.sends)
+            mb.x = mb.x + timer.waited("f2a", self._combine, mb)
+            timer.waited("a2f", self.transport.drain, mb.sends)
             hidden.append(mb.x[mb.inputs.sample_rows])
+        if timer.active:
+            self.monitor.record(timer)
         if not hidden:
             return torch.empty(0, cfg.vocab_size, device=self.device)
         return self.model.compute_logits(self.model.model.norm(torch.cat(hidden)))
+
+    def _layer(self, layer, layer_index: int, slot: int, mb: _MicroBatch) -> None:
+        """Micro-batch `slot`'s attention half of a layer, its FFN input sent on its way."""
+        mb.x = layer.attend(mb.x, mb.cos, mb.sin, mb.inputs.backend)
+        h = layer.post_attention_layernorm(mb.x)
+        if isinstance(layer, MoEDecoderLayer):
+            weights, ids = layer.moe.route(h)
+            self._dispatch(slot, mb, self.moe_layout, h, ids, weights, layer_index)
+        else:
+            self._dispatch(slot, mb, self.dense_layout, h, None, None, layer_index)
 
     def _micro_batch(self, chunks: list[ScheduledChunk]) -> _MicroBatch:
         inputs = prepare_inputs(chunks, self.cache, self.scale)
@@ -132,8 +164,8 @@ class DisaggregatedRunner:
         weights: Tensor | None,
         layer: int,
     ) -> None:
-        """Send micro-batch `slot`'s FFN input to every FFN instance; post the receives."""
-        self.transport.drain(mb.sends)  # the slot's buffer is free again
+        """Send micro-batch `slot`'s FFN input to every FFN instance; post the receives.
+        The slot's earlier sends must have completed (the caller drains them)."""
         message = layout.pack(self._send_bufs[slot], h, ids, weights)
         what = f"layer {layer}, micro-batch {slot}"
         n, hidden = h.shape

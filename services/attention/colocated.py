@@ -13,12 +13,15 @@ import signal
 import threading
 
 import torch
+from prometheus_client import CollectorRegistry
 
 from services.attention.api import ERROR_CODES, add_attention_service
 from services.attention.builder import local_engine
 from services.attention.driver import EngineDriver
 from services.attention.engine import EngineConfig
+from services.attention.monitor import EngineMonitor
 from services.common.grpc_server import GrpcServer
+from services.common.metrics import AttentionMetrics, serve_metrics
 from services.common.model.build import fp8_linears_on, load_model
 from services.common.tokenizer import Tokenizer
 from services.common.wire.attention import SERVICE_NAME
@@ -40,8 +43,13 @@ def serve_colocated(args: argparse.Namespace, config: EngineConfig) -> int:
     try:
         model = load_model(args.model, args.dtype, str(device), keep_fp8=fp8_linears_on(device))
         engine = local_engine(model, config, Tokenizer.from_dir(args.model))
+        registry = CollectorRegistry()
+        monitor = EngineMonitor(engine, AttentionMetrics(registry))
         # Nothing to keep in lockstep with: an idle instance sleeps.
-        driver = EngineDriver(engine, always_step=False, idle_wait_s=0.01)
+        driver = EngineDriver(
+            engine, always_step=False, idle_wait_s=0.01, on_step=monitor.after_step
+        )
+        serve_metrics(registry, args.host, args.metrics_port)
         add_attention_service(server.server, driver)
         driver.start()
         server.set_serving(True, ("", SERVICE_NAME))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -102,9 +103,16 @@ class _Cancel:
 
 class EngineDriver:
     def __init__(
-        self, engine: Engine, *, always_step: bool = False, idle_wait_s: float = 0.005
+        self,
+        engine: Engine,
+        *,
+        always_step: bool = False,
+        idle_wait_s: float = 0.005,
+        on_step: Callable[[], None] | None = None,
     ) -> None:
+        """`on_step`: called on the engine thread after every step (metrics)."""
         self._engine = engine
+        self._on_step = on_step
         # A disaggregated engine must join every lockstep step, so it steps even when idle;
         # the step's collectives then pace the loop and it never sleeps.
         self._always_step = always_step
@@ -202,6 +210,8 @@ class EngineDriver:
         busy = self._engine.has_unfinished_requests()
         if busy or self._always_step:
             self._deliver(self._engine.step())
+            if self._on_step is not None:
+                self._on_step()
         self._load = self._snapshot()
         if not busy:
             # Idle: wait for work. A lockstep engine still takes an (empty) step after the

@@ -9,6 +9,7 @@ object; here it also runs the whole model itself.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Protocol
@@ -53,6 +54,15 @@ class EngineStats:
     num_generated_tokens: int = 0
     num_prefix_hit_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """The last step's shape and duration, for metrics."""
+
+    num_sequences: int
+    num_tokens: int
+    seconds: float
 
 
 class RequestError(ValueError):
@@ -118,6 +128,7 @@ class Engine:
         self._requests: dict[str, _Request] = {}
         self._device = runner.device
         self.stats = EngineStats()
+        self.last_step: StepRecord | None = None
 
     def add_request(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -154,9 +165,13 @@ class Engine:
         return self.scheduler.num_unfinished > 0
 
     def step(self) -> list[RequestOutput]:
+        start = time.perf_counter()
         batch = self.scheduler.schedule()
         tokens = self._execute(batch)
-        return self._update(batch, tokens)
+        outputs = self._update(batch, tokens)
+        seconds = time.perf_counter() - start
+        self.last_step = StepRecord(len(batch.chunks), batch.num_tokens, seconds)
+        return outputs
 
     @property
     def num_free_blocks(self) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 STOP_GRACE_S = 10.0
 READY = re.compile(r"serving on (\S+)|controller listening on (\S+)")  # printed when up
+METRICS = re.compile(r"metrics on (\S+)")  # printed before READY, when metrics are served
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Child:
     name: str  # "attention instance 0"
     process: subprocess.Popen
     address: str | None = None
+    metrics: str | None = None  # HOST:PORT of its /metrics, if it serves them
     ready: threading.Event = field(default_factory=threading.Event)
 
 
@@ -58,6 +60,9 @@ class LocalCluster:
 
     def _read(self, child: Child) -> None:
         for line in child.process.stdout:
+            metrics = METRICS.search(line)
+            if metrics:
+                child.metrics = metrics.group(1)
             match = READY.search(line)
             if match and not child.ready.is_set():
                 child.address = match.group(1) or match.group(2)

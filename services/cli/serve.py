@@ -10,8 +10,10 @@ baseline that AFD is compared with on the same machine, model and load.
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import threading
+from pathlib import Path
 
 from services.cli.local_cluster import LocalCluster
 from services.ffn.layouts import LAYOUTS
@@ -47,6 +49,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="the gateway's TPOT target: it admits fewer running requests while TPOT is above",
     )
     parser.add_argument("--no-gateway", action="store_true", help="attention API (gRPC) only")
+    parser.add_argument(
+        "--prometheus-targets",
+        metavar="FILE",
+        help="write every process's metrics endpoint here once the cluster is up, as a "
+        "Prometheus file_sd target list (labels: component, index)",
+    )
     parser.add_argument(
         "--enforce-eager",
         action="store_true",
@@ -169,6 +177,8 @@ def run_colocated(args: argparse.Namespace, stop: threading.Event) -> int:
                     args.dtype,
                     "--max-num-batched-tokens",
                     str(args.max_num_batched_tokens),
+                    "--metrics-port",
+                    "0",
                     *(["--enforce-eager"] if args.enforce_eager else []),
                 ],
             )  # fmt: skip
@@ -192,7 +202,12 @@ def serve_until_stopped(
     cluster.say("cluster ready: attention instances at " + " ".join(addresses))
     if not args.no_gateway:
         gateway = cluster.start("gateway", gateway_args(args, controller, addresses))
-        cluster.wait_ready(gateway, READY_TIMEOUT_S)
+        address = cluster.wait_ready(gateway, READY_TIMEOUT_S)
+        gateway.metrics = address.removeprefix("http://")  # /metrics beside the API
+    targets = metrics_targets(cluster)
+    cluster.say("metrics at " + " ".join(f"{t['targets'][0]}" for t in targets))
+    if args.prometheus_targets:
+        Path(args.prometheus_targets).write_text(json.dumps(targets, indent=2) + "\n")
     while not stop.wait(0.2):
         dead = cluster.first_exit()
         if dead is not None:
@@ -201,11 +216,26 @@ def serve_until_stopped(
             )
 
 
+def metrics_targets(cluster: LocalCluster) -> list[dict]:
+    """Each child's metrics endpoint as a Prometheus file_sd entry: "attention instance 1"
+    becomes component attention, index 1. (Not "role": the controller's own metrics carry a
+    `role` label, which a target label of that name would rename.)"""
+    targets = []
+    for child in cluster.children:
+        if child.metrics is None:
+            continue
+        component, _, index = child.name.partition(" instance ")
+        labels = {"component": component} | ({"index": index} if index else {})
+        targets.append({"targets": [child.metrics], "labels": labels})
+    return targets
+
+
 def controller_args(args: argparse.Namespace) -> list[str]:
     return [
         "controller", "--host", args.host, "--port", "0", "--model", args.model,
         "--attention-instances", str(args.attention_instances),
         "--ffn-instances", str(args.ffn_instances), "--micro-batches", str(args.micro_batches),
+        "--metrics-port", "0",
     ]  # fmt: skip
 
 
@@ -213,7 +243,7 @@ def instance_args(args: argparse.Namespace, controller: str) -> list[str]:
     common = [
         "--controller", controller, "--model", args.model, "--host", args.host,
         "--dtype", args.dtype, "--step-timeout", str(args.step_timeout),
-        "--max-num-batched-tokens", str(args.max_num_batched_tokens),
+        "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--metrics-port", "0",
     ]  # fmt: skip
     return [*common, "--fp8-dispatch"] if args.fp8_dispatch else common
 

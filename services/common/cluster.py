@@ -16,6 +16,9 @@ ROLES = (ATTENTION, FFN)
 
 Slot = tuple[str, int]  # (role, index): one place in the cluster
 
+HEARTBEAT_INTERVAL_S = 1.0  # how often a member tells the controller it is alive
+MEMBER_STATES = ("missing", "alive", "silent")  # not registered / heard from / not lately
+
 
 @dataclass(frozen=True)
 class Member:

@@ -12,15 +12,16 @@ from dataclasses import dataclass
 
 import torch
 
+from services.common.cluster import HEARTBEAT_INTERVAL_S
 from services.common.control_client import ControlClient, Membership
 from services.common.dist import join_group, leave_group, peer_names, wait_for_all
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, ErrorCodes, GrpcServer
+from services.common.metrics import add_metrics_argument
 from services.common.transport import Transport, channel_groups
 
 log = logging.getLogger(__name__)
 
-HEARTBEAT_INTERVAL_S = 1.0
 READY_TIMEOUT_S = 3600.0  # loading a real checkpoint's share can take many minutes
 
 
@@ -39,6 +40,7 @@ def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds a peer may take to answer within a step before the step fails",
     )
+    add_metrics_argument(parser)
 
 
 @dataclass(frozen=True)

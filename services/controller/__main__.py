@@ -13,10 +13,13 @@ import socket
 import sys
 import threading
 
+from prometheus_client import CollectorRegistry
 from torch.distributed import TCPStore
 
+from services.common.cluster import HEARTBEAT_INTERVAL_S, MEMBER_STATES, ROLES
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, GrpcServer
+from services.common.metrics import ControllerMetrics, add_metrics_argument, serve_metrics
 from services.common.wire import control as wire
 from services.controller.membership import FIRST_EPOCH, ClusterSpec, Registry
 from services.controller.plans import PlanBook
@@ -47,6 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="host members use to reach the TCPStore (default: --host, or this machine's "
         "hostname when --host is a wildcard)",
     )
+    add_metrics_argument(parser)
     parser.add_argument(
         "--max-workers",
         type=int,
@@ -56,8 +60,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def watch_members(metrics: ControllerMetrics, registry: Registry) -> None:
+    """Members by role and state, and the epoch, read when Prometheus scrapes."""
+    silent_after_s = 3 * HEARTBEAT_INTERVAL_S
+    for role in ROLES:
+        for state in MEMBER_STATES:
+            metrics.members.labels(role, state).set_function(
+                lambda role=role, state=state: registry.count(role, state, silent_after_s)
+            )
+    metrics.epoch.set_function(lambda: registry.epoch)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    prometheus = CollectorRegistry()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         fingerprint = args.fingerprint or model_fingerprint(args.model)
@@ -69,10 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         )
         # Members wrap it in a PrefixStore per epoch; nobody waits for workers here.
         store = TCPStore(args.host, args.store_port, is_master=True, wait_for_workers=False)
-        servicer = ControllerServicer(
-            Registry(spec, store_host, store.port),
-            PlanBook(FIRST_EPOCH, spec.num_attention_instances, spec.num_micro_batches),
+        registry = Registry(spec, store_host, store.port)
+        metrics = ControllerMetrics(prometheus)
+        watch_members(metrics, registry)
+        plans = PlanBook(
+            FIRST_EPOCH,
+            spec.num_attention_instances,
+            spec.num_micro_batches,
+            on_plan=metrics.plan_latency.observe,
         )
+        servicer = ControllerServicer(registry, plans)
         # A long-poll holds a thread; a member may hold two (a plan wait and a heartbeat).
         num_members = spec.num_attention_instances + spec.num_ffn_instances
         max_workers = args.max_workers or max(DEFAULT_MAX_WORKERS, 2 * num_members + 16)
@@ -98,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         store_host,
         store.port,
     )
+    serve_metrics(prometheus, args.host, args.metrics_port)  # before: `afd serve` reads both
     print(f"controller listening on {args.host}:{port}", flush=True)
 
     stop.wait()

@@ -127,6 +127,24 @@ class Registry:
         with self._cond:
             return self._last_seen.get((role, index))
 
+    @property
+    def epoch(self) -> int:
+        """The membership's epoch, or 0 while it is still forming."""
+        with self._cond:
+            return 0 if self._membership is None else self._membership.epoch
+
+    def count(self, role: str, state: str, silent_after_s: float) -> int:
+        """Instances of `role` in `state`: "missing" (not registered), "alive" (heard from
+        within `silent_after_s`) or "silent" (registered, not heard from since)."""
+        now = self._clock()
+        with self._cond:
+            indices = range(self.spec.num_instances(role))
+            seen = [self._last_seen.get((role, i)) for i in indices]
+        if state == "missing":
+            return sum(t is None for t in seen)
+        alive = sum(t is not None and now - t <= silent_after_s for t in seen)
+        return alive if state == "alive" else sum(t is not None for t in seen) - alive
+
     def shut_down(self) -> None:
         with self._cond:
             self._shutting_down = True

@@ -13,7 +13,8 @@ of gRPC or tensors.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from services.controller.errors import Conflict, Refused, ShuttingDown
@@ -37,7 +38,10 @@ class PlanBook:
         num_attention_instances: int,
         num_micro_batches: int,
         keep_steps: int = DEFAULT_KEEP_STEPS,
+        on_plan: Callable[[float], None] | None = None,
     ) -> None:
+        """`on_plan`: called with each step's seconds from its first submission to its
+        complete plan (metrics)."""
         if num_attention_instances < 1 or num_micro_batches < 1 or keep_steps < 1:
             raise ValueError(
                 "num_attention_instances, num_micro_batches and keep_steps must be >= 1, got "
@@ -53,6 +57,8 @@ class PlanBook:
         self._newest = -1
         self._oldest_kept = 0
         self._shutting_down = False
+        self._on_plan = on_plan
+        self._opened: dict[int, float] = {}  # when each incomplete step was first submitted
 
     def submit(self, epoch: int, step: int, attention_index: int, counts: Sequence[int]) -> None:
         """Attention instance `attention_index`'s token counts per micro-batch for `step`."""
@@ -88,6 +94,9 @@ class PlanBook:
             if len(submitted) == self.num_attention_instances:
                 self._plans[step] = submitted
                 del self._rows[step]
+                opened = self._opened.pop(step, None)
+                if self._on_plan is not None and opened is not None:
+                    self._on_plan(time.monotonic() - opened)
                 self._cond.notify_all()
 
     def wait(self, epoch: int, step: int, timeout_s: float) -> Plan | PlanPending:
@@ -130,6 +139,7 @@ class PlanBook:
         """A row for a new step; a new newest step drops the steps that fell out of the window."""
         row: list[tuple[int, ...] | None] = [None] * self.num_attention_instances
         self._rows[step] = row
+        self._opened[step] = time.monotonic()
         if step > self._newest:
             self._newest = step
             self._oldest_kept = max(self._oldest_kept, step - self.keep_steps)
@@ -138,6 +148,7 @@ class PlanBook:
             incomplete = [old for old in self._rows if old < self._oldest_kept]
             for old in incomplete:
                 del self._rows[old]
+                self._opened.pop(old, None)
             if incomplete:
                 self._cond.notify_all()  # their waiters must not sleep until their timeout
         return row

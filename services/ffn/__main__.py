@@ -12,15 +12,18 @@ import logging
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
+from prometheus_client import CollectorRegistry
+
 from services.common.config import load_config
 from services.common.control_client import ClusterShutdown, ControlClient
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
+from services.common.metrics import FFNMetrics, sampler_for, serve_metrics
 from services.common.model.build import resolve_dtype
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.model.weights import load_weights, stored_fp8
 from services.ffn.layouts import LAYOUTS, SPLIT
 from services.ffn.shard import FFNShard, ShardSpec
-from services.ffn.worker import FFNWorker
+from services.ffn.worker import FFNMonitor, FFNWorker
 
 log = logging.getLogger("services.ffn")
 
@@ -58,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
         fp8_experts = options.device.type == "cuda" and any(
             ".moe." in name for name in stored_fp8(args.model, cfg)
         )
+        registry = CollectorRegistry()
+        first, end = spec.range_of(cfg.moe_num_experts)
+        monitor = FFNMonitor(
+            FFNMetrics(registry), sampler_for(options.device.type), range(first, end)
+        )
         worker = FFNWorker(
             cfg,
             FFNShard(cfg, spec, tensors, fp8_experts),
@@ -68,8 +76,10 @@ def run(args: argparse.Namespace) -> int:
             dtype,
             options.device,
             args.fp8_dispatch,
+            monitor,
         )
         del tensors
+        serve_metrics(registry, options.host, args.metrics_port)
         instance.wait_for_peers()
         instance.server.set_serving(True)
         print(f"{options.name} serving on {instance.address}", flush=True)

@@ -14,8 +14,32 @@ from torch import Tensor
 
 from services.common.activations import Layout
 from services.common.config import ModelConfig
+from services.common.metrics import FFNMetrics, Sampler
+from services.common.pipeline_timer import PipelineTimer
 from services.common.transport import A2F, F2A, Pending, Transport, channel
 from services.ffn.shard import FFNShard
+
+
+class FFNMonitor:
+    """Sampled steps' times and expert loads into the FFN instance's metrics."""
+
+    def __init__(self, metrics: FFNMetrics, sampler: Sampler, experts: range) -> None:
+        self.metrics = metrics
+        self.sampler = sampler
+        self.experts = experts  # this instance's routed experts: their loads are counted
+        for expert in experts:
+            metrics.expert_tokens.labels(str(expert))
+
+    def record(self, timer: PipelineTimer, expert_counts: Tensor | None) -> None:
+        m = self.metrics
+        for seconds in timer.computes:
+            m.layer_compute_time.observe(seconds)
+        m.attention_wait.observe(timer.waits.get("attention", 0.0))
+        m.step_time.observe(timer.elapsed())
+        if expert_counts is not None:
+            counts = expert_counts.tolist()
+            for expert in self.experts:
+                m.expert_tokens.labels(str(expert)).inc(counts[expert])
 
 
 class FFNWorker:
@@ -30,7 +54,10 @@ class FFNWorker:
         dtype: torch.dtype,
         device: torch.device,
         fp8_dispatch: bool = False,
+        monitor: FFNMonitor | None = None,
     ) -> None:
+        """`monitor`: where tokens per micro-batch and sampled steps' times go."""
+        self.monitor = monitor
         self.cfg = cfg
         self.shard = shard
         self.transport = transport
@@ -55,6 +82,7 @@ class FFNWorker:
         self._sends: list[list[Pending]] = [[] for _ in range(num_micro_batches)]
         self.max_tokens_per_step = max_tokens_per_step
         self.num_tokens_computed = 0
+        self._expert_counts: Tensor | None = None  # a sampled step's, on the device
 
     @torch.inference_mode()
     def run_step(self, counts: list[list[int]]) -> None:
@@ -73,15 +101,30 @@ class FFNWorker:
         ]
         # Whose dense / shared-expert rows this instance computes depends on the plan only.
         mlp_rows = {slot: self._mlp_rows(self._sources(sizes)) for slot, sizes in slots}
+        monitor = self.monitor
+        timed = bool(slots) and monitor is not None and monitor.sampler.next()
+        timer = PipelineTimer(self.device, timed)
         for layer in range(self.cfg.num_hidden_layers):
             layout = self.layouts[self.cfg.is_moe_layer(layer)]
             for slot, sizes in slots:
-                self._micro_batch(layer, layout, slot, sizes, mlp_rows[slot])
+                self._micro_batch(layer, layout, slot, sizes, mlp_rows[slot], timer)
         for slot, _ in slots:
             self.transport.drain(self._sends[slot])
+        if monitor is not None:
+            for _, sizes in slots:
+                monitor.metrics.micro_batch_tokens.observe(sum(sizes))
+            if timed:
+                monitor.record(timer, self._expert_counts)
+                self._expert_counts = None
 
     def _micro_batch(
-        self, layer: int, layout: Layout, slot: int, sizes: list[int], mlp_rows: Tensor
+        self,
+        layer: int,
+        layout: Layout,
+        slot: int,
+        sizes: list[int],
+        mlp_rows: Tensor,
+        timer: PipelineTimer,
     ) -> None:
         what = f"layer {layer}, micro-batch {slot}"
         sources = self._sources(sizes)
@@ -92,12 +135,14 @@ class FFNWorker:
             received.append((view, n, pending))
         parts = []
         for view, n, pending in received:
-            self.transport.wait(pending)
+            timer.waited("attention", self.transport.wait, pending)
             parts.append(layout.unpack(view, n))
         h = torch.cat([p[0] for p in parts])  # [n_total, H], attention instances in order
         ids = torch.cat([p[1] for p in parts]) if layout.top_k else None
         weights = torch.cat([p[2] for p in parts]) if layout.top_k else None
-        out = self.shard.forward(layer, h, ids, weights, mlp_rows)
+        out = timer.computed(self.shard.forward, layer, h, ids, weights, mlp_rows)
+        if timer.active and ids is not None:
+            self._count_experts(ids)
         self.num_tokens_computed += h.shape[0]
 
         self.transport.drain(self._sends[slot])  # the slot's send buffer is free again
@@ -112,6 +157,13 @@ class FFNWorker:
             sends.append(self.transport.send(part, rank, channel(F2A, slot), what))
             start += size
         self._sends[slot] = sends
+
+    def _count_experts(self, ids: Tensor) -> None:
+        """Add a sampled layer's assignments per expert (every expert, this step's total)."""
+        counts = torch.bincount(ids.flatten(), minlength=self.cfg.moe_num_experts)
+        self._expert_counts = (
+            counts if self._expert_counts is None else self._expert_counts + counts
+        )
 
     @staticmethod
     def _sources(sizes: list[int]) -> list[tuple[int, int]]:

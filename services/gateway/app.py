@@ -12,22 +12,26 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import grpc
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2_grpc
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 
+from services.common.metrics import GatewayMetrics
 from services.common.tokenizer import Tokenizer, TokenizerError
 from services.common.wire.attention_aio import health_serving
 from services.gateway import errors
 from services.gateway.errors import APIError
 from services.gateway.generation import Choices, Job
+from services.gateway.http_metrics import CountResponses
 from services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -63,6 +67,7 @@ class Gateway:
     config: GatewayConfig
     tokenizer: Tokenizer
     router: Router
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)  # for /metrics
 
 
 class ClientGone(Exception):
@@ -73,10 +78,17 @@ def create_app(gateway: Gateway) -> FastAPI:
     config, tokenizer, router = gateway.config, gateway.tokenizer, gateway.router
     formatter = Formatter(tokenizer)
     controller: list[grpc.aio.Channel] = []
+    metrics = GatewayMetrics(gateway.registry)
+    metrics.tpot_sla.set(router.tpot_sla_s)
+    metrics.running.set_function(lambda: router.num_running)
+    metrics.waiting.set_function(lambda: router.num_waiting)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await router.start()
+        for instance in router.instances:
+            limit = metrics.concurrency_limit.labels(instance.address)
+            limit.set_function(lambda i=instance: i.limit.limit)
         if config.controller:
             controller.append(grpc.aio.insecure_channel(config.controller))
         try:
@@ -87,6 +99,7 @@ def create_app(gateway: Gateway) -> FastAPI:
                 await channel.close()
 
     app = FastAPI(title="AFD", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.add_middleware(CountResponses, counter=metrics.http_requests, skip=frozenset({"/metrics"}))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -156,6 +169,11 @@ def create_app(gateway: Gateway) -> FastAPI:
             )
         return wanted
 
+    @app.get("/metrics")
+    async def prometheus_metrics() -> Response:
+        # Unauthenticated, as Prometheus scrapes it; it holds no request content.
+        return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
+
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
@@ -192,6 +210,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
+        arrival = time.monotonic()
         authorize(request)
         body: ChatCompletionRequest = parse(ChatCompletionRequest, await read_body(request))
         check_model(body.model)
@@ -204,7 +223,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         jobs = [Job(prompt, sampling_params(body, max_tokens, i)) for i in range(body.n)]
         header = Header(f"chatcmpl-{uuid.uuid4().hex}", config.served_model_name)
         with_logprobs = body.logprobs
-        choices = Choices(router, header.id, jobs)
+        choices = Choices(router, header.id, jobs, metrics, arrival)
         if body.stream:
             first = await first_delta(request, choices)
             stream = chat_stream(
@@ -216,6 +235,7 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
+        arrival = time.monotonic()
         authorize(request)
         body: CompletionRequest = parse(CompletionRequest, await read_body(request))
         check_model(body.model)
@@ -230,7 +250,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         header = Header(f"cmpl-{uuid.uuid4().hex}", config.served_model_name)
         with_logprobs = body.logprobs is not None
         num_prompt = sum(len(p) for p in prompts)
-        choices = Choices(router, header.id, jobs)
+        choices = Choices(router, header.id, jobs, metrics, arrival)
         if body.stream:
             first = await first_delta(request, choices)
             stream = completion_stream(

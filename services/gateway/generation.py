@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.common.metrics import GatewayMetrics
 from services.common.sampling_params import SamplingParams
 from services.common.wire.attention import GenerateDelta
 from services.gateway.errors import APIError, from_rpc_error
@@ -44,9 +45,20 @@ _DONE = object()
 class Choices:
     """The deltas of every job, in arrival order; `next()` returns None once all finished."""
 
-    def __init__(self, router: Router, request_id: str, jobs: Sequence[Job]) -> None:
+    def __init__(
+        self,
+        router: Router,
+        request_id: str,
+        jobs: Sequence[Job],
+        metrics: GatewayMetrics | None = None,
+        arrival: float | None = None,
+    ) -> None:
+        """`arrival`: `time.monotonic()` when the HTTP request came in (default: now), the
+        start of every choice's TTFT and end-to-end latency."""
         self._router = router
         self._request_id = request_id
+        self._metrics = metrics
+        self._arrival = time.monotonic() if arrival is None else arrival
         self._queue: asyncio.Queue[object] = asyncio.Queue()
         self._tasks = [asyncio.create_task(self._run(i, job)) for i, job in enumerate(jobs)]
         self._num_open = len(jobs)
@@ -72,8 +84,10 @@ class Choices:
                 await task
 
     async def _run(self, index: int, job: Job) -> None:
+        timing = ChoiceTiming(self._arrival, len(job.prompt_token_ids))
         try:
             async with self._router.slot() as instance:
+                timing.started()
                 request_id = f"{self._request_id}-{index}-{uuid.uuid4().hex[:8]}"
                 stream = instance.client.generate(request_id, job.prompt_token_ids, job.params)
                 last: float | None = None
@@ -85,12 +99,63 @@ class Choices:
                             tpot = (now - last) / len(delta.new_token_ids)
                             self._router.record_tpot(instance, tpot)
                         last = now
+                        timing.tokens(len(delta.new_token_ids), now)
+                        if delta.finished:
+                            timing.outcome = delta.finish_reason or "stop"
                         await self._queue.put(ChoiceDelta(index, delta))
                 finally:
                     await stream.aclose()  # type: ignore[attr-defined]
         except APIError as err:
+            timing.outcome = "error"
             await self._queue.put(err)
         except grpc.RpcError as err:
+            timing.outcome = "error"
             await self._queue.put(from_rpc_error(err))
         finally:
+            if self._metrics is not None:
+                timing.record(self._metrics, self._router.tpot_sla_s)
             self._queue.put_nowait(_DONE)
+
+
+class ChoiceTiming:
+    """One choice's timestamps, turned into the gateway's metrics when it ends. A choice
+    that ends without a finish reason (the client went away) counts as "abort"."""
+
+    def __init__(self, arrival: float, num_prompt_tokens: int) -> None:
+        self.arrival = arrival
+        self.num_prompt_tokens = num_prompt_tokens
+        self.start: float | None = None  # when it got a slot
+        self.token_times: list[tuple[float, int]] = []  # (time, tokens) per delta with tokens
+        self.outcome = "abort"
+
+    def started(self) -> None:
+        self.start = time.monotonic()
+
+    def tokens(self, count: int, now: float) -> None:
+        if count:
+            self.token_times.append((now, count))
+
+    def record(self, m: GatewayMetrics, tpot_sla_s: float) -> None:
+        m.finished.labels(self.outcome).inc()
+        if self.start is None:
+            return  # refused or gone before a slot: no latency to speak of
+        m.queue_time.observe(self.start - self.arrival)
+        m.prompt_tokens.inc(self.num_prompt_tokens)
+        if not self.token_times:
+            return
+        first, _ = self.token_times[0]
+        last, _ = self.token_times[-1]
+        total = sum(count for _, count in self.token_times)
+        m.generation_tokens.inc(total)
+        m.ttft.observe(first - self.arrival)
+        m.e2e.observe(last - self.arrival)
+        previous = first
+        for when, count in self.token_times[1:]:
+            for _ in range(count):
+                m.itl.observe((when - previous) / count)
+            previous = when
+        if total > 1:
+            tpot = (last - first) / (total - 1)
+            m.tpot.observe(tpot)
+            if tpot > tpot_sla_s:
+                m.tpot_sla_misses.inc()

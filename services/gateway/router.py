@@ -99,6 +99,14 @@ class Router:
     def num_waiting(self) -> int:
         return len(self._waiters)
 
+    @property
+    def num_running(self) -> int:
+        return sum(i.in_flight for i in self.instances)
+
+    @property
+    def tpot_sla_s(self) -> float:
+        return self._limits.tpot_sla_s
+
     async def poll(self) -> None:
         """Refresh every instance's load at once; an instance that does not answer within a
         second counts as unreachable until it does."""

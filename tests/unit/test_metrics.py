@@ -1,0 +1,143 @@
+"""What the metrics say, from known inputs: a choice's timestamps into the gateway's
+latencies, an engine's steps into the attention instance's counters, membership states,
+plan latency, sampling, and the target list `afd serve` writes for Prometheus."""
+
+from __future__ import annotations
+
+import pytest
+from prometheus_client import CollectorRegistry
+
+from services.attention.builder import local_engine
+from services.attention.engine import EngineConfig
+from services.attention.monitor import EngineMonitor
+from services.attention.scheduler import SchedulerConfig
+from services.cli.local_cluster import Child
+from services.cli.serve import metrics_targets
+from services.common.metrics import AttentionMetrics, GatewayMetrics, Sampler
+from services.common.sampling_params import SamplingParams
+from services.controller.membership import ClusterSpec, Registry
+from services.controller.plans import PlanBook
+from services.gateway.generation import ChoiceTiming
+
+
+def sample(registry: CollectorRegistry, name: str, **labels) -> float | None:
+    return registry.get_sample_value(name, labels)
+
+
+def test_a_choices_timestamps_become_its_latencies():
+    registry = CollectorRegistry()
+    timing = ChoiceTiming(arrival=100.0, num_prompt_tokens=7)
+    timing.start = 100.25  # got a slot
+    for when, count in ((100.5, 1), (100.6, 1), (100.8, 2)):
+        timing.tokens(count, when)
+    timing.tokens(0, 100.9)  # a delta with no token (the finish) adds no latency
+    timing.outcome = "length"
+    timing.record(GatewayMetrics(registry), tpot_sla_s=0.05)
+    assert sample(registry, "afd_gateway_queue_time_seconds_sum") == pytest.approx(0.25)
+    assert sample(registry, "afd_gateway_time_to_first_token_seconds_sum") == pytest.approx(0.5)
+    assert sample(registry, "afd_gateway_e2e_request_latency_seconds_sum") == pytest.approx(0.8)
+    # 4 tokens over 0.3 s after the first: TPOT 0.1; ITL per token 0.1, 0.1, 0.1.
+    assert sample(registry, "afd_gateway_time_per_output_token_seconds_sum") == pytest.approx(0.1)
+    assert sample(registry, "afd_gateway_inter_token_latency_seconds_count") == 3
+    assert sample(registry, "afd_gateway_inter_token_latency_seconds_sum") == pytest.approx(0.3)
+    assert sample(registry, "afd_gateway_tpot_sla_misses_total") == 1  # 100 ms > 50 ms
+    assert sample(registry, "afd_gateway_generation_tokens_total") == 4
+    assert sample(registry, "afd_gateway_prompt_tokens_total") == 7
+    assert sample(registry, "afd_gateway_requests_total", outcome="length") == 1
+    # TPOT buckets resolve the SLA: 0.1 s lands above the 50 ms boundary.
+    le = "afd_gateway_time_per_output_token_seconds_bucket"
+    assert sample(registry, le, le="0.05") == 0 and sample(registry, le, le="0.1") == 1
+
+
+def test_a_choice_refused_before_a_slot_counts_as_an_error_without_latencies():
+    registry = CollectorRegistry()
+    timing = ChoiceTiming(arrival=5.0, num_prompt_tokens=3)
+    timing.outcome = "error"
+    timing.record(GatewayMetrics(registry), tpot_sla_s=0.05)
+    assert sample(registry, "afd_gateway_requests_total", outcome="error") == 1
+    assert sample(registry, "afd_gateway_requests_total", outcome="stop") == 0  # exists at 0
+    assert sample(registry, "afd_gateway_queue_time_seconds_count") == 0
+    assert sample(registry, "afd_gateway_prompt_tokens_total") == 0
+
+
+def test_a_one_token_answer_has_a_ttft_but_no_tpot():
+    registry = CollectorRegistry()
+    timing = ChoiceTiming(arrival=0.0, num_prompt_tokens=1)
+    timing.start = 0.0
+    timing.tokens(1, 0.3)
+    timing.outcome = "stop"
+    timing.record(GatewayMetrics(registry), tpot_sla_s=0.05)
+    assert sample(registry, "afd_gateway_time_to_first_token_seconds_count") == 1
+    assert sample(registry, "afd_gateway_time_per_output_token_seconds_count") == 0
+    assert sample(registry, "afd_gateway_tpot_sla_misses_total") == 0
+
+
+def test_the_engine_monitor_counts_what_the_engine_did(tiny_model_f64):
+    config = EngineConfig(
+        block_size=4, num_kv_blocks=64, max_model_len=256,
+        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32),
+    )  # fmt: skip
+    engine = local_engine(tiny_model_f64, config)
+    registry = CollectorRegistry()
+    monitor = EngineMonitor(engine, AttentionMetrics(registry))
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    engine.add_request("a", list(range(10, 30)), params)
+    engine.add_request("b", list(range(40, 43)), params)
+    steps = 0
+    while engine.has_unfinished_requests():
+        engine.step()
+        monitor.after_step()
+        steps += 1
+        if steps == 1:  # mid-flight: both sequences hold blocks
+            assert sample(registry, "afd_attention_kv_blocks_used") > 0
+            assert sample(registry, "afd_attention_requests_running") == 2
+    assert sample(registry, "afd_attention_generation_tokens_total") == 10
+    assert sample(registry, "afd_attention_prompt_tokens_total") == 23
+    assert sample(registry, "afd_attention_step_seconds_count") == steps
+    assert sample(registry, "afd_attention_batch_tokens_sum") == 23 + 10 - 2  # last tokens unfed
+    assert sample(registry, "afd_attention_kv_blocks_total") == 64
+    assert sample(registry, "afd_attention_requests_running") == 0
+
+
+def test_members_are_missing_then_alive_then_silent():
+    now = [0.0]
+    spec = ClusterSpec(1, 2, num_micro_batches=3, fingerprint="f" * 16)
+    registry = Registry(spec, "store-host", 1234, clock=lambda: now[0])
+    assert registry.count("ffn", "missing", 3.0) == 2
+    registry.register("ffn", 0, "h:1", "f" * 16)
+    assert [registry.count("ffn", s, 3.0) for s in ("missing", "alive", "silent")] == [1, 1, 0]
+    now[0] = 10.0  # no heartbeat since
+    assert [registry.count("ffn", s, 3.0) for s in ("missing", "alive", "silent")] == [1, 0, 1]
+    assert registry.epoch == 0  # not formed yet
+
+
+def test_plan_latency_is_reported_once_per_complete_step():
+    latencies = []
+    book = PlanBook(1, num_attention_instances=2, num_micro_batches=1, on_plan=latencies.append)
+    book.submit(1, 0, 0, [4])
+    assert latencies == []  # one of two attention instances so far
+    book.submit(1, 0, 1, [2])
+    book.submit(1, 0, 1, [2])  # a retry of a complete step is not a new plan
+    assert len(latencies) == 1 and latencies[0] >= 0
+
+
+def test_one_step_in_every_n_is_sampled():
+    sampler = Sampler(every=4)
+    assert [sampler.next() for _ in range(9)] == [True, False, False, False] * 2 + [True]
+    assert all(Sampler(every=1).next() for _ in range(3))
+
+
+def test_serve_lists_each_processs_metrics_endpoint_with_its_component(tmp_path):
+    class Cluster:
+        children = [
+            Child("controller", None, metrics="h:1"),
+            Child("attention instance 0", None, metrics="h:2"),
+            Child("ffn instance 1", None, metrics="h:3"),
+            Child("gateway", None, metrics=None),  # not serving metrics (yet): left out
+        ]
+
+    assert metrics_targets(Cluster()) == [
+        {"targets": ["h:1"], "labels": {"component": "controller"}},
+        {"targets": ["h:2"], "labels": {"component": "attention", "index": "0"}},
+        {"targets": ["h:3"], "labels": {"component": "ffn", "index": "1"}},
+    ]
