@@ -1,6 +1,7 @@
 """A real Prometheus scrapes every process of a local `afd serve` stack while it serves the
 official `openai` client, and sees what happened: every target up, the tokens the client
-received, the outcomes, the pipeline's stages, the experts' loads, the membership."""
+received, the outcomes, the pipeline's stages, the experts' loads, the membership. Then
+every dashboard panel's query and every alert rule goes to that Prometheus."""
 
 from __future__ import annotations
 
@@ -13,9 +14,11 @@ import openai
 import pytest
 
 from tests.support.cluster import Cluster, afd
+from tests.support.dashboards import queries
 from tests.support.prometheus import Prometheus
 
 REQUESTS, MAX_TOKENS = 6, 16
+ALERT_RULES = Path(__file__).resolve().parents[2] / "deploy" / "prometheus" / "afd-alerts.yml"
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +42,9 @@ def stack(checkpoint, tmp_path_factory):
         deadline = time.monotonic() + 30
         while not targets.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
-        prometheus = Prometheus(work, targets)
+        prometheus = Prometheus(work, targets, rules=(ALERT_RULES,))
+        # Every counter scraped at zero before the load, so rates see the whole of it.
+        prometheus.wait_for("sum(up)", lambda v: v == 5)
         received = serve_load(cluster.gateway_url)
         # Until the scrapes after the load are in: the gateway's count is the last to settle.
         prometheus.wait_for(
@@ -137,3 +142,27 @@ def test_the_controller_reports_membership_and_plan_latency(stack):
     assert prometheus.value('sum(afd_controller_members{state!="alive"})') == 0
     assert prometheus.value("afd_controller_membership_epoch") == 1
     assert prometheus.value("afd_controller_step_plan_seconds_count") >= MAX_TOKENS
+
+
+def test_every_dashboard_query_parses_and_has_data(stack):
+    _, prometheus, _, _ = stack
+    empty = []
+    for dashboard, title, expr in queries():
+        if not prometheus.query(expr):  # raises if Prometheus refuses the query
+            empty.append(f"{dashboard} / {title}: {expr}")
+    assert not empty, "queries with no data after the load:\n" + "\n".join(empty)
+
+
+def test_the_alert_rules_load_and_stay_quiet_on_a_healthy_stack(stack):
+    _, prometheus, _, _ = stack
+    groups = prometheus.get("/api/v1/rules")["data"]["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) == 11 and all(rule["health"] == "ok" for rule in rules), rules
+    for rule in rules:
+        if rule["type"] == "alerting" and not rule["name"].startswith("AFDTPOTSLO"):
+            # Every instance up, alive, the cache empty, no queue, no bubbles to speak of.
+            assert prometheus.query(rule["query"]) == [], rule["name"]
+    # A CPU's tokens take longer than the 50 ms SLA: the SLO's recording rules see it.
+    prometheus.wait_for("afd:tpot_sla_miss_ratio:rate5m", lambda v: v is not None)
+    ratio = prometheus.value("afd:tpot_sla_miss_ratio:rate5m")
+    assert 0 < ratio <= 1

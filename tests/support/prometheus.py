@@ -71,6 +71,10 @@ class Prometheus:
             time.sleep(0.2)
         raise TimeoutError(f"prometheus was not ready within {timeout_s:g} s")
 
+    def get(self, path: str) -> dict:
+        """A GET of the HTTP API, e.g. /api/v1/rules."""
+        return httpx.get(f"{self.url}{path}", timeout=10.0).json()
+
     def query(self, expr: str) -> list[dict]:
         """The instant vector of `expr` (a list of {metric, value}); raises on a bad query."""
         answer = httpx.get(f"{self.url}/api/v1/query", params={"query": expr}, timeout=10.0)
