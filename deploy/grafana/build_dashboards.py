@@ -320,8 +320,8 @@ def capacity() -> dict:
                 "short",
             ),
             panel(
-                "Sequences per engine step",
-                quantiles("afd_attention_batch_sequences", by="index", qs=(0.5,)),
+                "Sequences per engine step (mean)",
+                [(mean_per("afd_attention_batch_sequences", "index"), "attention {{index}}")],
                 "short",
             ),
             panel(

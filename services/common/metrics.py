@@ -156,12 +156,12 @@ class AttentionMetrics:
         )  # fmt: skip
         self.ffn_wait = Histogram(
             "afd_attention_ffn_wait_seconds",
-            "Per step: time spent waiting for the FFN instances' partial outputs.",
+            "Per sampled step: time spent waiting for the FFN instances' partial outputs.",
             buckets=STEP_BUCKETS, registry=r,
         )  # fmt: skip
         self.transfer_wait = Histogram(
             "afd_attention_transfer_wait_seconds",
-            "Per step: time spent waiting for transfers to complete, by direction "
+            "Per sampled step: time spent waiting for transfers to complete, by direction "
             "(a2f: sends to FFN; f2a: answers from FFN, the same as the FFN wait).",
             ["direction"], buckets=STEP_BUCKETS, registry=r,
         )  # fmt: skip
@@ -189,15 +189,18 @@ class FFNMetrics:
         )  # fmt: skip
         self.attention_wait = Histogram(
             "afd_ffn_attention_wait_seconds",
-            "Per step: time spent waiting for the slowest attention instance's activations.",
+            "Per sampled step: time waiting for the slowest attention instance's activations.",
             buckets=STEP_BUCKETS, registry=r,
         )  # fmt: skip
         self.step_time = Histogram(
-            "afd_ffn_step_seconds", "Wall time of one step.", buckets=STEP_BUCKETS, registry=r
+            "afd_ffn_step_seconds",
+            "Wall time of one sampled step.",
+            buckets=STEP_BUCKETS,
+            registry=r,
         )
         self.expert_tokens = Counter(
             "afd_ffn_expert_tokens",
-            "Token assignments routed to each of this instance's experts (summed over layers).",
+            "Token assignments to each of this instance's experts (sampled steps, all layers).",
             ["expert"], registry=r,
         )  # fmt: skip
 
@@ -209,7 +212,7 @@ class ControllerMetrics:
         r = registry
         self.members = Gauge(
             "afd_controller_members",
-            "Instances by role and state (registered, ready, lost).",
+            "Instances by role and state: missing (not registered), alive, silent (no heartbeat).",
             ["role", "state"], registry=r,
         )  # fmt: skip
         self.epoch = Gauge(

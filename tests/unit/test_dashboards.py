@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
@@ -56,3 +57,13 @@ def test_every_query_reads_metrics_the_services_export():
         used = set(re.findall(r"\b(afd_[a-z0-9_]+|up)\b(?!\s*=)", expr))
         unknown = used - known
         assert not unknown, f"{name} / {title}: {sorted(unknown)} are not exported"
+
+
+def test_every_metric_is_documented():
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "observability.md").read_text()
+    registry = CollectorRegistry()
+    for metrics in (GatewayMetrics, AttentionMetrics, FFNMetrics, ControllerMetrics):
+        metrics(registry)
+    for family in registry.collect():
+        name = family.name + ("_total" if family.type == "counter" else "")
+        assert f"`{name}`" in doc, f"{name} is missing from docs/observability.md"

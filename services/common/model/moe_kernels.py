@@ -47,30 +47,28 @@ def supports(x: Tensor) -> bool:
 def gather_quantize(x: Tensor, groups: ExpertGroups) -> tuple[Tensor, Tensor]:
     """x [T, H] -> (q [T*K, H] e4m3, scales [T*K] fp32): row r is x[groups.tokens[r]],
     quantised, for the local rows; the rest unwritten."""
-    rows, width = groups.tokens.numel(), x.shape[-1]
     x = x.contiguous()
-    q = torch.empty(rows, width, dtype=FP8, device=x.device)
-    scales = torch.empty(rows, dtype=torch.float32, device=x.device)
-    if rows:
-        _quantize_rows_kernel[(rows,)](
-            x, x, groups.tokens, groups.offsets[-1:], q, scales, width,
-            x.stride(0), x.stride(0), q.stride(0),
-            GATHER=True, SILU_MUL=False, BLOCK=triton.next_power_of_2(width), num_warps=8,
-        )  # fmt: skip
-    return q, scales
+    return _quantize_rows(x, x, groups, groups.tokens.numel(), gather=True)
 
 
 def silu_mul_quantize(gate: Tensor, up: Tensor, groups: ExpertGroups) -> tuple[Tensor, Tensor]:
     """gate, up [T*K, F] -> e4m3 silu(gate) * up with one scale per row, local rows only."""
-    rows, width = gate.shape
-    gate, up = gate.contiguous(), up.contiguous()
-    q = torch.empty(rows, width, dtype=FP8, device=gate.device)
-    scales = torch.empty(rows, dtype=torch.float32, device=gate.device)
+    return _quantize_rows(gate.contiguous(), up.contiguous(), groups, gate.shape[0], gather=False)
+
+
+def _quantize_rows(
+    a: Tensor, b: Tensor, groups: ExpertGroups, rows: int, gather: bool
+) -> tuple[Tensor, Tensor]:
+    """One launch of `_quantize_rows_kernel`: gathered rows of `a`, or silu(a) * b."""
+    width = a.shape[-1]
+    q = torch.empty(rows, width, dtype=FP8, device=a.device)
+    scales = torch.empty(rows, dtype=torch.float32, device=a.device)
     if rows:
         _quantize_rows_kernel[(rows,)](
-            gate, up, groups.tokens, groups.offsets[-1:], q, scales, width,
-            gate.stride(0), up.stride(0), q.stride(0),
-            GATHER=False, SILU_MUL=True, BLOCK=triton.next_power_of_2(width), num_warps=8,
+            a, b, groups.tokens, groups.offsets[-1:], q, scales, width,
+            a.stride(0), b.stride(0), q.stride(0),
+            GATHER=gather, SILU_MUL=not gather, BLOCK=triton.next_power_of_2(width),
+            num_warps=8,
         )  # fmt: skip
     return q, scales
 
