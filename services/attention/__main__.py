@@ -17,7 +17,12 @@ from services.attention.afd_runner import DisaggregatedRunner, PipelineConfig, P
 from services.attention.api import ERROR_CODES, add_attention_service
 from services.attention.colocated import serve_colocated
 from services.attention.driver import EngineDriver
-from services.attention.engine import Engine, EngineConfig, default_num_kv_blocks
+from services.attention.engine import (
+    KV_CACHE_DTYPES,
+    Engine,
+    EngineConfig,
+    default_num_kv_blocks,
+)
 from services.attention.kv_cache import KVCache
 from services.attention.monitor import EngineMonitor
 from services.attention.scheduler import SchedulerConfig
@@ -41,6 +46,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument(
+        "--kv-cache-dtype",
+        choices=tuple(KV_CACHE_DTYPES),
+        default="auto",
+        help="auto: the model's dtype; fp8: e4m3, twice the tokens in the same memory",
+    )
+    parser.add_argument(
         "--enforce-eager",
         action="store_true",
         help="no CUDA graphs: run the colocated engine's decode steps eagerly on a GPU",
@@ -55,6 +66,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens),
         enable_prefix_caching=not args.no_prefix_caching,
         cuda_graphs=not args.enforce_eager,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 
@@ -92,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
         )  # fmt: skip
         model = build_partial_model(cfg, tensors)
         num_blocks = default_num_kv_blocks(cfg, config, dtype)
-        cache = KVCache(cfg, num_blocks, config.block_size, dtype, options.device)
+        cache = KVCache(
+            cfg, num_blocks, config.block_size, dtype, options.device, config.kv_dtype(dtype)
+        )
 
         def submit_plan(step: int, counts: list[int]) -> None:
             # Then wait for everyone's: attention instances stay in lockstep even when idle

@@ -16,7 +16,7 @@ def local_engine(
     """The whole model in this process: attention and FFN side by side."""
     dtype, device = model.lm_head.weight.dtype, model.lm_head.weight.device
     num_blocks = default_num_kv_blocks(model.cfg, config, dtype)
-    cache = KVCache(model.cfg, num_blocks, config.block_size, dtype, device)
+    cache = KVCache(model.cfg, num_blocks, config.block_size, dtype, device, config.kv_dtype(dtype))
     graphs = None
     if config.cuda_graphs and capturable(model, cache):
         longest = max_model_len(model.cfg, config, num_blocks)

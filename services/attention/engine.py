@@ -33,6 +33,8 @@ from services.common.detokenizer import Decoder
 from services.common.logprobs import TokenLogprob
 from services.common.sampling_params import SamplingParams
 
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn}
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -43,6 +45,18 @@ class EngineConfig:
     scheduler: SchedulerConfig = SchedulerConfig()
     enable_prefix_caching: bool = True
     cuda_graphs: bool = True  # replay decode steps from CUDA graphs where they can be captured
+    kv_cache_dtype: str = "auto"  # "auto": the model's dtype; "fp8": e4m3 (KV_CACHE_DTYPES)
+
+    def __post_init__(self) -> None:
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(
+                f"kv cache dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                f"got {self.kv_cache_dtype!r}"
+            )
+
+    def kv_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """What the KV cache stores for a model of `model_dtype`."""
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or model_dtype
 
 
 @dataclass
@@ -92,7 +106,7 @@ def default_num_kv_blocks(cfg: ModelConfig, config: EngineConfig, dtype: torch.d
     """What `kv_cache_bytes` holds, but no more than max_num_seqs full-length sequences."""
     if config.num_kv_blocks:
         return config.num_kv_blocks
-    per_block = KVCache.bytes_per_block(cfg, config.block_size, dtype)
+    per_block = KVCache.bytes_per_block(cfg, config.block_size, config.kv_dtype(dtype))
     max_len = config.max_model_len or cfg.max_position_embedding
     enough = config.scheduler.max_num_seqs * -(-max_len // config.block_size)
     return max(1, min(config.kv_cache_bytes // per_block, enough))

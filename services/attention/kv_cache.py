@@ -19,6 +19,9 @@ from services.attention.kernels import mfa_decode
 from services.common.config import ModelConfig
 from services.common.model.attention import causal_attention, causal_attention_sdpa
 
+FP8 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+
 
 class KVCache:
     """k, v: [layers, (num_blocks + 1) * block_size, G, D] (G = K/V heads, one for Step-3).
@@ -26,10 +29,21 @@ class KVCache:
     Blocks 0 .. num_blocks - 1 are the block manager's. The one after them is scratch: the
     padding rows of a decode step replayed from a CUDA graph write their K/V there and read
     it back, so they never touch a sequence's cache.
+
+    The cache holds the model's dtype, or e4m3 FP8 (`kv_dtype`): half the bytes of bf16, so
+    twice the tokens in the same memory and half the bytes each decode step reads. FP8 values
+    are stored divided by a per-tensor scale (`k_scale`, `v_scale`; 1.0, as vLLM takes them
+    when a checkpoint carries none) and clamped to e4m3's range; reads multiply it back.
     """
 
     def __init__(
-        self, cfg: ModelConfig, num_blocks: int, block_size: int, dtype: torch.dtype, device
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        dtype: torch.dtype,
+        device,
+        kv_dtype: torch.dtype | None = None,
     ) -> None:
         shape = (
             cfg.num_hidden_layers,
@@ -43,13 +57,35 @@ class KVCache:
             cfg.num_attention_heads, cfg.head_dim, cfg.num_attention_groups, block_size, dtype,
             device,
         )  # fmt: skip
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        storage = kv_dtype or dtype
+        self.fp8 = storage == FP8
+        self.k_scale = self.v_scale = 1.0
+        self.k = torch.zeros(shape, dtype=storage, device=device)
+        self.v = torch.zeros(shape, dtype=storage, device=device)
 
     @staticmethod
     def bytes_per_block(cfg: ModelConfig, block_size: int, dtype: torch.dtype) -> int:
+        """Bytes of one block, K and V of every layer, stored in `dtype`."""
         per_token = 2 * cfg.num_hidden_layers * cfg.num_attention_groups * cfg.head_dim
         return per_token * block_size * dtype.itemsize
+
+    def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
+        """Store k, v [n, G, D] of `layer` at `slots` [n]."""
+        for cache, x, scale in ((self.k, k, self.k_scale), (self.v, v, self.v_scale)):
+            if self.fp8:  # index_copy_ has no FP8 kernel: copy the bytes
+                x = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+                cache[layer].view(torch.uint8).index_copy_(0, slots, x.view(torch.uint8))
+            else:
+                cache[layer].index_copy_(0, slots, x.to(cache.dtype))
+
+    def read(self, layer: int, slots: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """K, V [n, G, D] of `layer` at `slots`, in `dtype`."""
+        if not self.fp8:
+            return self.k[layer][slots], self.v[layer][slots]
+        return (
+            (self.k[layer][slots].float() * self.k_scale).to(dtype),
+            (self.v[layer][slots].float() * self.v_scale).to(dtype),
+        )
 
     def slots(self, block_table: list[int], start: int, end: int) -> Tensor:
         """Slot indices of token positions [start, end) of a sequence: [end - start] int64,
@@ -113,22 +149,22 @@ class PagedAttention:
 
     def __call__(self, layer: int, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
         """q: [T, Hq, D]; k, v: [T, G, D] -> [T, Hq, D]."""
-        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]
-        k_cache.index_copy_(0, self.new_slots, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, self.new_slots, v.to(v_cache.dtype))
+        cache = self.cache
+        cache.write(layer, self.new_slots, k, v)
         out = torch.empty_like(q)
         if self.decode is not None:
             d = self.decode
+            scales = dict(k_scale=cache.k_scale, v_scale=cache.v_scale) if cache.fp8 else {}
             out[d.rows] = mfa_decode.mfa_decode(
-                q[d.rows], k_cache, v_cache, d.block_tables, d.context_lens, self.scale,
-                block_size=self.cache.block_size, num_splits=d.num_splits,
+                q[d.rows], cache.k[layer], cache.v[layer], d.block_tables, d.context_lens,
+                self.scale, block_size=cache.block_size, num_splits=d.num_splits, **scales,
             )  # fmt: skip
         # On a GPU the fused SDPA kernels: a long prompt's [n, c] scores would not fit. The
         # float64 oracle runs keep the exact path.
         fused = q.is_cuda and q.dtype != torch.float64
         for span in self.spans:
             rows = slice(span.row_start, span.row_start + span.num_queries)
-            k_span, v_span = k_cache[span.context_slots], v_cache[span.context_slots]
+            k_span, v_span = cache.read(layer, span.context_slots, q.dtype)
             if fused:
                 out[rows] = causal_attention_sdpa(q[rows], k_span, v_span, self.scale)
             else:

@@ -56,6 +56,12 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "Prometheus file_sd target list (labels: component, index)",
     )
     parser.add_argument(
+        "--kv-cache-dtype",
+        choices=("auto", "fp8"),
+        default="auto",
+        help="what attention instances store K/V in: the model's dtype, or fp8 (e4m3)",
+    )
+    parser.add_argument(
         "--enforce-eager",
         action="store_true",
         help="with --colocated on a GPU: no CUDA graphs for decode steps",
@@ -125,7 +131,16 @@ def run(args: argparse.Namespace) -> int:
         attention = [
             cluster.start(
                 f"attention instance {i}",
-                ["attention", "--index", str(i), "--device", devices[i], *common],
+                [
+                    "attention",
+                    "--index",
+                    str(i),
+                    "--device",
+                    devices[i],
+                    *common,
+                    "--kv-cache-dtype",
+                    args.kv_cache_dtype,
+                ],  # fmt: skip
             )
             for i in range(m)
         ]
@@ -179,6 +194,8 @@ def run_colocated(args: argparse.Namespace, stop: threading.Event) -> int:
                     str(args.max_num_batched_tokens),
                     "--metrics-port",
                     "0",
+                    "--kv-cache-dtype",
+                    args.kv_cache_dtype,
                     *(["--enforce-eager"] if args.enforce_eager else []),
                 ],
             )  # fmt: skip

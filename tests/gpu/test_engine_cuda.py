@@ -117,3 +117,28 @@ def test_a_block_fp8_checkpoint_serves_with_fp8_attention_linears_on_the_gpu(tmp
     # And the engine serves it, decode kernel and FP8 GEMMs together.
     outputs = kernel_engine(fp8, True).generate(PROMPTS[:3], GREEDY)
     assert all(len(out.token_ids) >= 1 for out in outputs)
+
+
+def test_an_fp8_kv_cache_serves_through_the_decode_kernel_and_tracks_bf16():
+    cfg = small_config(num_attention_heads=16, head_dim=32)
+    model = random_model(cfg, torch.bfloat16).to("cuda")
+    params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=0, ignore_eos=True)
+
+    def engine(kv: str):
+        config = EngineConfig(
+            block_size=16, num_kv_blocks=64, kv_cache_dtype=kv,
+            scheduler=SchedulerConfig(max_num_seqs=6, max_num_batched_tokens=24),
+        )  # fmt: skip
+        return local_engine(model, config)
+
+    fp8_engine = engine("fp8")
+    assert fp8_engine.runner.cache.k.dtype == torch.float8_e4m3fn
+    assert fp8_engine.runner.cache.decode_kernel  # decode rows read FP8 in the kernel
+    fp8, wide = fp8_engine.generate(PROMPTS, params), engine("auto").generate(PROMPTS, params)
+    first_agree = sum(a.token_ids[0] == b.token_ids[0] for a, b in zip(fp8, wide, strict=True))
+    assert first_agree >= len(PROMPTS) - 1
+    for a, b in zip(fp8, wide, strict=True):
+        pairs = zip(a.token_ids, b.token_ids, strict=True)
+        agree = next((i for i, (x, y) in enumerate(pairs) if x != y), len(a.token_ids))
+        for x, y in zip(a.logprobs[:agree], b.logprobs[:agree], strict=True):
+            assert abs(x.logprob - y.logprob) < 0.3  # e4m3 K/V: ~3% a value
