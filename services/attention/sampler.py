@@ -20,18 +20,22 @@ def new_generator(seed: int | None, device: torch.device) -> torch.Generator:
     return generator
 
 
-def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """logits: [V] float32 -> the same with tokens outside top-k / nucleus top-p set to -inf."""
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # Drop a token when the tokens before it already hold top_p; the first always stays.
-        drop = probs.cumsum(dim=-1) - probs >= top_p
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-    return logits
+def filter_rows(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
+    """logits [M, V] float32, top_k [M] (0: off), top_p [M] (1: off) -> the same with each
+    row's tokens outside its top-k, then outside its nucleus top-p, set to -inf.
+
+    One sort for every row at once: at a 128K vocabulary, sorting row by row costs more than
+    the rest of the step's sampling together. Top-k keeps the k first in sorted order; top-p
+    then drops a token when the tokens before it already hold top_p of what top-k left (the
+    first always stays).
+    """
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    positions = torch.arange(logits.shape[-1], device=logits.device)
+    drop = (top_k[:, None] > 0) & (positions[None, :] >= top_k[:, None])
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    probs = torch.softmax(sorted_logits, dim=-1)
+    drop |= probs.cumsum(dim=-1) - probs >= top_p[:, None]
+    return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
 
 
 def apply_penalties(
@@ -64,19 +68,33 @@ def sample(
 
     output_token_ids: each row's generated tokens so far, needed only when some row has
     penalties; None (the common case) skips them at no cost.
+
+    Greedy rows take the argmax. The others are filtered and drawn together: a token is the
+    argmax of p / e with e ~ Exp(1) per token, which picks token i with probability p_i (the
+    exponential race), each row's noise from its own generator, so a seeded row gets the
+    same token whatever else shares its batch. One read-back for the whole batch.
     """
     if output_token_ids is not None:
         logits = apply_penalties(logits, params, output_token_ids)
-    greedy = logits.argmax(dim=-1).tolist()
-    tokens = []
-    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
-        if p.greedy:
-            tokens.append(greedy[row])
-            continue
-        filtered = filter_logits(logits[row].float() / p.temperature, p.top_k, p.top_p)
-        probs = torch.softmax(filtered, dim=-1)
-        tokens.append(int(torch.multinomial(probs, 1, generator=generator)))
-    return tokens
+    tokens = logits.argmax(dim=-1)
+    drawn = [row for row, p in enumerate(params) if not p.greedy]
+    if drawn:
+        device = logits.device
+        rows = torch.tensor(drawn, device=device)
+        chosen = [params[row] for row in drawn]
+        temperature = torch.tensor([p.temperature for p in chosen], device=device)
+        scaled = logits[rows].float() / temperature[:, None]
+        if any(p.top_k > 0 or p.top_p < 1.0 for p in chosen):
+            top_k = torch.tensor([p.top_k for p in chosen], device=device)
+            top_p = torch.tensor([p.top_p for p in chosen], device=device)
+            scaled = filter_rows(scaled, top_k, top_p)
+        probs = torch.softmax(scaled, dim=-1)
+        noise = torch.empty_like(probs)
+        for i, row in enumerate(drawn):
+            noise[i].exponential_(generator=generators[row])
+        # A draw of exactly 0 would make 0 / 0 = NaN, which argmax prefers: keep it positive.
+        tokens[rows] = (probs / noise.clamp_(min=1e-30)).argmax(dim=-1)
+    return tokens.tolist()
 
 
 def token_logprobs(logits: Tensor, token_id: int, num_top: int) -> TokenLogprob:
