@@ -8,8 +8,9 @@ Once every request is decoding, the next --steps engine steps are timed on the h
 ending in sampling (which reads the tokens back, so a step's time is its whole cost). The
 same model, the same requests: once with `cuda_graphs=False`, once with graphs (the first
 decode step of each bucket captures, and is not timed). Then, with graphs, the engine as an
-instance runs it: behind its driver thread with C consumer threads, and behind the gRPC
-attention API with C streaming clients; there the step time is the decode window (from the
+instance runs it: behind its driver thread with C consumer threads, behind the gRPC
+attention API with C Generate streams, and with one Session stream for all C requests (what
+the gateway uses); there the step time is the decode window (from the
 last request's second token to the first request's last) over the tokens in it, times C.
 
 A script, not a test: `python benchmarks/gpu_decode_step.py` prints a Markdown table.
@@ -41,6 +42,7 @@ from services.common.model.build import build_model  # noqa: E402
 from services.common.model.schema import checkpoint_tensors  # noqa: E402
 from services.common.presets import step3_config  # noqa: E402
 from services.common.sampling_params import SamplingParams  # noqa: E402
+from services.common.wire import attention as wire  # noqa: E402
 from services.common.wire.attention_client import AttentionClient  # noqa: E402
 
 
@@ -89,37 +91,50 @@ def step_times(model, batch: int, context: int, steps: int, graphs: bool) -> lis
     return times
 
 
-def served_step_s(model, batch: int, context: int, steps: int, via_grpc: bool) -> float:
-    """Seconds per decode step with the engine behind its driver thread (and gRPC): C
-    streams consumed by threads, timed while every request is decoding."""
+def served_step_s(model, batch: int, context: int, steps: int, via: str) -> float:
+    """Seconds per decode step with the engine behind its driver thread, read by C consumer
+    threads (`via` "driver"), C gRPC Generate streams ("streams") or one gRPC Session
+    ("session", what the gateway uses); timed while every request is decoding."""
     engine = new_engine(model, batch, context, steps, graphs=True)
     driver = EngineDriver(engine, always_step=False, idle_wait_s=0.01)
     driver.start()
     server = None
-    if via_grpc:
+    if via != "driver":
         server = GrpcServer(ERROR_CODES, max_workers=2 * batch + 16)
         port = server.bind("127.0.0.1", 0)
         add_attention_service(server.server, driver)
         server.start()
-        client = AttentionClient(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     params = SamplingParams(max_tokens=steps + 8, temperature=0.0, ignore_eos=True)
     times: list[list[float]] = [[] for _ in range(batch)]
 
     def consume(i: int, prompt: list[int]) -> None:
-        if via_grpc:
-            stream = client.generate(f"r{i}", prompt, params)
+        if via == "streams":
+            stream = AttentionClient(channel).generate(f"r{i}", prompt, params)
             counts = (len(delta.new_token_ids) for delta in stream)
         else:
             counts = (len(out.new_token_ids) for out in driver.submit(f"r{i}", prompt, params))
         for n in counts:
             times[i] += [time.perf_counter()] * n
 
-    threads = [threading.Thread(target=consume, args=(i, p))
-               for i, p in enumerate(prompts(batch, context))]  # fmt: skip
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    if via == "session":
+        outgoing = [wire.session_generate(f"{i}", p, params)
+                    for i, p in enumerate(prompts(batch, context))]  # fmt: skip
+        remaining = batch
+        for response in wire.attention_stub(channel).Session(iter(outgoing)):
+            now = time.perf_counter()
+            for delta in response.deltas:
+                times[int(delta.request_id)] += [now] * len(delta.response.new_token_ids)
+                remaining -= delta.response.finished
+            if remaining == 0:
+                break
+    else:
+        threads = [threading.Thread(target=consume, args=(i, p))
+                   for i, p in enumerate(prompts(batch, context))]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
     driver.stop()
     if server is not None:
         server.stop(grace_s=0.5)
@@ -143,16 +158,16 @@ def main() -> int:
     print(f"{datetime.date.today()}, {torch.cuda.get_device_name()}, torch {torch.__version__}; "
           f"{args.layers} layers at Step-3's shapes, bf16, context {args.context}\n")  # fmt: skip
     print("| batch | eager step ms | graph step ms | eager / graph | graph: tokens/s "
-          "| + driver thread ms | + gRPC streams ms |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|", flush=True)
+          "| + driver thread ms | + gRPC streams ms | + gRPC session ms |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|", flush=True)
     for batch in args.batches:
         eager = statistics.median(step_times(model, batch, args.context, args.steps, False))
         graph = statistics.median(step_times(model, batch, args.context, args.steps, True))
-        driven = served_step_s(model, batch, args.context, args.steps, via_grpc=False)
-        served = served_step_s(model, batch, args.context, args.steps, via_grpc=True)
+        served = [served_step_s(model, batch, args.context, args.steps, via)
+                  for via in ("driver", "streams", "session")]  # fmt: skip
+        cells = " | ".join(f"{t * 1e3:.2f}" for t in served)
         print(f"| {batch} | {eager * 1e3:.2f} | {graph * 1e3:.2f} | {eager / graph:.2f} | "
-              f"{batch / graph:.0f} | {driven * 1e3:.2f} | {served * 1e3:.2f} |",
-              flush=True)  # fmt: skip
+              f"{batch / graph:.0f} | {cells} |", flush=True)  # fmt: skip
     return 0
 
 

@@ -15,6 +15,7 @@ from services.attention.driver import (
     EngineDriver,
     EngineFailed,
 )
+from services.attention.session import Session
 from services.common.grpc_server import ErrorInterceptor
 from services.common.wire import attention as wire
 
@@ -44,6 +45,9 @@ class AttentionServicer(wire.AttentionServiceServicer):
                 yield wire.output_to_proto(output)
         except (ValueError, RuntimeError) as err:
             context.abort(self._errors.code_for(err), str(err))
+
+    def Session(self, request_iterator, context):
+        yield from Session(self._driver, self._errors).serve(request_iterator, context)
 
     def Cancel(self, request, context):
         self._driver.cancel(request.request_id)

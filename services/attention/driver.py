@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Protocol
 
 from services.attention.engine import Engine, RequestError
 from services.attention.output import RequestOutput
@@ -45,14 +46,23 @@ class Load:
     num_total_blocks: int
 
 
+class Outbox(Protocol):
+    """Where a session's requests' outputs go instead of their own streams (session.py)."""
+
+    def add(self, request_id: str, item: RequestOutput | BaseException) -> None: ...
+    def flush(self) -> None: ...
+
+
 class RequestStream:
     """One request's outputs, in order; iteration blocks and ends after the finished output.
 
     Raises `DriverStopped` or `EngineFailed` if the instance ends before the request does.
+    A request submitted with an `Outbox` sends its outputs there instead, and is not iterated.
     """
 
-    def __init__(self, request_id: str, driver: EngineDriver) -> None:
+    def __init__(self, request_id: str, driver: EngineDriver, outbox: Outbox | None = None):
         self.request_id = request_id
+        self.outbox = outbox
         self._driver = driver
         self._items: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
         self._done = False  # set by the consumer once the last item was taken
@@ -76,7 +86,10 @@ class RequestStream:
             self._driver.cancel(self.request_id)
 
     def _put(self, item: RequestOutput | BaseException) -> None:
-        self._items.put(item)
+        if self.outbox is not None:
+            self.outbox.add(self.request_id, item)
+        else:
+            self._items.put(item)
 
 
 @dataclass
@@ -94,6 +107,7 @@ class _Submit:
     prompt_token_ids: list[int]
     params: SamplingParams
     accepted: Future[RequestStream]
+    outbox: Outbox | None = None
 
 
 @dataclass(frozen=True)
@@ -152,6 +166,17 @@ class EngineDriver:
         engine's message if the engine refuses it, and `RuntimeError` if the driver has
         stopped or failed; in both cases nothing was queued.
         """
+        return self.submit_async(request_id, prompt_token_ids, params).result()
+
+    def submit_async(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        outbox: Outbox | None = None,
+    ) -> Future[RequestStream]:
+        """`submit` without waiting: the future holds the stream, or what `submit` raises.
+        With an `outbox`, the request's outputs go there (a session's requests)."""
         accepted: Future[RequestStream] = Future()
         with self._lock:
             if self._closed_error is not None:
@@ -160,9 +185,10 @@ class EngineDriver:
                 raise DriverStopped("the attention instance is shutting down")
             if not self._started:
                 raise RuntimeError("the engine driver has not been started: call start()")
-            self._commands.append(_Submit(request_id, list(prompt_token_ids), params, accepted))
+            prompt = list(prompt_token_ids)
+            self._commands.append(_Submit(request_id, prompt, params, accepted, outbox))
         self._wake.set()
-        return accepted.result()
+        return accepted
 
     def cancel(self, request_id: str) -> None:
         """Abort the request on the engine thread before its next step, freeing its KV
@@ -227,7 +253,7 @@ class EngineDriver:
         except Exception as exc:  # raised again in the caller
             command.accepted.set_exception(exc)
             return
-        stream = RequestStream(command.request_id, self)
+        stream = RequestStream(command.request_id, self, command.outbox)
         self._open[command.request_id] = _Open(stream, command.prompt_token_ids)
         command.accepted.set_result(stream)
 
@@ -237,16 +263,20 @@ class EngineDriver:
             return
         self._engine.abort_request(request_id)
         record.stream._put(_aborted(request_id, record))
+        _flush({record.stream.outbox})
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
+        outboxes = set()
         for output in outputs:
             record = self._open.get(output.request_id)
             if record is None:
                 continue
             record.last = output
             record.stream._put(output)
+            outboxes.add(record.stream.outbox)
             if output.finished:
                 del self._open[output.request_id]
+        _flush(outboxes)  # a session gets the whole step in one message
 
     def _close(self, error: BaseException) -> None:
         with self._lock:
@@ -260,6 +290,7 @@ class EngineDriver:
             if not isinstance(error, EngineFailed):
                 self._engine.abort_request(request_id)  # leave the engine clean
             record.stream._put(error)
+        _flush({record.stream.outbox for record in self._open.values()})
         self._open.clear()
         self._load = self._snapshot()
 
@@ -277,6 +308,12 @@ class EngineDriver:
             num_free_blocks=engine.num_free_blocks,
             num_total_blocks=engine.block_manager.num_blocks,
         )
+
+
+def _flush(outboxes: set[Outbox | None]) -> None:
+    for outbox in outboxes:
+        if outbox is not None:
+            outbox.flush()
 
 
 def _aborted(request_id: str, record: _Open) -> RequestOutput:

@@ -89,7 +89,9 @@ class Choices:
             async with self._router.slot() as instance:
                 timing.started()
                 request_id = f"{self._request_id}-{index}-{uuid.uuid4().hex[:8]}"
-                stream = instance.client.generate(request_id, job.prompt_token_ids, job.params)
+                stream = instance.client.generate_in_session(
+                    request_id, job.prompt_token_ids, job.params
+                )
                 last: float | None = None
                 try:
                     async for delta in stream:

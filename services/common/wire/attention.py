@@ -184,3 +184,56 @@ def cancel_response() -> pb.CancelResponse:
 
 def get_load_request() -> pb.GetLoadRequest:
     return pb.GetLoadRequest()
+
+
+# Sessions: many requests on one stream (the Session RPC).
+
+
+class SessionRefusal(grpc.RpcError):
+    """A session's request that was refused or failed, with the status code and message
+    its own Generate call would have ended with (so callers handle both alike)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self._code = code
+        self._message = message
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._message
+
+
+_STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+def session_generate(
+    request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+) -> pb.SessionRequest:
+    return pb.SessionRequest(generate=generate_request(request_id, prompt_token_ids, params))
+
+
+def session_cancel(request_id: str) -> pb.SessionRequest:
+    return pb.SessionRequest(cancel=cancel_request(request_id))
+
+
+def session_output(request_id: str, output: OutputLike) -> pb.SessionDelta:
+    return pb.SessionDelta(request_id=request_id, response=output_to_proto(output))
+
+
+def session_error(request_id: str, code: grpc.StatusCode, message: str) -> pb.SessionDelta:
+    error = pb.SessionError(code=code.value[0], message=message)
+    return pb.SessionDelta(request_id=request_id, error=error)
+
+
+def session_response(deltas: list[pb.SessionDelta]) -> pb.SessionResponse:
+    return pb.SessionResponse(deltas=deltas)
+
+
+def session_item(delta: pb.SessionDelta) -> GenerateDelta | SessionRefusal:
+    """A session delta as the client sees it: the request's next response, or its refusal."""
+    if delta.WhichOneof("kind") == "error":
+        code = _STATUS_BY_VALUE.get(delta.error.code, grpc.StatusCode.UNKNOWN)
+        return SessionRefusal(code, delta.error.message)
+    return delta_from_proto(delta.response)

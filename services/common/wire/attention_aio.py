@@ -7,6 +7,7 @@ proto/afd/v1/attention.proto. The channel belongs to the caller, who also closes
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -20,6 +21,7 @@ class AsyncAttentionClient:
     def __init__(self, channel: grpc.aio.Channel) -> None:
         self._stub = wire.attention_stub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
+        self._session: Session | None = None
 
     def generate(
         self,
@@ -34,6 +36,18 @@ class AsyncAttentionClient:
         instance aborts the request and frees its KV blocks."""
         request = wire.generate_request(request_id, prompt_token_ids, params)
         return _deltas(self._stub.Generate(request, timeout=timeout_s))
+
+    def generate_in_session(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[wire.GenerateDelta]:
+        """`generate` over this client's one Session stream, shared by all its requests (one
+        message per engine step for all of them). Refusals raise `wire.SessionRefusal`, a
+        `grpc.RpcError` with the code `generate` would have raised; the session's end
+        raises one with the session's code for every request still open. A new session
+        starts with the next request after one ends."""
+        if self._session is None or self._session.ended:
+            self._session = Session(self._stub)
+        return self._session.generate(request_id, prompt_token_ids, params)
 
     async def cancel(self, request_id: str, *, timeout_s: float | None = None) -> None:
         """Abort the request if it runs; its stream then ends with finish_reason "abort"."""
@@ -66,3 +80,59 @@ async def _deltas(call) -> AsyncIterator[wire.GenerateDelta]:
             yield wire.delta_from_proto(message)
     finally:
         call.cancel()  # a no-op once the call has ended
+
+
+class Session:
+    """One Session call: requests written to it, each step's deltas routed to their requests."""
+
+    def __init__(self, stub) -> None:
+        self._outgoing: asyncio.Queue = asyncio.Queue()
+        self._open: dict[str, asyncio.Queue] = {}
+        self.ended = False
+        self._call = stub.Session(self._requests())
+        self._reader = asyncio.create_task(self._read())
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[wire.GenerateDelta]:
+        if request_id in self._open:
+            raise ValueError(f"request id {request_id!r} is already open in this session")
+        items: asyncio.Queue = asyncio.Queue()
+        self._open[request_id] = items
+        self._outgoing.put_nowait(wire.session_generate(request_id, prompt_token_ids, params))
+        done = False
+        try:
+            while True:
+                item = await items.get()
+                if isinstance(item, BaseException):
+                    done = True  # refused, or the session ended: nothing runs to cancel
+                    raise item
+                yield item
+                if item.finished:
+                    done = True
+                    return
+        finally:
+            self._open.pop(request_id, None)
+            if not done and not self.ended:
+                self._outgoing.put_nowait(wire.session_cancel(request_id))  # frees its blocks
+
+    async def _requests(self):
+        while True:
+            yield await self._outgoing.get()
+
+    async def _read(self) -> None:
+        error: BaseException = wire.SessionRefusal(
+            grpc.StatusCode.UNAVAILABLE, "the attention instance ended the session"
+        )
+        try:
+            async for response in self._call:
+                for delta in response.deltas:
+                    items = self._open.get(delta.request_id)
+                    if items is not None:
+                        items.put_nowait(wire.session_item(delta))
+        except grpc.RpcError as err:
+            error = err
+        finally:
+            self.ended = True
+            for items in self._open.values():
+                items.put_nowait(error)
