@@ -19,69 +19,12 @@ from services.common.grpc_server import GrpcServer
 from services.common.sampling_params import SamplingParams
 from services.common.wire import attention as wire
 from services.common.wire.attention_client import AttentionClient
+from tests.support.attention_api import NUM_BLOCKS, make_engine, serve, wait_until_idle
 
 pytestmark = pytest.mark.timeout(60)
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
-NUM_BLOCKS = 64
-
-
-class WordDecoder:
-    """Token i reads " w<i>": prefix-stable text without a real tokenizer."""
-
-    def decode(self, ids, skip_special_tokens=True):
-        return "".join(f" w{i}" for i in ids)
-
-
-def make_engine(model):
-    config = EngineConfig(
-        block_size=4,
-        num_kv_blocks=NUM_BLOCKS,
-        max_model_len=256,
-        scheduler=SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=32),
-    )
-    return local_engine(model, config, WordDecoder())
-
-
-def serve(model):
-    engine = make_engine(model)
-    driver = EngineDriver(engine, idle_wait_s=0.001)
-    driver.start()
-    server = GrpcServer(ERROR_CODES, max_workers=16)
-    add_attention_service(server.server, driver)
-    port = server.bind("127.0.0.1", 0)
-    server.start()
-    server.set_serving(True, ("", wire.SERVICE_NAME))
-    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
-    return SimpleNamespace(
-        client=AttentionClient(channel),
-        channel=channel,
-        driver=driver,
-        server=server,
-        engine=engine,
-    )
-
-
-@pytest.fixture(scope="module")
-def api(tiny_model_f64):
-    served = serve(tiny_model_f64)
-    yield served
-    served.channel.close()
-    served.server.stop(0)
-    served.driver.stop()
-
-
-def wait_until_idle(client, timeout_s=10.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        load = client.load()
-        if load.num_running == load.num_waiting == 0:
-            return load
-        time.sleep(0.005)
-    raise AssertionError(f"still busy after {timeout_s} s: {client.load()}")
-
-
 def joined(deltas):
     return [t for d in deltas for t in d.new_token_ids], "".join(d.new_text for d in deltas)
 

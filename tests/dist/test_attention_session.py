@@ -12,22 +12,13 @@ import pytest
 
 from services.common.sampling_params import SamplingParams
 from services.common.wire import attention as wire
-from tests.dist.test_attention_api import NUM_BLOCKS, serve, wait_until_idle
+from tests.support.attention_api import NUM_BLOCKS, wait_until_idle
 
 pytestmark = pytest.mark.timeout(60)
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
 LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 PROMPTS = [[5 + 7 * i + j for j in range(3 + 2 * i)] for i in range(4)]
-
-
-@pytest.fixture(scope="module")
-def api(tiny_model_f64):
-    served = serve(tiny_model_f64)
-    yield served
-    served.channel.close()
-    served.server.stop(0)
-    served.driver.stop()
 
 
 class RawSession:
