@@ -1,10 +1,11 @@
 """One API request's choices running on attention instances, their deltas merged in one
 stream.
 
-Each choice (a prompt, its sampling parameters) takes a slot from the router, opens a
-Generate stream on that instance and forwards its deltas, timing them for the admission
-control's TPOT. `close()` cancels every stream still open, which aborts those requests on
-their instances and frees their KV blocks. Knows nothing of HTTP or of the response formats.
+Each choice (a prompt, its sampling parameters) takes a slot from the router, starts on that
+instance's session (one gRPC stream shared by all the gateway's requests there) and forwards
+its deltas, timing them for the admission control's TPOT and the metrics. `close()` cancels
+every choice still open, which aborts those requests on their instances and frees their KV
+blocks. Knows nothing of HTTP or of the response formats.
 """
 
 from __future__ import annotations
