@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 from services.cli.local_cluster import LocalCluster
+from services.common import cluster_secret
 from services.ffn.layouts import LAYOUTS
 
 READY_TIMEOUT_S = 300.0
@@ -123,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
         return run_colocated(args, stop)
     m, n = args.attention_instances, args.ffn_instances
     cluster = LocalCluster(m + n)
+    # Every process of this cluster gets one fresh secret (unless the user set one), so no
+    # other process on the machine can join it.
+    cluster.env[cluster_secret.ENV] = cluster.env.get(cluster_secret.ENV) or (
+        cluster_secret.new_secret()
+    )
     try:
         controller = cluster.start("controller", controller_args(args))
         address = cluster.wait_ready(controller, READY_TIMEOUT_S)

@@ -22,6 +22,7 @@ from typing import Any
 import grpc
 
 from services.common.cluster import Member, Membership
+from services.common.cluster_secret import SendSecret
 from services.common.wire import control as wire
 
 __all__ = ["ClusterShutdown", "ControlClient", "ControlError", "Member", "Membership"]
@@ -31,6 +32,7 @@ _REFUSALS = (
     grpc.StatusCode.INVALID_ARGUMENT,
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.ALREADY_EXISTS,
+    grpc.StatusCode.UNAUTHENTICATED,
 )
 
 
@@ -43,12 +45,16 @@ class ClusterShutdown(Exception):
 
 
 class ControlClient:
-    def __init__(self, address: str, timeout_s: float = 30.0) -> None:
-        """`timeout_s` bounds each call beyond the time it asks the controller to wait."""
+    def __init__(self, address: str, timeout_s: float = 30.0, secret: str | None = None) -> None:
+        """`timeout_s` bounds each call beyond the time it asks the controller to wait;
+        `secret`: the cluster secret, sent with every call (cluster_secret.py)."""
         self.address = address
         self.timeout_s = timeout_s
         self._channel = grpc.insecure_channel(address)
-        self._stub = wire.controller_stub(self._channel)
+        channel = self._channel
+        if secret is not None:
+            channel = grpc.intercept_channel(channel, SendSecret(secret))
+        self._stub = wire.controller_stub(channel)
 
     def register(
         self, role: str, index: int, address: str, fingerprint: str, timeout_s: float = 120.0

@@ -11,6 +11,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from services.common.cluster_secret import rendezvous_prefix
 from services.common.control_client import Membership
 
 
@@ -19,7 +20,11 @@ def backend_for(device: torch.device) -> str:
 
 
 def join_group(
-    membership: Membership, rank: int, device: torch.device, timeout_s: float
+    membership: Membership,
+    rank: int,
+    device: torch.device,
+    timeout_s: float,
+    secret: str | None = None,
 ) -> dist.Store:
     """Initialise the default process group as `rank` of this epoch's world; returns the
     epoch's store, for barriers that must outlast the step timeout (see `wait_for_all`)."""
@@ -29,7 +34,8 @@ def join_group(
         is_master=False,
         timeout=timedelta(seconds=timeout_s),
     )
-    prefixed = dist.PrefixStore(f"epoch-{membership.epoch}", store)
+    # Under a prefix only holders of the cluster secret can name (cluster_secret.py).
+    prefixed = dist.PrefixStore(rendezvous_prefix(membership.epoch, secret), store)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(

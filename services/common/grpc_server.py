@@ -17,6 +17,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from services.common.cluster_secret import RequireSecret
+
 log = logging.getLogger(__name__)
 
 # Enough for every member of a large cluster to hold a long-poll at once.
@@ -109,11 +111,16 @@ class GrpcServer:
     """
 
     def __init__(
-        self, codes: ErrorCodes | None = None, max_workers: int = DEFAULT_MAX_WORKERS
+        self,
+        codes: ErrorCodes | None = None,
+        max_workers: int = DEFAULT_MAX_WORKERS,
+        secret: str | None = None,
     ) -> None:
+        """`secret`: refuse every call but health checks that does not carry it."""
+        guard = [RequireSecret(secret)] if secret is not None else []
         self.server = grpc.server(
             ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-            interceptors=[ErrorInterceptor(codes or {})],
+            interceptors=[*guard, ErrorInterceptor(codes or {})],
             # Without this, a second server on an explicit port would bind it too and share it.
             options=[("grpc.so_reuseport", 0)],
         )

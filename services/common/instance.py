@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from services.common import cluster_secret
 from services.common.cluster import HEARTBEAT_INTERVAL_S
 from services.common.control_client import ControlClient, Membership
 from services.common.dist import join_group, leave_group, peer_names, wait_for_all
@@ -41,6 +42,7 @@ def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
         help="seconds a peer may take to answer within a step before the step fails",
     )
     add_metrics_argument(parser)
+    cluster_secret.add_argument(parser)
 
 
 @dataclass(frozen=True)
@@ -53,6 +55,7 @@ class InstanceOptions:
     port: int
     device: torch.device
     step_timeout_s: float
+    cluster_secret: str | None = None
 
     @classmethod
     def from_args(cls, role: str, args: argparse.Namespace) -> InstanceOptions:
@@ -72,6 +75,7 @@ class InstanceOptions:
             args.port,
             device,
             args.step_timeout,
+            cluster_secret.load(args.cluster_secret_file),
         )
 
     @property
@@ -93,7 +97,7 @@ class Instance:
         self.server = GrpcServer(error_codes, max_workers)
         self.port = self.server.bind(options.host, options.port)
         self.server.start()
-        self.control = ControlClient(options.controller)
+        self.control = ControlClient(options.controller, secret=options.cluster_secret)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stopping.set())
 
@@ -109,7 +113,9 @@ class Instance:
         )
         self.rank = membership.rank_of(o.role, o.index)
         self.membership = membership
-        self._store = join_group(membership, self.rank, o.device, o.step_timeout_s)
+        self._store = join_group(
+            membership, self.rank, o.device, o.step_timeout_s, o.cluster_secret
+        )
         threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         groups = channel_groups() if o.device.type == "cuda" else None
         return membership, Transport(peer_names(membership), o.step_timeout_s, groups)

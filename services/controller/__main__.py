@@ -16,6 +16,7 @@ import threading
 from prometheus_client import CollectorRegistry
 from torch.distributed import TCPStore
 
+from services.common import cluster_secret
 from services.common.cluster import HEARTBEAT_INTERVAL_S, MEMBER_STATES, ROLES
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, GrpcServer
@@ -51,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "hostname when --host is a wildcard)",
     )
     add_metrics_argument(parser)
+    cluster_secret.add_argument(parser)
     parser.add_argument(
         "--max-workers",
         type=int,
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         # A long-poll holds a thread; a member may hold two (a plan wait and a heartbeat).
         num_members = spec.num_attention_instances + spec.num_ffn_instances
         max_workers = args.max_workers or max(DEFAULT_MAX_WORKERS, 2 * num_members + 16)
-        server = GrpcServer(ERROR_CODES, max_workers)
+        secret = cluster_secret.load(args.cluster_secret_file)
+        server = GrpcServer(ERROR_CODES, max_workers, secret=secret)
         wire.add_controller_to_server(servicer, server.server)
         port = server.bind(args.host, args.port)
     except (ValueError, OSError, RuntimeError) as err:
@@ -112,13 +115,14 @@ def main(argv: list[str] | None = None) -> int:
     server.set_serving(True, ("", wire.SERVICE_NAME))
     log.info(
         "expecting %d attention and %d FFN instance(s), %d micro-batches, model %s; "
-        "TCPStore on %s:%d",
+        "TCPStore on %s:%d; %s",
         spec.num_attention_instances,
         spec.num_ffn_instances,
         spec.num_micro_batches,
         spec.fingerprint,
         store_host,
         store.port,
+        "members must hold the cluster secret" if secret else "no cluster secret: open to all",
     )
     serve_metrics(prometheus, args.host, args.metrics_port)  # before: `afd serve` reads both
     print(f"controller listening on {args.host}:{port}", flush=True)

@@ -195,3 +195,19 @@ def test_wire_round_trips_a_membership():
     assert wire.membership_from_proto(wire.membership_to_proto(membership)) == membership
     with pytest.raises(ValueError, match="role"):
         wire.role_to_proto("expert")
+
+
+def test_a_controller_with_a_secret_refuses_strangers_and_answers_probes(tmp_path, monkeypatch):
+    monkeypatch.setenv("AFD_CLUSTER_SECRET", "s3cret-of-this-cluster")  # the process inherits it
+    with controller(tmp_path) as (_, address):
+        for secret in (None, "a guess"):
+            with ControlClient(address, secret=secret) as stranger:
+                with pytest.raises(ControlError, match="this cluster requires its secret"):
+                    stranger.register("attention", 0, "evil:1", FP, 5)
+                with pytest.raises(ControlError, match="requires its secret"):
+                    stranger.get_plan(1, 0, 0.1)
+        with grpc.insecure_channel(address) as channel:  # probes carry no secret
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        with ControlClient(address, secret="s3cret-of-this-cluster") as member:
+            assert register_everyone(member)[0].epoch == 1
