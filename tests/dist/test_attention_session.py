@@ -4,6 +4,7 @@ same server, and the engine's own accounting of running requests and free KV blo
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 
@@ -12,7 +13,8 @@ import pytest
 
 from services.common.sampling_params import SamplingParams
 from services.common.wire import attention as wire
-from tests.support.attention_api import NUM_BLOCKS, wait_until_idle
+from services.common.wire.attention_aio import AsyncAttentionClient
+from tests.support.attention_api import NUM_BLOCKS, serve, wait_until_idle
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -141,3 +143,36 @@ def test_many_sessions_at_once(api):
         t.join()
     assert not errors and sorted(results) == list(range(6))
     assert results[0] == results[4] and results[1] == results[5]  # same prompt, same tokens
+
+
+def test_the_gateways_session_client_shares_one_stream_and_fails_what_is_open_when_it_ends(
+    tiny_model_f64,
+):
+    served = serve(tiny_model_f64)
+    expected = [[t for d in served.client.generate(f"e{i}", p, GREEDY) for t in d.new_token_ids]
+                for i, p in enumerate(PROMPTS[:2])]  # fmt: skip
+
+    async def main() -> None:
+        channel = grpc.aio.insecure_channel(served.address)
+        client = AsyncAttentionClient(channel)
+
+        async def run(i: int, params: SamplingParams) -> list[int]:
+            stream = client.generate_in_session(f"a{i}", PROMPTS[i], params)
+            return [t async for delta in stream for t in delta.new_token_ids]
+
+        assert await asyncio.gather(run(0, GREEDY), run(1, GREEDY)) == expected
+        long = asyncio.create_task(run(2, LONG))
+        while served.engine.scheduler.num_unfinished == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.to_thread(served.server.stop, 0)  # the instance goes away mid-request
+        with pytest.raises(grpc.RpcError):
+            await asyncio.wait_for(long, 10)
+        with pytest.raises(grpc.RpcError):  # a new session to a gone instance fails too
+            await asyncio.wait_for(run(3, GREEDY), 10)
+        await channel.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        served.channel.close()
+        served.driver.stop()

@@ -48,6 +48,7 @@ def serve(model):
     server.set_serving(True, ("", wire.SERVICE_NAME))
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     return SimpleNamespace(
+        address=f"127.0.0.1:{port}",
         client=AttentionClient(channel),
         channel=channel,
         driver=driver,

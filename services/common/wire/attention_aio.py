@@ -95,6 +95,10 @@ class Session:
     async def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> AsyncIterator[wire.GenerateDelta]:
+        if self.ended:  # nothing would ever answer: fail now, as the open requests did
+            raise wire.SessionRefusal(
+                grpc.StatusCode.UNAVAILABLE, "the attention instance ended the session"
+            )
         if request_id in self._open:
             raise ValueError(f"request id {request_id!r} is already open in this session")
         items: asyncio.Queue = asyncio.Queue()
