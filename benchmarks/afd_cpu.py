@@ -50,6 +50,7 @@ from services.attention.api import ERROR_CODES, add_attention_service
 from services.attention.builder import local_engine
 from services.attention.driver import EngineDriver
 from services.attention.engine import Engine, EngineConfig
+from services.common import cluster_secret
 from services.common.activations import Layout
 from services.common.control_client import ControlClient
 from services.common.grpc_server import GrpcServer
@@ -58,6 +59,10 @@ from services.common.sampling_params import SamplingParams
 from services.common.transport import Transport
 from services.common.wire import attention as wire
 from services.common.wire.attention_client import AttentionClient
+
+# Every cluster this script starts shares one secret (the children inherit it); its
+# clients send it.
+SECRET = os.environ.setdefault(cluster_secret.ENV, cluster_secret.new_secret())
 
 START_TIMEOUT_S = 120.0
 PAPER_TPOT_S = 0.050  # Step-3's SLA: 50 ms per output token
@@ -199,7 +204,7 @@ def bench_served(
     channel = grpc.insecure_channel(child.address)
     try:
         grpc.channel_ready_future(channel).result(START_TIMEOUT_S)
-        client = AttentionClient(channel)
+        client = AttentionClient(channel, SECRET)
         params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
         run_client(system, client, prompts(rng, 1, args.prompt_tokens), params)  # warm-up
         results = []
@@ -343,7 +348,10 @@ def bench_control_plane(args: argparse.Namespace, logs: Path) -> list[str]:
     ]  # fmt: skip
     child = Child(command, r"controller listening on (\S+)", logs / "controller.log")
     try:
-        with ControlClient(child.address) as attention, ControlClient(child.address) as ffn:
+        with (
+            ControlClient(child.address, secret=SECRET) as attention,
+            ControlClient(child.address, secret=SECRET) as ffn,
+        ):
             joined: dict[str, object] = {}
             threads = [
                 threading.Thread(

@@ -13,6 +13,7 @@ A script, not a test: it prints Markdown tables for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -25,8 +26,13 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.common import cluster_secret  # noqa: E402
 from services.common.sampling_params import SamplingParams  # noqa: E402
 from services.common.wire.attention_client import AttentionClient  # noqa: E402
+
+# Every cluster this script starts shares one secret (the children inherit it); its
+# clients send it.
+SECRET = os.environ.setdefault(cluster_secret.ENV, cluster_secret.new_secret())
 from tests.support.cluster import Cluster, afd  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog " * 3
@@ -41,7 +47,7 @@ def grpc_stream(address: str, prompt_ids: list[int], tokens: int, request_id: st
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
     times = []
     with grpc.insecure_channel(address) as channel:
-        for delta in AttentionClient(channel).generate(request_id, prompt_ids, params):
+        for delta in AttentionClient(channel, SECRET).generate(request_id, prompt_ids, params):
             times += [time.perf_counter()] * len(delta.new_token_ids)
     return tpot(times)
 

@@ -17,6 +17,7 @@ A script, not a test: `python benchmarks/gpu_e2e.py --model DIR` on a machine wi
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import re
 import statistics
@@ -30,8 +31,13 @@ import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from services.common import cluster_secret  # noqa: E402
 from services.common.sampling_params import SamplingParams  # noqa: E402
 from services.common.wire.attention_client import AttentionClient  # noqa: E402
+
+# Every cluster this script starts shares one secret (the children inherit it); its
+# clients send it.
+SECRET = os.environ.setdefault(cluster_secret.ENV, cluster_secret.new_secret())
 
 READY = re.compile(r"cluster ready: attention instances at (\S+)")
 DEPLOYMENTS = {
@@ -66,7 +72,7 @@ def one_request(client: AttentionClient, name: str, prompt: list[int], n: int) -
 
 
 def run_load(address: str, concurrency: int, input_len: int, output_len: int) -> dict:
-    client = AttentionClient(grpc.insecure_channel(address))
+    client = AttentionClient(grpc.insecure_channel(address), SECRET)
     rng = random.Random(concurrency)
     prompts = [[rng.randrange(1000, 100000) for _ in range(input_len)] for _ in range(concurrency)]
     results: list[list[float]] = [[] for _ in range(concurrency)]

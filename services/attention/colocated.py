@@ -20,6 +20,7 @@ from services.attention.builder import local_engine
 from services.attention.driver import EngineDriver
 from services.attention.engine import EngineConfig
 from services.attention.monitor import EngineMonitor
+from services.common import cluster_secret
 from services.common.grpc_server import GrpcServer
 from services.common.metrics import AttentionMetrics, serve_metrics
 from services.common.model.build import fp8_linears_on, load_model
@@ -37,7 +38,10 @@ def serve_colocated(args: argparse.Namespace, config: EngineConfig) -> int:
     stopping = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopping.set())
-    server = GrpcServer(ERROR_CODES, max_workers=2 * config.scheduler.max_num_seqs + 16)
+    secret = cluster_secret.load(args.cluster_secret_file)
+    server = GrpcServer(
+        ERROR_CODES, max_workers=2 * config.scheduler.max_num_seqs + 16, secret=secret
+    )
     port = server.bind(args.host, args.port)
     server.start()
     try:

@@ -1,11 +1,12 @@
 """The cluster secret: what a process must hold to join an AFD cluster.
 
-Every control-plane call carries it as gRPC metadata and the controller refuses a call
-without it (UNAUTHENTICATED, in constant time), so a stranger can neither register, take a
-rank, nor read a step plan. The data plane's rendezvous keys live under a prefix derived from
-it, so a process without it cannot find, let alone take, a place in an epoch's
-torch.distributed group, and never receives activations. Health checks stay open: probes
-carry no secret.
+Every control-plane call, and every call to an attention instance's API, carries it as gRPC
+metadata, and the server refuses a call without it (UNAUTHENTICATED, compared in constant
+time), so a stranger can neither register, take a rank, read a step plan, nor send requests
+to an attention instance past the gateway's API keys. The data plane's rendezvous keys live
+under a prefix derived from it, so a process without it cannot find, let alone take, a
+place in an epoch's torch.distributed group, and never receives activations. Health checks
+stay open: probes carry no secret.
 
 Where it comes from: `--cluster-secret-file F` (first line), else the `AFD_CLUSTER_SECRET`
 environment variable; a cluster started without either runs open, as before. `afd serve`
@@ -62,32 +63,51 @@ def rendezvous_prefix(epoch: int, secret: str | None) -> str:
     return f"epoch-{epoch}-{tag[:32]}"
 
 
+REFUSAL = (
+    "this cluster requires its secret: start the process with --cluster-secret-file or "
+    f"${ENV} set to the cluster's secret"
+)
+# A refusal must have the shape of the method it stands in for (streaming or not).
+_HANDLERS = {
+    (False, False): grpc.unary_unary_rpc_method_handler,
+    (False, True): grpc.unary_stream_rpc_method_handler,
+    (True, False): grpc.stream_unary_rpc_method_handler,
+    (True, True): grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _refuse(request, context):
+    context.abort(grpc.StatusCode.UNAUTHENTICATED, REFUSAL)
+
+
 class RequireSecret(grpc.ServerInterceptor):
     """Refuses every call but health checks unless it carries the cluster secret."""
 
     def __init__(self, secret: str) -> None:
         self._secret = secret.encode()
 
-        def refuse(request, context):
-            context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "this cluster requires its secret: start the process with "
-                f"--cluster-secret-file or ${ENV} set to the cluster's secret",
-            )
-
-        self._refuse = grpc.unary_unary_rpc_method_handler(refuse)
-
     def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
-        if details.method.startswith(OPEN_METHODS):
-            return continuation(details)
+        handler = continuation(details)
+        if handler is None or details.method.startswith(OPEN_METHODS):
+            return handler
         sent = dict(details.invocation_metadata or ()).get(METADATA_KEY, "")
         if isinstance(sent, str) and hmac.compare_digest(sent.encode(), self._secret):
-            return continuation(details)
-        return self._refuse
+            return handler
+        make = _HANDLERS[(handler.request_streaming, handler.response_streaming)]
+        return make(
+            _refuse,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+
+def metadata(secret: str | None) -> tuple[tuple[str, str], ...]:
+    """What a client sends with each call of a cluster that has `secret`."""
+    return () if secret is None else ((METADATA_KEY, secret),)
 
 
 class SendSecret(grpc.UnaryUnaryClientInterceptor):

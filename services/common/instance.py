@@ -94,7 +94,7 @@ class Instance:
     ) -> None:
         self.options = options
         self.stopping = threading.Event()
-        self.server = GrpcServer(error_codes, max_workers)
+        self.server = GrpcServer(error_codes, max_workers, secret=options.cluster_secret)
         self.port = self.server.bind(options.host, options.port)
         self.server.start()
         self.control = ControlClient(options.controller, secret=options.cluster_secret)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import uvicorn
 
+from services.common import cluster_secret
 from services.common.config import load_config
 from services.common.tokenizer import Tokenizer
 from services.gateway.admission import LimitConfig
@@ -50,6 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    cluster_secret.add_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -81,7 +83,8 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
         initial=min(LimitConfig.initial, args.max_running),
         maximum=args.max_running,
     )
-    router = Router(args.attention, limits, args.max_queue)
+    secret = cluster_secret.load(args.cluster_secret_file)
+    router = Router(args.attention, limits, args.max_queue, secret=secret)
     return Gateway(config, Tokenizer.from_dir(args.model), router)
 
 

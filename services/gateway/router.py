@@ -61,13 +61,16 @@ class Router:
         limits: LimitConfig,
         max_queue: int,
         poll_interval_s: float = 0.05,
+        secret: str | None = None,
     ) -> None:
+        """`secret`: the cluster secret the attention instances require, if any."""
         if not addresses:
             raise ValueError("at least one attention instance (--attention HOST:PORT) is needed")
         self._addresses = addresses
         self._limits = limits
         self._max_queue = max_queue
         self._poll_interval_s = poll_interval_s
+        self._secret = secret
         self.instances: list[Instance] = []
         self._waiters: deque[asyncio.Future[Instance]] = deque()
         self._poller: asyncio.Task[None] | None = None
@@ -78,7 +81,7 @@ class Router:
             self.instances.append(
                 Instance(
                     address,
-                    AsyncAttentionClient(channel),
+                    AsyncAttentionClient(channel, self._secret),
                     ConcurrencyLimit(self._limits, time.monotonic()),
                     channel=channel,
                 )

@@ -12,7 +12,13 @@ import pytest
 
 from services.common.sampling_params import SamplingParams
 from services.common.wire.attention_client import AttentionClient
-from tests.support.cluster import Cluster, afd, processes_mentioning, wait_until_gone
+from tests.support.cluster import (
+    CLUSTER_SECRET,
+    Cluster,
+    afd,
+    processes_mentioning,
+    wait_until_gone,
+)
 
 STEP_TIMEOUT_S = 3
 
@@ -45,7 +51,8 @@ def test_a_hung_ffn_instance_fails_the_step_by_name_and_the_cluster_stops(checkp
     params = SamplingParams(max_tokens=5000, temperature=0.0, ignore_eos=True)
     try:
         with grpc.insecure_channel(cluster.addresses[0]) as channel:
-            stream = AttentionClient(channel).generate("long", [1, 2, 3], params)
+            client = AttentionClient(channel, CLUSTER_SECRET)
+            stream = client.generate("long", [1, 2, 3], params)
             next(stream)  # generation is under way
             os.kill(hung, signal.SIGSTOP)
             started = time.monotonic()

@@ -10,10 +10,13 @@ import threading
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import cluster_secret
 from services.common.sampling_params import SamplingParams
 from services.common.wire import attention as wire
 from services.common.wire.attention_aio import AsyncAttentionClient
+from services.common.wire.attention_client import AttentionClient
 from tests.support.attention_api import NUM_BLOCKS, serve, wait_until_idle
 
 pytestmark = pytest.mark.timeout(60)
@@ -175,4 +178,35 @@ def test_the_gateways_session_client_shares_one_stream_and_fails_what_is_open_wh
         asyncio.run(main())
     finally:
         served.channel.close()
+        served.driver.stop()
+
+
+def test_an_instance_with_a_cluster_secret_serves_only_its_holders(tiny_model_f64):
+    served = serve(tiny_model_f64, secret="the-secret")
+    try:
+        for secret in (None, "a guess"):
+            stranger = AttentionClient(served.channel, secret)
+            calls = (
+                lambda s=stranger: list(s.generate("x", PROMPTS[0], GREEDY)),
+                lambda s=stranger: s.load(),
+                lambda s=stranger: s.cancel("x"),
+                lambda s=secret: list(wire.attention_stub(served.channel).Session(
+                    iter([wire.session_generate("y", PROMPTS[0], GREEDY)]),
+                    metadata=cluster_secret.metadata(s),
+                )),
+            )  # fmt: skip
+            for call in calls:
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "requires its secret" in refused.value.details()
+        health = health_pb2_grpc.HealthStub(served.channel)  # probes carry no secret
+        reply = health.Check(health_pb2.HealthCheckRequest(service=wire.SERVICE_NAME))
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        tokens = [t for d in served.client.generate("ok", PROMPTS[0], GREEDY) for t in d.new_token_ids]
+        assert len(tokens) == GREEDY.max_tokens
+        assert wait_until_idle(served.client).num_running == 0
+    finally:
+        served.channel.close()
+        served.server.stop(0)
         served.driver.stop()

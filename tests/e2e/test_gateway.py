@@ -16,6 +16,7 @@ import grpc
 import pytest
 
 from services.common.wire.attention_client import AttentionClient
+from tests.support.cluster import CLUSTER_SECRET
 from tests.support.gateway import MESSAGES, PROMPT
 
 # The API's shape.
@@ -225,7 +226,7 @@ def test_a_disconnect_frees_the_requests_blocks(gateway, cluster, model_name, st
         }
     ).encode()
     with grpc.insecure_channel(cluster.addresses[0]) as channel:
-        attention = AttentionClient(channel)
+        attention = AttentionClient(channel, CLUSTER_SECRET)
         conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=60)
         conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
         if stream:

@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from services.common.wire.attention_client import AttentionClient
-from tests.support.cluster import Cluster, afd, wait_until_gone
+from tests.support.cluster import CLUSTER_SECRET, Cluster, afd, wait_until_gone
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ def test_serve_answers_the_openai_client_and_spreads_requests(checkpoint):
             counts = []
             for address in cluster.addresses:
                 with grpc.insecure_channel(address) as channel:
-                    counts.append(AttentionClient(channel).load().num_running)
+                    counts.append(AttentionClient(channel, CLUSTER_SECRET).load().num_running)
             return counts
 
         with ThreadPoolExecutor(8) as pool:

@@ -37,11 +37,12 @@ def make_engine(model):
     return local_engine(model, config, WordDecoder())
 
 
-def serve(model):
+def serve(model, secret: str | None = None):
+    """The instance; with `secret`, one that requires the cluster secret (its client holds it)."""
     engine = make_engine(model)
     driver = EngineDriver(engine, idle_wait_s=0.001)
     driver.start()
-    server = GrpcServer(ERROR_CODES, max_workers=16)
+    server = GrpcServer(ERROR_CODES, max_workers=16, secret=secret)
     add_attention_service(server.server, driver)
     port = server.bind("127.0.0.1", 0)
     server.start()
@@ -49,7 +50,7 @@ def serve(model):
     channel = grpc.insecure_channel(f"127.0.0.1:{port}")
     return SimpleNamespace(
         address=f"127.0.0.1:{port}",
-        client=AttentionClient(channel),
+        client=AttentionClient(channel, secret),
         channel=channel,
         driver=driver,
         server=server,

@@ -14,15 +14,21 @@ from pathlib import Path
 
 import grpc
 
+from services.common import cluster_secret
 from services.common.sampling_params import SamplingParams
 from services.common.wire.attention_client import AttentionClient
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# The cluster secret of every cluster the tests start; their clients send it.
+CLUSTER_SECRET = "the-tests-cluster-secret"
+
+
 def afd(*args: str, **kwargs) -> subprocess.Popen:
     """`afd ARGS` as a child process, one thread per child so several start in parallel."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env[cluster_secret.ENV] = CLUSTER_SECRET
     return subprocess.Popen(
         [sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env, text=True, **kwargs
     )
@@ -68,7 +74,8 @@ class Cluster:
     def generate(self, index: int, request_id: str, prompt: list[int], params: SamplingParams):
         with grpc.insecure_channel(self.addresses[index]) as channel:
             ids, logprobs, text, reason = [], [], "", None
-            for delta in AttentionClient(channel).generate(request_id, prompt, params):
+            client = AttentionClient(channel, CLUSTER_SECRET)
+            for delta in client.generate(request_id, prompt, params):
                 ids += delta.new_token_ids
                 logprobs += [entry.logprob for entry in delta.logprobs]
                 text += delta.new_text

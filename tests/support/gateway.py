@@ -12,7 +12,8 @@ import sys
 import threading
 from dataclasses import dataclass
 
-from tests.support.cluster import ROOT
+from services.common import cluster_secret
+from tests.support.cluster import CLUSTER_SECRET, ROOT
 
 API_KEY = "sk-test-key"
 PROMPT = "Hello! Who are you?"
@@ -38,7 +39,7 @@ class Gateway:
 
 
 def start_gateway(*args: str, timeout_s: float = 60.0) -> Gateway:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", cluster_secret.ENV: CLUSTER_SECRET}
     process = subprocess.Popen(
         [sys.executable, "-m", "services.gateway", "--port", "0", *args],
         cwd=ROOT,

@@ -13,14 +13,17 @@ from collections.abc import AsyncIterator, Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.common import cluster_secret
 from services.common.sampling_params import SamplingParams
 from services.common.wire import attention as wire
 
 
 class AsyncAttentionClient:
-    def __init__(self, channel: grpc.aio.Channel) -> None:
+    def __init__(self, channel: grpc.aio.Channel, secret: str | None = None) -> None:
+        """`secret`: the cluster secret, when the instance requires it (cluster_secret.py)."""
         self._stub = wire.attention_stub(channel)
         self._health = health_pb2_grpc.HealthStub(channel)
+        self._metadata = cluster_secret.metadata(secret)
         self._session: Session | None = None
 
     def generate(
@@ -35,7 +38,7 @@ class AsyncAttentionClient:
         (`aclose()`, or cancelling the task that iterates) cancels the call, and the
         instance aborts the request and frees its KV blocks."""
         request = wire.generate_request(request_id, prompt_token_ids, params)
-        return _deltas(self._stub.Generate(request, timeout=timeout_s))
+        return _deltas(self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata))
 
     def generate_in_session(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
@@ -46,15 +49,18 @@ class AsyncAttentionClient:
         raises one with the session's code for every request still open. A new session
         starts with the next request after one ends."""
         if self._session is None or self._session.ended:
-            self._session = Session(self._stub)
+            self._session = Session(self._stub, self._metadata)
         return self._session.generate(request_id, prompt_token_ids, params)
 
     async def cancel(self, request_id: str, *, timeout_s: float | None = None) -> None:
         """Abort the request if it runs; its stream then ends with finish_reason "abort"."""
-        await self._stub.Cancel(wire.cancel_request(request_id), timeout=timeout_s)
+        request = wire.cancel_request(request_id)
+        await self._stub.Cancel(request, timeout=timeout_s, metadata=self._metadata)
 
     async def load(self, *, timeout_s: float | None = None) -> wire.InstanceLoad:
-        message = await self._stub.GetLoad(wire.get_load_request(), timeout=timeout_s)
+        message = await self._stub.GetLoad(
+            wire.get_load_request(), timeout=timeout_s, metadata=self._metadata
+        )
         return wire.load_from_proto(message)
 
     async def serving(self, *, timeout_s: float | None = None) -> bool:
@@ -85,11 +91,11 @@ async def _deltas(call) -> AsyncIterator[wire.GenerateDelta]:
 class Session:
     """One Session call: requests written to it, each step's deltas routed to their requests."""
 
-    def __init__(self, stub) -> None:
+    def __init__(self, stub, metadata: tuple[tuple[str, str], ...] = ()) -> None:
         self._outgoing: asyncio.Queue = asyncio.Queue()
         self._open: dict[str, asyncio.Queue] = {}
         self.ended = False
-        self._call = stub.Session(self._requests())
+        self._call = stub.Session(self._requests(), metadata=metadata)
         self._reader = asyncio.create_task(self._read())
 
     async def generate(

@@ -10,13 +10,16 @@ from collections.abc import Iterator, Sequence
 
 import grpc
 
+from services.common import cluster_secret
 from services.common.sampling_params import SamplingParams
 from services.common.wire import attention as wire
 
 
 class AttentionClient:
-    def __init__(self, channel: grpc.Channel) -> None:
+    def __init__(self, channel: grpc.Channel, secret: str | None = None) -> None:
+        """`secret`: the cluster secret, when the instance requires it (cluster_secret.py)."""
         self._stub = wire.attention_stub(channel)
+        self._metadata = cluster_secret.metadata(secret)
 
     def generate(
         self,
@@ -29,14 +32,18 @@ class AttentionClient:
         """The request's responses, up to the finished one. Closing the iterator early
         (`close()`) cancels the call, and the instance aborts the request."""
         request = wire.generate_request(request_id, prompt_token_ids, params)
-        return _deltas(self._stub.Generate(request, timeout=timeout_s))
+        return _deltas(self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata))
 
     def cancel(self, request_id: str, *, timeout_s: float | None = None) -> None:
         """Abort the request if it runs; its stream then ends with finish_reason "abort"."""
-        self._stub.Cancel(wire.cancel_request(request_id), timeout=timeout_s)
+        request = wire.cancel_request(request_id)
+        self._stub.Cancel(request, timeout=timeout_s, metadata=self._metadata)
 
     def load(self, *, timeout_s: float | None = None) -> wire.InstanceLoad:
-        return wire.load_from_proto(self._stub.GetLoad(wire.get_load_request(), timeout=timeout_s))
+        reply = self._stub.GetLoad(
+            wire.get_load_request(), timeout=timeout_s, metadata=self._metadata
+        )
+        return wire.load_from_proto(reply)
 
 
 def _deltas(call) -> Iterator[wire.GenerateDelta]:
