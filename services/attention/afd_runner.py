@@ -24,7 +24,7 @@ from services.attention.micro_batches import split_micro_batches
 from services.attention.model_runner import StepInputs, prepare_inputs
 from services.attention.scheduler import ScheduledChunk
 from services.common.activations import Layout
-from services.common.metrics import DIRECTIONS, AttentionMetrics, Sampler
+from services.common.metrics import DIRECTIONS, AttentionMetrics, StepSampler
 from services.common.model.layers import rope_cos_sin
 from services.common.model.step3 import MoEDecoderLayer, Step3ForCausalLM
 from services.common.pipeline_timer import PipelineTimer
@@ -56,7 +56,7 @@ class _MicroBatch:
 class PipelineMonitor:
     """Sampled steps' stage times into the attention instance's pipeline metrics."""
 
-    def __init__(self, metrics: AttentionMetrics, sampler: Sampler) -> None:
+    def __init__(self, metrics: AttentionMetrics, sampler: StepSampler) -> None:
         self.metrics = metrics
         self.sampler = sampler
 

@@ -73,7 +73,8 @@ class KVCache:
         """Store k, v [n, G, D] of `layer` at `slots` [n]."""
         for cache, x, scale in ((self.k, k, self.k_scale), (self.v, v, self.v_scale)):
             if self.fp8:  # index_copy_ has no FP8 kernel: copy the bytes
-                x = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+                x = x.float() if scale == 1.0 else x.float() / scale  # every layer: skip a no-op
+                x = x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
                 cache[layer].view(torch.uint8).index_copy_(0, slots, x.view(torch.uint8))
             else:
                 cache[layer].index_copy_(0, slots, x.to(cache.dtype))

@@ -247,13 +247,13 @@ def serve_metrics(registry: CollectorRegistry, host: str, port: int | None) -> i
     return server.server_port
 
 
-def sampler_for(device_type: str) -> Sampler:
+def sampler_for(device_type: str) -> StepSampler:
     """How often a step is timed in detail: a GPU step timed per stage synchronises the
     device at each boundary, so it is sampled more rarely there."""
-    return Sampler(64 if device_type == "cuda" else 8)
+    return StepSampler(64 if device_type == "cuda" else 8)
 
 
-class Sampler:
+class StepSampler:
     """Every `every`-th step is timed in detail (per layer): often enough for histograms,
     rarely enough that the timing itself costs nothing measurable."""
 

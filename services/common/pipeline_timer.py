@@ -1,6 +1,6 @@
 """Timing the AFD pipeline's stages on sampled steps, for the metrics.
 
-A step that is sampled (`metrics.Sampler`) times each layer's compute per micro-batch and
+A step that is sampled (`metrics.StepSampler`) times each layer's compute per micro-batch and
 what it waits for, by kind; any other step runs the same calls untimed, at the cost of a
 function call. On a GPU the work is queued, not done, when the host returns from it, so a
 sampled step synchronises the device at each boundary: its times are the device's, and that

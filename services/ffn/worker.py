@@ -14,7 +14,7 @@ from torch import Tensor
 
 from services.common.activations import Layout
 from services.common.config import ModelConfig
-from services.common.metrics import FFNMetrics, Sampler
+from services.common.metrics import FFNMetrics, StepSampler
 from services.common.pipeline_timer import PipelineTimer
 from services.common.transport import A2F, F2A, Pending, Transport, channel
 from services.ffn.shard import FFNShard
@@ -23,7 +23,7 @@ from services.ffn.shard import FFNShard
 class FFNMonitor:
     """Sampled steps' times and expert loads into the FFN instance's metrics."""
 
-    def __init__(self, metrics: FFNMetrics, sampler: Sampler, experts: range) -> None:
+    def __init__(self, metrics: FFNMetrics, sampler: StepSampler, experts: range) -> None:
         self.metrics = metrics
         self.sampler = sampler
         self.experts = experts  # this instance's routed experts: their loads are counted

@@ -13,7 +13,7 @@ from services.attention.monitor import EngineMonitor
 from services.attention.scheduler import SchedulerConfig
 from services.cli.local_cluster import Child
 from services.cli.serve import metrics_targets
-from services.common.metrics import AttentionMetrics, GatewayMetrics, Sampler
+from services.common.metrics import AttentionMetrics, GatewayMetrics, StepSampler
 from services.common.sampling_params import SamplingParams
 from services.controller.membership import ClusterSpec, Registry
 from services.controller.plans import PlanBook
@@ -122,9 +122,9 @@ def test_plan_latency_is_reported_once_per_complete_step():
 
 
 def test_one_step_in_every_n_is_sampled():
-    sampler = Sampler(every=4)
+    sampler = StepSampler(every=4)
     assert [sampler.next() for _ in range(9)] == [True, False, False, False] * 2 + [True]
-    assert all(Sampler(every=1).next() for _ in range(3))
+    assert all(StepSampler(every=1).next() for _ in range(3))
 
 
 def test_serve_lists_each_processs_metrics_endpoint_with_its_component(tmp_path):
