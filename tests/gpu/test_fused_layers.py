@@ -149,3 +149,15 @@ def test_float64_keeps_torch(gen):
     assert torch.equal(norm(x), rms_norm_reference(x, norm.weight, EPS))
     rotated = apply_rope(x, cos.double(), sin.double())
     assert torch.equal(rotated, apply_rope_reference(x, cos.double(), sin.double()))
+
+
+@pytest.mark.parametrize("tokens", TOKENS)
+def test_rope_qk_is_both_ropes_in_one_launch(tokens, gen):
+    """q [T, 64, 256] and k [T, 1, 256] viewed out of q|k|v, as the FP8 layer has them."""
+    q = random_rows(tokens, 64, 256, dtype=torch.bfloat16, gen=gen)
+    qkv = random_rows(tokens, 2560, dtype=torch.bfloat16, gen=gen)
+    k = qkv.split((2048, 256, 256), dim=-1)[1].view(tokens, 1, 256)
+    cos, sin = random_cos_sin(tokens, 256, gen)
+    q_out, k_out = fused.rope_qk(q, k, cos, sin)
+    assert torch.equal(q_out, fused.rope(q, cos, sin))
+    assert torch.equal(k_out, fused.rope(k, cos, sin))

@@ -84,6 +84,13 @@ class MFAAttention(nn.Module):
         self.wq = nn.Linear(q, self.num_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
 
+    def residual_forward(
+        self, x: Tensor, norm: nn.Module, cos: Tensor, sin: Tensor, backend: AttentionBackend
+    ) -> Tensor:
+        """x + self(norm(x)): the layer's attention half. A subclass may fuse the norm into its
+        first GEMM and the residual add into its last (`fp8_attention.py`)."""
+        return x + self(norm(x), cos, sin, backend)
+
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, backend: AttentionBackend) -> Tensor:
         """x: [T, H] normed hidden states; cos, sin: [T, D] -> [T, H]."""
         t = x.shape[0]

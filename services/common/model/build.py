@@ -2,7 +2,8 @@
 
 The module is built on the meta device and the loaded tensors are assigned in place, so no
 weight is ever held twice. A weight the loader kept in block FP8 (`NAME_scale_inv` beside it)
-replaces its `nn.Linear` with an `Fp8Linear` that multiplies it as stored.
+replaces its `nn.Linear` with an `Fp8Linear` that multiplies it as stored; an attention
+layer whose linears all became blockwise FP8 on a GPU runs as an `Fp8MFAAttention` (fused).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 import torch
 
 from services.common.config import ModelConfig, load_config
+from services.common.model.fp8_attention import fuse_attention
 from services.common.model.fp8_linear import Fp8Linear, pick_scaling
 from services.common.model.schema import is_attention_linear
 from services.common.model.step3 import Step3ForCausalLM
@@ -71,6 +73,7 @@ def _assign(
             scaling = "rowwise"  # cuBLASLt's block-scale grid needs rows of 4 blocks
         linear = Fp8Linear.from_block_fp8(weight, tensors[name + SCALE_SUFFIX], scaling)
         model.set_submodule(name.removesuffix(".weight"), linear)
+    fuse_attention(model)  # layers whose linears are all blockwise FP8 on a GPU
     missing = [n for n in result.missing_keys if n not in fp8]
     return model.eval().requires_grad_(False), missing
 

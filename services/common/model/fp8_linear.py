@@ -8,7 +8,9 @@ in cuBLASLt, accumulating in fp32 and writing bf16. Three ways to do it, chosen 
 
 - "blockwise": the checkpoint's 128 x 128 weight scales as they are, 1 x 128 activation scales
   (cuBLASLt >= 12.9 on Hopper; `pick_scaling` probes for it). No error beyond the checkpoint's
-  own and the activations' rounding to e4m3.
+  own and the activations' rounding to e4m3. For decode's few tokens on deep-K weights the
+  same product runs as a split-K Triton GEMM instead (`fp8_gemm.py`), where its measured rule
+  says that beats cuBLASLt.
 - "rowwise": where blockwise is missing (Ada, older cuBLAS): the weight is requantised once, at
   load, to one scale per output channel, and each token gets one scale. Requantising adds about
   as much error as the block quantisation itself (2.6% relative on Gaussian weights); on the
@@ -22,11 +24,13 @@ What this module does not know: checkpoint files and tensor names (the loader ha
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
+from services.common.model import fp8_gemm
 from services.common.model.fp8 import (
     DEFAULT_BLOCK,
     FP8_DTYPE,
@@ -42,6 +46,7 @@ GROUP = 128  # activation values per scale in "blockwise" and "reference"
 # leading dimension (T floats; TransformerEngine pads them to a multiple of 4). Blockwise inputs
 # get zero rows up to a multiple of 16, which covers either reading and costs nothing measurable.
 BLOCKWISE_TOKEN_MULTIPLE = 16
+QUANT_VALUES_PER_PROGRAM = 2048
 
 
 class Fp8Linear(nn.Module):
@@ -105,8 +110,9 @@ class Fp8Linear(nn.Module):
         up to `token_multiple` with zero rows."""
         return quantize_activation(x, self.group, self.token_multiple)
 
-    def matmul(self, xq: Tensor, x_scale: Tensor) -> Tensor:
-        """xq [T', in] e4m3 and its scales [T', in / group] (column-major) -> [T', out] bf16.
+    def matmul(self, xq: Tensor, x_scale: Tensor, residual: Tensor | None = None) -> Tensor:
+        """xq [T', in] e4m3 and its scales [T', in / group] (column-major) -> [T', out] bf16,
+        plus `residual` [T, out] bf16 in the first T rows if given (then [T, out]).
 
         T' must be a multiple of `token_multiple` (what `quantize_input` returns).
         """
@@ -114,21 +120,38 @@ class Fp8Linear(nn.Module):
             raise ValueError(
                 f"{xq.shape[0]} token rows: pad to a multiple of {self.token_multiple}"
             )
+        rows = xq.shape[0] if residual is None else residual.shape[0]
+        if (
+            self.scaling == "blockwise"
+            and triton is not None
+            and fp8_gemm.beats_cublas(rows, self.out_features, self.in_features)
+        ):
+            split = fp8_gemm.split_for(self.out_features, self.in_features, _num_sms(xq.device))
+            partials = fp8_gemm.gemm_partials(
+                xq[:rows], x_scale[:rows], self.weight, self.weight_scale, split
+            )
+            return fp8_gemm.sum_partials(partials, residual)  # the residual add comes free
         if self.scaling == "blockwise":
             # cuBLASLt reads B = W^T [in, out] column-major and its 128x128 scale grid transposed:
             # both are views of the checkpoint's row-major tensors.
             w_scale = self.weight_scale.t()
         else:
             w_scale = self.weight_scale.view(1, -1)  # [1, out]
-        return torch._scaled_mm(
+        out = torch._scaled_mm(
             xq, self.weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16
         )
+        return out if residual is None else residual + out[:rows]
 
     def reference(self, x: Tensor) -> Tensor:
         """Plain torch: the same activation quantisation, then float32 matmul. [T, in] -> bf16."""
         xq, x_scale = quantize_activation_reference(x, self.group)
         x_deq = dequantize_activation(xq, x_scale)
         return (x_deq @ self.dequantized_weight().T).to(torch.bfloat16)
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def fuse_outputs(*pairs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
@@ -179,9 +202,13 @@ def quantize_activation(x: Tensor, group: int, row_multiple: int = 1) -> tuple[T
     q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
     scale = torch.empty((k // group, rows), dtype=torch.float32, device=x.device).t()
     block = triton.next_power_of_2(group)
-    _quantize_kernel[(rows, k // group)](
-        x, q, scale, tokens, x.stride(0), q.stride(0), scale.stride(0), scale.stride(1),
-        GROUP=group, BLOCK=block, num_warps=4 if block <= 1024 else 8,
+    # Several 128-value groups per program: one group per program left most of 8192 programs'
+    # threads idle (10 us for a [64, 16384] input on an H200, of which little was memory).
+    groups = max(1, min(QUANT_VALUES_PER_PROGRAM // block, triton.next_power_of_2(k // group)))
+    _quantize_kernel[(rows, triton.cdiv(k // group, groups))](
+        x, q, scale, tokens, k // group, x.stride(0), q.stride(0), scale.stride(0),
+        scale.stride(1), GROUP=group, BLOCK=block, GROUPS=groups,
+        num_warps=4 if groups * block <= 2048 else 8,
     )  # fmt: skip
     return q, scale
 
@@ -210,22 +237,24 @@ def _quantize_kernel(
     q_ptr,  # [T', K] float8e4nv, T' >= T
     scale_ptr,  # [T', K / GROUP] float32
     num_tokens,  # T: rows at and past it are padding, quantised as zeros
+    num_groups,  # K / GROUP
     stride_x,
     stride_q,
     stride_st,
     stride_sg,
     GROUP: tl.constexpr,
     BLOCK: tl.constexpr,  # GROUP rounded up to a power of two
+    GROUPS: tl.constexpr,  # groups per program
 ):
     token = tl.program_id(0)
-    group = tl.program_id(1)
+    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # [GROUPS]
     offs = tl.arange(0, BLOCK)
-    mask = offs < GROUP
-    cols = group * GROUP + offs
+    mask = (offs < GROUP)[None, :] & (g < num_groups)[:, None]  # [GROUPS, BLOCK]
+    cols = g[:, None] * GROUP + offs[None, :]
     x = tl.load(x_ptr + token * stride_x + cols, mask=mask & (token < num_tokens), other=0.0)
     x = x.to(tl.float32)
-    amax = tl.max(tl.abs(x), 0)
+    amax = tl.max(tl.abs(x), 1)  # [GROUPS]
     scale = tl.where(amax > 0, amax / 448.0, 1.0)  # 448: FP8_MAX
-    q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+    q = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
     tl.store(q_ptr + token * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + token * stride_st + group * stride_sg, scale)
+    tl.store(scale_ptr + token * stride_st + g * stride_sg, scale, mask=g < num_groups)

@@ -8,7 +8,8 @@ math as the torch reference in `layers.py`: float32 throughout, one cast back at
 - `rms_norm`: one program per row of x [..., N]; the whole row sits in registers (N up to
   `MAX_NORM_DIM`), so x is read once.
 - `rope`: one program per (token, block of heads) of x [T, heads, D]; it loads the token's
-  cos/sin rows once and rotates each head's two halves.
+  cos/sin rows once and rotates each head's two halves. `rope_qk` rotates q and k in one
+  launch (MFA's 64 query heads and its one K/V head), saving decode a launch per layer.
 
 What this module does not know: which layer calls it, or the torch reference it must match
 (`layers.py` passes that in, for `with_reference_grad`). Callers check `supports` first and
@@ -111,6 +112,30 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return out
 
 
+def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+    """`rope(q, cos, sin), rope(k, cos, sin)` in one launch: q [T, Hq, D], k [T, G, D] of one
+    dtype (views of a fused projection allowed), cos, sin [T, D]."""
+    tokens, q_heads, dim = q.shape
+    k_heads = k.shape[1]
+    if k.shape != (tokens, k_heads, dim) or q.dtype != k.dtype or dim % 2:
+        raise ValueError(f"q {list(q.shape)} and k {list(k.shape)} must share T, D and dtype")
+    if cos.shape != (tokens, dim) or sin.shape != (tokens, dim):
+        raise ValueError(f"cos, sin must be [{tokens}, {dim}]")
+    q, k, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
+    q_out = torch.empty((tokens, q_heads, dim), dtype=q.dtype, device=q.device)
+    k_out = torch.empty((tokens, k_heads, dim), dtype=k.dtype, device=k.device)
+    block_h = min(triton.next_power_of_2(max(q_heads, k_heads)), HEADS_PER_PROGRAM)
+    block_half = triton.next_power_of_2(dim // 2)
+    q_blocks = triton.cdiv(q_heads, block_h)
+    _rope_qk_kernel[(tokens, q_blocks + triton.cdiv(k_heads, block_h))](
+        q, k, cos, sin, q_out, k_out, q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        cos.stride(0), sin.stride(0), q_heads, k_heads, dim // 2,
+        Q_BLOCKS=q_blocks, BLOCK_H=block_h, BLOCK_HALF=block_half,
+        num_warps=min(max(block_h * block_half // 512, 1), 8),
+    )  # fmt: skip
+    return q_out, k_out
+
+
 @jit
 def _rms_norm_kernel(
     x_ptr,  # [T, N], rows stride_x apart
@@ -149,7 +174,69 @@ def _rope_kernel(
     BLOCK_HALF: tl.constexpr,  # D / 2 rounded up to a power of two
 ):
     token = tl.program_id(0).to(tl.int64)
-    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
+    _rotate_heads(
+        x_ptr, cos_ptr, sin_ptr, out_ptr, stride_xt, stride_xh, stride_cos, stride_sin,
+        stride_ot, stride_oh, heads, half, token, tl.program_id(1), BLOCK_H, BLOCK_HALF,
+    )  # fmt: skip
+
+
+@jit
+def _rope_qk_kernel(
+    q_ptr,  # [T, Hq, D], last dim contiguous
+    k_ptr,  # [T, G, D], last dim contiguous
+    cos_ptr,
+    sin_ptr,
+    q_out_ptr,  # [T, Hq, D] contiguous
+    k_out_ptr,  # [T, G, D] contiguous
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_cos,
+    stride_sin,
+    q_heads,
+    k_heads,
+    half,
+    Q_BLOCKS: tl.constexpr,  # programs along the heads of q; the ones after them take k
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    block = tl.program_id(1)
+    if block < Q_BLOCKS:
+        _rotate_heads(
+            q_ptr, cos_ptr, sin_ptr, q_out_ptr, stride_qt, stride_qh, stride_cos, stride_sin,
+            q_heads * 2 * half, 2 * half, q_heads, half, token, block, BLOCK_H, BLOCK_HALF,
+        )  # fmt: skip
+    else:
+        _rotate_heads(
+            k_ptr, cos_ptr, sin_ptr, k_out_ptr, stride_kt, stride_kh, stride_cos, stride_sin,
+            k_heads * 2 * half, 2 * half, k_heads, half, token, block - Q_BLOCKS, BLOCK_H,
+            BLOCK_HALF,
+        )  # fmt: skip
+
+
+@jit
+def _rotate_heads(
+    x_ptr,
+    cos_ptr,
+    sin_ptr,
+    out_ptr,
+    stride_xt,
+    stride_xh,
+    stride_cos,
+    stride_sin,
+    stride_ot,
+    stride_oh,
+    heads,
+    half,
+    token,
+    head_block,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+):
+    """Rotate heads head_block * BLOCK_H ... of one token."""
+    h = head_block * BLOCK_H + tl.arange(0, BLOCK_H)  # [BLOCK_H]
     d = tl.arange(0, BLOCK_HALF)  # [BLOCK_HALF]
     d_mask = d < half
     mask = (h < heads)[:, None] & d_mask[None, :]

@@ -30,7 +30,7 @@ class DecoderLayer(nn.Module):
 
     def attend(self, x: Tensor, cos: Tensor, sin: Tensor, backend: AttentionBackend) -> Tensor:
         """The attention half: x + attn(norm(x)). In AFD it runs on the attention side."""
-        return x + self.self_attn(self.input_layernorm(x), cos, sin, backend)
+        return self.self_attn.residual_forward(x, self.input_layernorm, cos, sin, backend)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, backend: AttentionBackend) -> Tensor:
         x = self.attend(x, cos, sin, backend)

@@ -1,0 +1,88 @@
+"""RMSNorm fused with the 1 x 128 e4m3 quantisation of the FP8 GEMM it feeds: one launch.
+
+    xq, scale = quantize_activation(rms_norm(x, weight, eps), 128)
+
+In decode, RMSNorm and the quantisation each run on a few dozen rows and cost a launch and a
+round trip through memory more than their arithmetic. One program per row holds the row in
+registers, normalises it in float32, rounds it to x's dtype (as the separate norm would store
+it), then writes each 128-value group as e4m3 with its float32 scale. Same outputs as the two
+separate kernels, bit for bit up to the division's last ulp.
+
+What this module does not know: which GEMM consumes the result (`Fp8Linear.matmul` takes the
+pair as `quantize_input` returns it: rows padded with zeros, scales column-major).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from services.common.model.fp8 import FP8_DTYPE
+from services.common.model.fp8_linear import GROUP, quantize_activation_reference
+from services.common.model.layers import rms_norm_reference
+from services.common.triton_jit import jit, tl, triton
+
+MAX_DIM = 16384  # a longer row would spill one program's registers
+
+
+def rms_norm_quantize(
+    x: Tensor, weight: Tensor, eps: float, row_multiple: int = 1
+) -> tuple[Tensor, Tensor]:
+    """x [T, N] (rows may be strided; N % 128 == 0, N <= MAX_DIM), weight [N] -> (q [T', N]
+    e4m3, scale [T', N / 128] float32 column-major), T' = T rounded up to `row_multiple`."""
+    tokens, n = x.shape
+    if n % GROUP or n > MAX_DIM or x.stride(-1) != 1:
+        raise ValueError(f"x {list(x.shape)}: rows must be contiguous, N % {GROUP} == 0, <= 16K")
+    rows = -(-tokens // row_multiple) * row_multiple
+    q = torch.empty((rows, n), dtype=FP8_DTYPE, device=x.device)
+    scale = torch.empty((n // GROUP, rows), dtype=torch.float32, device=x.device).t()
+    block = triton.next_power_of_2(n)
+    _rms_norm_quantize_kernel[(rows,)](
+        x, weight, q, scale, tokens, n, x.stride(0), q.stride(0), scale.stride(0),
+        scale.stride(1), eps, BLOCK=block, GROUP=GROUP, num_warps=min(max(block // 512, 1), 16),
+    )  # fmt: skip
+    return q, scale
+
+
+def rms_norm_quantize_reference(
+    x: Tensor, weight: Tensor, eps: float, row_multiple: int = 1
+) -> tuple[Tensor, Tensor]:
+    """The two steps in plain torch: the oracle, and the path off CUDA."""
+    return quantize_activation_reference(rms_norm_reference(x, weight, eps), GROUP, row_multiple)
+
+
+@jit
+def _rms_norm_quantize_kernel(
+    x_ptr,  # [T, N], rows stride_x apart
+    w_ptr,  # [N]
+    q_ptr,  # [T', N] e4m3
+    s_ptr,  # [T', N / GROUP] float32
+    num_tokens,  # rows at and past it are padding: zeros with scale 1
+    n,
+    stride_x,
+    stride_q,
+    stride_st,
+    stride_sg,
+    eps,
+    BLOCK: tl.constexpr,  # N rounded up to a power of two
+    GROUP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
+    real = row < num_tokens
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask & real, other=0.0)
+    x32 = x.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x32 * x32, 0) / n + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # Rounded to x's dtype first: the unfused norm stores it so before it is quantised.
+    y = (x32 * rstd * w).to(x.dtype).to(tl.float32)
+
+    groups = tl.reshape(y, (BLOCK // GROUP, GROUP))
+    amax = tl.max(tl.abs(groups), 1)  # [BLOCK / GROUP]
+    scale = tl.where(amax > 0, amax / 448.0, 1.0)  # 448: FP8_MAX
+    q = tl.minimum(tl.maximum(groups / scale[:, None], -448.0), 448.0)
+    q = tl.reshape(q, (BLOCK,))
+    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    g = tl.arange(0, BLOCK // GROUP)
+    tl.store(s_ptr + row * stride_st + g * stride_sg, scale, mask=g < n // GROUP)
