@@ -43,13 +43,13 @@ GRID = dict(
     num_stages=(3, 4),
     tma=(False, True),
 )
-# What each kernel choice is worth, at one M: scale prefetch, TMA, pipeline depth, warps.
+# What each kernel choice is worth, at one M: TMA, pipeline depth, warp specialisation.
 ABLATION_GRID = dict(
     block_n=(64, 128),
-    split_k=(2, 4, 6, 8),
-    num_stages=(3, 4, 6),
-    tma=(False, True),
-    num_warps=(4, 8),
+    split_k=(2, 3, 4, 6, 8),
+    num_stages=(3, 4),
+    tma=(True,),
+    warp_specialize=(False, True),
 )
 
 

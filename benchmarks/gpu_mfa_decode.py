@@ -11,13 +11,15 @@ bandwidth counts bytes read plus written by a device-to-device copy of a 2 GiB b
 runs `F.scaled_dot_product_attention(enable_gqa=True)` in bf16 on the same shape with each
 sequence's K/V already contiguous (its FP8 rows repeat the bf16 SDPA time: it takes no FP8).
 
-A script, not a test: `python benchmarks/gpu_mfa_decode.py [--sweep]` prints Markdown tables
-(`--sweep` first times every kernel config at B=128, 4K context).
+A script, not a test: `python benchmarks/gpu_mfa_decode.py [--sweep] [--partials]` prints
+Markdown tables (`--sweep` first times every kernel config at B=128, 4K context; `--partials`
+only compares fp32, bf16 and fp16 split partials).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import itertools
 import sys
@@ -97,9 +99,37 @@ def sweep(block_size: int) -> None:
     torch.cuda.empty_cache()
 
 
+def partials(block_size: int) -> None:
+    """fp32 against 16-bit split partials, each timed and checked in this one run."""
+    copy_bw = copy_bandwidth()
+    print(f"\nSplit partials, block size {block_size}, copy {copy_bw / 1e9:.0f} GB/s\n")
+    print("| B | context | splits | partials | kernel us | % of copy | rel. err vs fp32 ref |")
+    print("|---|---|---|---|---|---|---|")
+    for batch, context in ((128, 4096), (64, 8192), (32, 4096)):
+        q, k, v, tables, lens = paged_cache(batch, context, block_size)
+        ref = mfa_decode_reference(q[:4], k, v, tables[:4], lens[:4], SCALE, block_size=block_size)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            config = dataclasses.replace(CONFIGS["16bit"], partial_dtype=dtype)
+            call = (q, k, v, tables, lens, SCALE)
+            kwargs = dict(block_size=block_size, config=config)
+            out = mfa_decode(*call, **kwargs)
+            err = ((out[:4].float() - ref.float()).norm() / ref.float().norm()).item()
+            us = graph_us(lambda c=call, kw=kwargs: mfa_decode(*c, **kw))
+            sms = torch.cuda.get_device_properties(0).multi_processor_count
+            splits = num_splits_for(batch, context, sms * config.programs_per_sm)
+            pct = 100 * 2 * k.numel() * k.element_size() / (us * 1e-6) / copy_bw
+            print(
+                f"| {batch} | {context} | {splits} | {dtype} | {us:.1f} | {pct:.0f}% | {err:.1e} |",
+                flush=True,
+            )
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time every kernel config first")
+    parser.add_argument("--partials", action="store_true", help="only compare partial dtypes")
     parser.add_argument("--block-size", type=int, default=16)
     args = parser.parse_args()
     bs = args.block_size
@@ -107,6 +137,9 @@ def main() -> None:
     sms = props.multi_processor_count
     if args.sweep:
         sweep(bs)
+    if args.partials:
+        partials(bs)
+        return
 
     copy_bw = copy_bandwidth()
     rows = []

@@ -49,15 +49,24 @@ def operands(m: int, n: int, k: int):
     return xq, x_scale, weight, weight_scale.float()
 
 
-@pytest.mark.parametrize(
-    ("block_n", "split_k", "tma"), [(128, 1, False), (64, 3, False), (128, 8, True), (64, 3, True)]
-)
+KERNELS = [  # (block_n, split_k, tma, warp_specialize)
+    (128, 1, False, False),
+    (64, 3, False, False),
+    (128, 8, True, False),
+    (64, 3, True, False),
+    (64, 6, True, True),
+]
+
+
+@pytest.mark.parametrize(("block_n", "split_k", "tma", "ws"), KERNELS)
 @pytest.mark.parametrize("m", [1, 16, 37, 64, 200])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_partials_sum_to_the_reference(shape, m, split_k, block_n, tma):
+def test_partials_sum_to_the_reference(shape, m, block_n, split_k, tma, ws):
     n, k = shape
     xq, x_scale, weight, weight_scale = operands(m, n, k)
-    partials = gemm_partials(xq, x_scale, weight, weight_scale, split_k, block_n=block_n, tma=tma)
+    partials = gemm_partials(
+        xq, x_scale, weight, weight_scale, split_k, block_n=block_n, tma=tma, warp_specialize=ws
+    )
     assert partials.shape == (min(split_k, k // 128), m, n)
     ref = gemm_reference(xq, x_scale.double(), weight, weight_scale.double())
     err = rel_err(partials.sum(0), ref)

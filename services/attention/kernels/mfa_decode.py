@@ -33,6 +33,10 @@ class KernelConfig:
     num_warps: int
     num_stages: int  # software pipelining; K/V tiles load about (num_stages - 1) // 2 ahead
     programs_per_sm: int  # how many fit on one multiprocessor (registers, shared memory)
+    # The splits' normalised partial outputs, written once and read once by the combine
+    # kernel: bf16 (range of fp32, 2^-9 rounding, as the output's own) halves the 16.8 MB of
+    # fp32 partials at B = 128, 4K context, two splits. benchmarks/gpu_mfa_decode.py --partials.
+    partial_dtype: torch.dtype = torch.bfloat16
 
 
 # Measured on one H200 with benchmarks/gpu_mfa_decode.py --sweep (H = 64, D = 256). One
@@ -142,7 +146,8 @@ def mfa_decode(
     if num_splits == 1:  # the split kernel writes `out` itself and no log-sum-exp
         part, part_strides, lse, lse_strides = out, (out.stride(0), 0, out.stride(1)), out, (0, 0)
     else:
-        part = q.new_empty((batch, num_splits, num_heads, head_dim), dtype=torch.float32)
+        part_shape = (batch, num_splits, num_heads, head_dim)
+        part = q.new_empty(part_shape, dtype=config.partial_dtype)
         lse = q.new_empty((batch, num_splits, num_heads), dtype=torch.float32)
         part_strides, lse_strides = part.stride()[:3], lse.stride()[:2]
     _mfa_decode_split_kernel[(batch, num_splits)](
@@ -205,7 +210,7 @@ def _mfa_decode_split_kernel(
     v_ptr,
     block_tables_ptr,  # [B, max_blocks] int32
     context_lens_ptr,  # [B] int32
-    part_ptr,  # SINGLE_SPLIT: the output [B, H, D]; else fp32 partial outputs [B, S, H, D]
+    part_ptr,  # SINGLE_SPLIT: the output [B, H, D]; else partial outputs [B, S, H, D]
     lse_ptr,  # [B, S, H] fp32 log2-sum-exp2 of each split's scores; unused if SINGLE_SPLIT
     qk_scale,  # softmax scale * k_scale * log2(e): scores in log2 units
     out_scale,  # v_scale
@@ -277,7 +282,7 @@ def _mfa_decode_split_kernel(
 
 @jit
 def _mfa_decode_combine_kernel(
-    part_ptr,  # [B, S, H, D] fp32
+    part_ptr,  # [B, S, H, D] fp32 or 16-bit
     lse_ptr,  # [B, S, H] fp32, log2 units; -inf for an empty split
     out_ptr,  # [B, H, D]
     num_splits,
@@ -308,7 +313,7 @@ def _mfa_decode_combine_kernel(
     for split in range(num_splits):
         weight = tl.exp2(tl.load(lse_base + split * stride_ls + heads) - m) / denom
         part = part_ptr + seq * stride_pb + split * stride_ps
-        part = tl.load(part + heads[:, None] * stride_ph + offs_d[None, :])
+        part = tl.load(part + heads[:, None] * stride_ph + offs_d[None, :]).to(tl.float32)
         acc += weight[:, None] * part
     out = out_ptr + seq * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty))
