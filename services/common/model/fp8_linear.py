@@ -124,6 +124,7 @@ class Fp8Linear(nn.Module):
         if (
             self.scaling == "blockwise"
             and triton is not None
+            and _has_tma(xq.device)
             and fp8_gemm.beats_cublas(rows, self.out_features, self.in_features)
         ):
             split = fp8_gemm.split_for(self.out_features, self.in_features, _num_sms(xq.device))
@@ -152,6 +153,12 @@ class Fp8Linear(nn.Module):
 @functools.cache
 def _num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.cache
+def _has_tma(device: torch.device) -> bool:
+    """Hopper or newer: the Triton GEMM fetches its tiles with the tensor memory accelerator."""
+    return torch.cuda.get_device_capability(device) >= (9, 0)
 
 
 def fuse_outputs(*pairs: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
