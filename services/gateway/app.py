@@ -20,7 +20,8 @@ from typing import Any, TypeVar
 
 import grpc
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
@@ -35,12 +36,19 @@ from services.gateway.http_metrics import CountResponses
 from services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
+    openapi_body,
+    openapi_schemas,
     parse,
     sampling_params,
 )
 from services.gateway.responses import (
     CHAT_CHUNK,
+    CHAT_SCHEMA,
     COMPLETION,
+    COMPLETION_SCHEMA,
+    EVENT_SCHEMA,
+    MODEL_LIST,
+    MODEL_LIST_SCHEMA,
     ChoiceState,
     Formatter,
     Header,
@@ -100,6 +108,8 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     app = FastAPI(title="AFD", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.add_middleware(CountResponses, counter=metrics.http_requests, skip=frozenset({"/metrics"}))
+    app.openapi = lambda: app.openapi_schema or publish_schema(app, bool(config.api_keys))
+    v1 = api_operation(bool(config.api_keys))
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, err: APIError) -> JSONResponse:
@@ -169,7 +179,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             )
         return wanted
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus_metrics() -> Response:
         # Unauthenticated, as Prometheus scrapes it; it holds no request content.
         return Response(generate_latest(gateway.registry), media_type=CONTENT_TYPE_LATEST)
@@ -178,7 +188,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready")
+    @app.get("/ready", responses={503: {"description": "not ready: 'not_ready' names what"}})
     async def ready() -> JSONResponse:
         checks: list[tuple[str, Awaitable[bool]]] = []
         for channel in controller:
@@ -192,11 +202,11 @@ def create_app(gateway: Gateway) -> FastAPI:
             return JSONResponse({"status": "not ready", "not_ready": not_ready}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", **v1(None, MODEL_LIST_SCHEMA))
     async def models(request: Request) -> dict[str, Any]:
         authorize(request)
         return {
-            "object": "list",
+            "object": MODEL_LIST,
             "data": [
                 {
                     "id": config.served_model_name,
@@ -208,7 +218,7 @@ def create_app(gateway: Gateway) -> FastAPI:
             ],
         }
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", **v1(ChatCompletionRequest, CHAT_SCHEMA))
     async def chat_completions(request: Request) -> Response:
         arrival = time.monotonic()
         authorize(request)
@@ -233,7 +243,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         states = await collect(request, choices, len(jobs))
         return JSONResponse(formatter.chat_completion(header, states, with_logprobs, len(prompt)))
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", **v1(CompletionRequest, COMPLETION_SCHEMA))
     async def completions(request: Request) -> Response:
         arrival = time.monotonic()
         authorize(request)
@@ -353,6 +363,43 @@ def create_app(gateway: Gateway) -> FastAPI:
             await choices.close()
 
     return app
+
+
+def api_operation(with_keys: bool):
+    """The OpenAPI description of a /v1 route, for `app.get`/`app.post`: its JSON body (the
+    handler reads the raw body, so FastAPI cannot see it), its answers and the API key."""
+
+    def describe(body: type | None, answer: dict[str, Any]) -> dict[str, Any]:
+        content = {"application/json": {"schema": answer}}
+        if body is not None:  # "stream": true answers with server-sent events
+            stream = {"type": "array", "items": EVENT_SCHEMA}  # OpenAPI 3.2: the whole stream
+            events = {"schema": stream, "itemSchema": EVENT_SCHEMA}
+            content["text/event-stream"] = events
+        refusal = {"description": "refused", "content": {"application/json": {"schema": ERROR}}}
+        extra: dict[str, Any] = {"security": [{API_KEY: []}]} if with_keys else {}
+        if body is not None:
+            extra["requestBody"] = openapi_body(body)
+        return {
+            "responses": {200: {"content": content}, "4XX": refusal, "5XX": refusal},
+            "openapi_extra": extra,
+        }
+
+    return describe
+
+
+def publish_schema(app: FastAPI, with_keys: bool) -> dict[str, Any]:
+    """FastAPI's OpenAPI schema plus the request bodies' schemas and the API key scheme."""
+    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+    components = schema.setdefault("components", {})
+    components.setdefault("schemas", {}).update(openapi_schemas(), Error=errors.SCHEMA)
+    if with_keys:
+        components["securitySchemes"] = {API_KEY: {"type": "http", "scheme": "bearer"}}
+    app.openapi_schema = schema
+    return schema
+
+
+API_KEY = "apiKey"  # the security scheme's name in the OpenAPI schema
+ERROR = {"$ref": "#/components/schemas/Error"}
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str | list[Any]) -> list[list[int]]:

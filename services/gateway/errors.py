@@ -12,6 +12,24 @@ import grpc
 
 INVALID_REQUEST = "invalid_request_error"
 
+# Every error body, as OpenAPI's `components.schemas.Error`.
+SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["message", "type", "param", "code"],
+            "properties": {
+                "message": {"type": "string", "minLength": 1},
+                "type": {"type": "string", "minLength": 1},
+                "param": {"type": ["string", "null"]},
+                "code": {"type": ["string", "null"]},
+            },
+        }
+    },
+}
+
 
 class APIError(Exception):
     """A request refused with an HTTP status and a message that says what to change."""

@@ -1,27 +1,53 @@
 """The OpenAI request bodies, as pydantic models, and their conversion to `SamplingParams`.
 
 Pydantic lives here, at the HTTP edge, and nowhere else. Unknown fields are ignored (clients
-send many); wrong types and out-of-range values become a 400 that names the field. Types are
-strict (no "0.5" for a number, no 1 for a bool) except that an integer is a valid float.
+send many), except OpenAI features this server does not have (`logit_bias`, `tools`, a
+`response_format` other than text), which are refused rather than silently dropped. Wrong
+types and out-of-range values become a 400 that names the field. Types are strict (no "0.5"
+for a number, no 1 for a bool) except that JSON has one number type: an integer is a valid
+float, and a float with no fraction (16.0) a valid integer, as JSON Schema reads them.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import fields
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic.json_schema import models_json_schema
 
 from services.common.sampling_params import SamplingParams
 from services.gateway.errors import APIError, invalid
 
 MAX_N = 64
 MAX_STOP = 16
+MAX_CHOICES = 256  # prompts x n of one request; more could never all get a slot at once
+# The attention API's widths (attention.proto): a seed is an int64, top_k a uint32.
+MIN_SEED, MAX_SEED = -(1 << 63), (1 << 63) - 1
+MAX_TOP_K = (1 << 32) - 1
 _PARAM_NAMES = {f.name for f in fields(SamplingParams)}
+
+
+def _integral(value: Any) -> Any:
+    """16.0 as the integer 16: JSON has one number type and some clients always send floats."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# After the limits in `Annotated[int, Field(...), INTEGRAL]`, so the JSON schema keeps them.
+INTEGRAL = BeforeValidator(_integral)
+
+
+NumLogprobs = Annotated[int, Field(ge=0, le=SamplingParams.MAX_LOGPROBS), INTEGRAL]
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    def check(self) -> None:
+        """Refuses, with an `APIError`, what the types alone cannot say."""
 
 
 class StreamOptions(_Body):
@@ -29,12 +55,12 @@ class StreamOptions(_Body):
 
 
 class TextPart(_Body):
-    type: str
-    text: str | None = None
+    type: Literal["text"]  # this model reads text only: an image is refused, not dropped
+    text: str
 
 
 class ChatMessage(_Body):
-    role: str
+    role: Literal["system", "user", "assistant"]  # what the chat templates know
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -43,19 +69,19 @@ class ChatMessage(_Body):
             return ""
         if isinstance(self.content, str):
             return self.content
-        return "".join(part.text or "" for part in self.content if part.type == "text")
+        return "".join(part.text for part in self.content)
 
 
 class _Sampling(_Body):
     """The fields both endpoints share."""
 
     model: str | None = None
-    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     temperature: Annotated[float, Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
-    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 or 0: off (vLLM's convention)
-    seed: int | None = None
-    n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
+    top_k: Annotated[int, Field(ge=-1, le=MAX_TOP_K), INTEGRAL] | None = None  # -1, 0: off (vLLM's)
+    seed: Annotated[int, Field(ge=MIN_SEED, le=MAX_SEED), INTEGRAL] | None = None
+    n: Annotated[int, Field(ge=1, le=MAX_N), INTEGRAL] = 1
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -64,17 +90,46 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     user: str | None = None
+    # Features this server does not have: accepted only when they ask for nothing.
+    logit_bias: dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
 
     @property
     def include_usage(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    def check(self) -> None:
+        if self.logit_bias:
+            raise invalid(
+                "logit_bias is not supported by this server: remove it from the request",
+                param="logit_bias",
+            )
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            raise invalid(
+                f"response_format {kind!r} is not supported by this server, which answers in "
+                'plain text: remove response_format or send {"type": "text"}',
+                param="response_format",
+            )
+
 
 class ChatCompletionRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=SamplingParams.MAX_LOGPROBS)] | None = None
+    top_logprobs: NumLogprobs | None = None
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+
+    def check(self) -> None:
+        super().check()
+        for name in ("tools", "functions"):
+            if getattr(self, name):
+                raise invalid(
+                    f"{name} (function calling) are not supported by this server: remove "
+                    f"'{name}' from the request",
+                    param=name,
+                )
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -85,14 +140,22 @@ class ChatCompletionRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
-Prompt = str | list[str] | list[int] | list[list[int]]
+TokenId = Annotated[int, Field(ge=0), INTEGRAL]
+Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
 
 
 class CompletionRequest(_Sampling):
     prompt: Prompt
-    logprobs: Annotated[int, Field(ge=0, le=SamplingParams.MAX_LOGPROBS)] | None = None
+    logprobs: NumLogprobs | None = None
     echo: Literal[False] = False
     suffix: None = None
+
+    def check(self) -> None:
+        super().check()
+        prompt = self.prompt
+        num_prompts = 1 if isinstance(prompt, str) or _token_ids(prompt) else len(prompt)
+        if num_prompts * self.n > MAX_CHOICES:
+            raise too_many_choices(num_prompts, self.n)
 
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
@@ -101,26 +164,91 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
 
+def openapi_schemas() -> dict[str, Any]:
+    """The request bodies' JSON schemas and those of their parts, by name: OpenAPI's
+    `components.schemas`, so the published schema holds what `parse` accepts."""
+    models = [(model, "validation") for model in (ChatCompletionRequest, CompletionRequest)]
+    _, schema = models_json_schema(models, ref_template=_REF)
+    return schema["$defs"]
+
+
+def openapi_body(model: type[_Body]) -> dict[str, Any]:
+    """An operation's `requestBody`: `model` as JSON (the handlers read the raw body)."""
+    body_schema = {"$ref": _REF.format(model=model.__name__)}
+    return {"required": True, "content": {"application/json": {"schema": body_schema}}}
+
+
+_REF = "#/components/schemas/{model}"
+
+
+def too_many_choices(num_prompts: int, n: int) -> APIError:
+    return invalid(
+        f"this request asks for {num_prompts * n} completions ({num_prompts} prompts x n={n}); "
+        f"at most {MAX_CHOICES} fit in one request: send fewer prompts or a smaller n, or "
+        "split it into several requests",
+        param="n" if num_prompts == 1 else "prompt",
+    )
+
+
+def _token_ids(prompt: list[Any]) -> bool:
+    return bool(prompt) and all(isinstance(p, int) for p in prompt)
+
+
 def parse(model: type[_Body], raw: bytes) -> Any:
     """The validated body; malformed JSON or a bad field raises a 400 that names it."""
     try:
-        return model.model_validate_json(raw)
+        body = model.model_validate_json(raw)
     except ValidationError as err:
         raise _validation_error(err) from None
+    body.check()
+    return body
 
 
 def _validation_error(err: ValidationError) -> APIError:
-    first = err.errors(include_url=False)[0]
-    if first["type"] in ("json_invalid", "json_type"):
-        return invalid(f"the body is not valid JSON: {first['msg']}; send a JSON object")
-    # Unions report one error per member; the location up to the member is the field.
-    location = [str(part) for part in first["loc"] if not _is_union_member(part)]
-    param = ".".join(location) or None
-    if first["type"] == "missing":
-        return invalid(f"'{param}' is required", param=param)
-    given = first.get("input")
-    shown = repr(given) if not isinstance(given, dict | list) else type(given).__name__
-    return invalid(f"invalid value {shown} for '{param}': {first['msg']}", param=param)
+    found = err.errors(include_url=False)
+    if found[0]["type"] in ("json_invalid", "json_type"):
+        return invalid(f"the body is not valid JSON: {found[0]['msg']}; send a JSON object")
+    # A union reports one error per member; the deepest is the member the client meant
+    # (`[-1]` is a list of token ids with a negative id, not a string), a broken limit
+    # before a wrong type. `param` is the field, the message names the place inside it.
+    index = min(
+        range(len(found)),
+        key=lambda i: (-len(found[i]["loc"]), found[i]["type"].endswith("_type"), i),
+    )
+    best = found[index]
+    param = ".".join(str(part) for part in _until_union(found[0]["loc"])) or None
+    place = ".".join(str(part) for part in best["loc"] if not _is_union_member(part))
+    given = best.get("input")
+    if not place:
+        return invalid(
+            f"the body must be a JSON object of the request's fields, got {_json_type(given)}"
+        )
+    if best["type"] == "missing":
+        return invalid(f"'{place}' is required", param=param)
+    shown = _json_type(given) if isinstance(given, dict | list) else json.dumps(given)
+    return invalid(f"invalid value {shown} for '{place}': {best['msg']}", param=param)
+
+
+def _until_union(location: tuple[Any, ...]) -> list[Any]:
+    parts = []
+    for part in location:
+        if _is_union_member(part):
+            break
+        parts.append(part)
+    return parts
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type: what the client sent, in its words."""
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean"}
+    if value is None:
+        return "null"
+    return names.get(type(value), "a number")
+
+
+def _int64(value: int) -> int:
+    """`value` wrapped into the int64 range, so the seeds of choices past MAX_SEED stay apart."""
+    return (value - MIN_SEED) % (1 << 64) + MIN_SEED
 
 
 def _is_union_member(part: Any) -> bool:
@@ -140,7 +268,7 @@ def sampling_params(body: _Sampling, max_tokens: int, seed_offset: int = 0) -> S
         "temperature": 1.0 if body.temperature is None else body.temperature,
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "top_k": max(body.top_k or 0, 0),
-        "seed": None if body.seed is None else body.seed + seed_offset,
+        "seed": None if body.seed is None else _int64(body.seed + seed_offset),
         "stop": stop,
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,

@@ -19,6 +19,58 @@ from services.common.wire.attention import GenerateDelta
 CHAT = "chat.completion"
 CHAT_CHUNK = "chat.completion.chunk"
 COMPLETION = "text_completion"
+MODEL_LIST = "list"
+
+
+def _object(properties: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "required": list(properties), "properties": properties}
+
+
+# The bodies' JSON schemas, for the OpenAPI schema's 200 responses. A whole (not streamed)
+# answer has a finish reason in every choice.
+_COUNT = {"type": "integer", "minimum": 0}
+_TEXT = {"type": "string"}
+_HEADER = {"id": _TEXT, "created": {"type": "integer"}, "model": _TEXT}
+_FINISHED = {"enum": ["stop", "length", "abort"]}
+_LOGPROBS = {"type": ["object", "null"]}
+_USAGE = _object({"prompt_tokens": _COUNT, "completion_tokens": _COUNT, "total_tokens": _COUNT})
+
+
+def _choices(fields: dict[str, Any]) -> dict[str, Any]:
+    choice = _object({"index": _COUNT, **fields, "logprobs": _LOGPROBS, "finish_reason": _FINISHED})
+    return {"type": "array", "minItems": 1, "items": choice}
+
+
+CHAT_SCHEMA = _object(
+    {
+        **_HEADER,
+        "object": {"const": CHAT},
+        "choices": _choices(
+            {"message": _object({"role": {"const": "assistant"}, "content": _TEXT})}
+        ),
+        "usage": _USAGE,
+    }
+)
+COMPLETION_SCHEMA = _object(
+    {
+        **_HEADER,
+        "object": {"const": COMPLETION},
+        "choices": _choices({"text": _TEXT}),
+        "usage": _USAGE,
+    }
+)
+# A server-sent event, as schemathesis and OpenAPI 3.2's `itemSchema` read it: its `data` is a
+# chunk's JSON, an error's JSON or the closing `[DONE]`.
+EVENT_SCHEMA = _object({"data": {"type": "string", "minLength": 1}})
+MODEL_LIST_SCHEMA = _object(
+    {
+        "object": {"const": MODEL_LIST},
+        "data": {
+            "type": "array",
+            "items": _object({"id": _TEXT, "object": {"const": "model"}, "max_model_len": _COUNT}),
+        },
+    }
+)
 
 
 @dataclass
