@@ -139,7 +139,10 @@ def create_app(gateway: Gateway) -> FastAPI:
             raise errors.unauthorized(
                 "no API key: send it as the header 'Authorization: Bearer YOUR_KEY'"
             )
-        if not any(hmac.compare_digest(key.strip(), k) for k in config.api_keys):
+        # As bytes: compare_digest refuses non-ASCII str (a TypeError, a 500), and the
+        # header's str is its bytes read as latin-1.
+        sent = key.strip().encode("latin-1")
+        if not any(hmac.compare_digest(sent, k.encode()) for k in config.api_keys):
             raise errors.unauthorized("the API key is not valid: check it and send it again")
 
     async def read_body(request: Request) -> bytes:

@@ -5,8 +5,10 @@ For every operation of `/openapi.json`, schemathesis generates requests that fit
 and requests that break it, sent with the key and without it. The oracle, for each answer:
 no 5xx; every refusal is JSON in OpenAI's error shape with a message; every answer fits the
 schema where the schema declares it (schemathesis' own checks); a body that breaks the schema
-is refused; a stream ends with `[DONE]` and carries no server error. Afterwards the stack must
-still answer a plain request and hold no running request and no KV block.
+is refused; a stream ends with `[DONE]` and carries no server error. A second property test
+sends `Authorization` headers of arbitrary bytes (schemathesis makes up ASCII ones only).
+Afterwards the stack must still answer a plain request and hold no running request and no KV
+block. docs/reliability.md says what the fuzzing found.
 
 The seed is fixed (`derandomize`), so a run is reproducible; generated `max_tokens` are kept
 small (`SMALL`, and `n` too) so that a few thousand requests take minutes on a CPU.
@@ -14,6 +16,7 @@ small (`SMALL`, and `n` too) so that a few thousand requests take minutes on a C
 
 from __future__ import annotations
 
+import http.client
 import json
 import math
 import time
@@ -32,6 +35,7 @@ schemathesis = pytest.importorskip("schemathesis")
 hypothesis = pytest.importorskip("hypothesis")
 
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from schemathesis import GenerationMode  # noqa: E402
 from schemathesis.checks import not_a_server_error  # noqa: E402
 from schemathesis.specs.openapi.checks import (  # noqa: E402
@@ -134,6 +138,29 @@ def test_no_generated_request_gets_a_server_error(
         elif "text/event-stream" in response.headers.get("content-type", ""):
             check_stream(response.text, case, response)
         case.validate_response(response, checks=CHECKS, headers=headers)
+
+    run()
+
+
+def test_no_authorization_header_breaks_the_key_check(fuzzed):
+    """Any bytes a header can carry, with the scheme or without: 401, never a 500 (schemathesis
+    makes up ASCII keys only; a non-ASCII one used to crash `hmac.compare_digest`)."""
+
+    @given(scheme=st.sampled_from([b"Bearer ", b"bearer ", b"", b"Basic "]), key=HEADER_BYTES)
+    @settings(
+        max_examples=300,
+        derandomize=True,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    def run(scheme: bytes, key: bytes) -> None:
+        status, body = get_with_authorization(fuzzed, "/v1/models", scheme + key)
+        if scheme.lower() == b"bearer " and key.strip() == API_KEY.encode():
+            assert status == 200, body
+        else:
+            assert status == 401, (scheme + key, body)
+            assert body["error"]["code"] == "invalid_api_key", body
 
     run()
 
@@ -243,6 +270,25 @@ def check_stream(text: str, case, response) -> None:
 def describe(case, response) -> str:
     sent = f"{case.method} {case.path} {case.body!r:.2000}"
     return f"{sent} -> {response.status_code} {response.text:.2000}"
+
+
+# What an HTTP header value can hold (RFC 9110's field-value): visible ASCII, obs-text (0x80
+# and up), space and tab. Other control bytes are refused by uvicorn before the app, a 400.
+HEADER_BYTES = st.lists(
+    st.sampled_from([9, *range(0x20, 0x7F), *range(0x80, 0x100)]), max_size=48
+).map(bytes)
+
+
+def get_with_authorization(gateway, path: str, authorization: bytes):
+    conn = http.client.HTTPConnection("127.0.0.1", gateway.port, timeout=30)
+    try:
+        conn.putrequest("GET", path)
+        conn.putheader("Authorization", authorization)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+    finally:
+        conn.close()
 
 
 def raw_text(gateway, path: str) -> str:
