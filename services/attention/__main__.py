@@ -2,7 +2,10 @@
 
 It holds the KV cache, the attention weights, the router, the LM head and sampling, joins
 the cluster, and serves the attention API (health included) until stopped. Prints
-`attention instance I serving on HOST:PORT` once requests can be sent.
+`attention instance I serving on HOST:PORT` once requests can be sent. When the cluster
+re-forms (a peer died, left or joined) it joins the next epoch and its requests go on
+(recovery.py). SIGTERM drains it: it stops admitting, finishes the requests in flight
+(at most --drain-timeout), leaves the cluster and exits 0.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from services.attention.engine import (
 )
 from services.attention.kv_cache import KVCache
 from services.attention.monitor import EngineMonitor
+from services.attention.recovery import ClusterRecovery
 from services.attention.scheduler import SchedulerConfig
 from services.common.config import load_config
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
@@ -77,6 +81,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--fp8-dispatch", action="store_true", help="send activations to FFN as FP8 (e4m3)"
     )
     parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, how long requests in flight may take to finish before they are ended",
+    )
+    parser.add_argument(
         "--colocated",
         action="store_true",
         help="hold the experts too: no controller, no FFN instances (the non-AFD baseline)",
@@ -111,9 +122,10 @@ def run(args: argparse.Namespace) -> int:
         def submit_plan(step: int, counts: list[int]) -> None:
             # Then wait for everyone's: attention instances stay in lockstep even when idle
             # (an idle step moves no tensors, so nothing else would hold them together).
-            instance.control.submit_plan(membership.epoch, step, options.index, counts)
-            if len(membership.attention_ranks) > 1:
-                instance.control.get_plan(membership.epoch, step, options.step_timeout_s)
+            epoch = instance.membership  # the current epoch's, after any re-forming
+            instance.control.submit_plan(epoch.epoch, step, options.index, counts)
+            if len(epoch.attention_ranks) > 1:
+                instance.control.get_plan(epoch.epoch, step, options.step_timeout_s)
 
         registry = CollectorRegistry()
         metrics = AttentionMetrics(registry)
@@ -128,6 +140,7 @@ def run(args: argparse.Namespace) -> int:
             PipelineMonitor(metrics, sampler_for(options.device.type)),
         )
         engine = Engine(runner, num_blocks, config, tokenizer)
+        recovery = ClusterRecovery(instance, runner)
         # Several attention instances step in lockstep, so an idle one still takes empty steps
         # lest its peers wait for its plan; a lone one has no peer to hold up and sleeps.
         driver = EngineDriver(
@@ -135,7 +148,9 @@ def run(args: argparse.Namespace) -> int:
             always_step=len(membership.attention_ranks) > 1,
             idle_wait_s=0.01,
             on_step=EngineMonitor(engine, metrics).after_step,
+            recovery=recovery,
         )
+        recovery.driver = driver
         serve_metrics(registry, options.host, args.metrics_port)
         add_attention_service(instance.server.server, driver)
         instance.wait_for_peers()
@@ -146,7 +161,16 @@ def run(args: argparse.Namespace) -> int:
             if driver.failure is not None:
                 log.error("%s stops: %s", options.name, driver.failure)
                 return 1
+        instance.server.set_serving(False, ("", SERVICE_NAME))
+        if not driver.drain(args.drain_timeout):
+            log.warning(
+                "%s: %d request(s) still running after the %g s drain timeout are ended",
+                options.name,
+                driver.open_requests,
+                args.drain_timeout,
+            )
         driver.stop()
+        instance.leave()
         return 0
     finally:
         instance.close()

@@ -107,6 +107,17 @@ class DisaggregatedRunner:
         partial_bytes = n * cfg.hidden_size * self.dtype.itemsize
         self._recv_bufs = [[self._bytes(partial_bytes) for _ in ffn_ranks] for _ in range(k)]
 
+    def rebind(self, transport: Transport, ffn_ranks: list[int]) -> None:
+        """Serve a new membership epoch: its group, its FFN ranks (as many as before: every
+        FFN place is filled in every epoch), its step numbers from 0."""
+        if len(ffn_ranks) != len(self.ffn_ranks):
+            raise ValueError(
+                f"an epoch has {len(ffn_ranks)} FFN members, expected {len(self.ffn_ranks)}"
+            )
+        self.transport = transport
+        self.ffn_ranks = ffn_ranks
+        self.step = 0
+
     def _bytes(self, size: int) -> Tensor:
         return torch.empty(size, dtype=torch.uint8, device=self.device)
 

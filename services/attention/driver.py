@@ -6,6 +6,13 @@ threads talk to that thread through a queue of commands (submit, cancel) and rea
 steps the engine, delivers the step's outputs, then sleeps on an event until new work
 arrives.
 
+A disaggregated engine's step fails when a peer dies or the cluster re-forms; with a
+`Recovery` the driver then waits on the engine thread while the instance joins the next
+epoch, refusing new requests meanwhile, and steps on: the requests in flight lose nothing,
+since a failed step changed no request's state and the KV cache lives here (recomputing
+the step writes the same slots). If the cluster cannot re-form in time, they end with
+`ClusterUnavailable`.
+
 Knows nothing of gRPC: the servicer in `api.py` turns these calls into RPCs.
 """
 
@@ -13,6 +20,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -36,6 +44,27 @@ class EngineFailed(RuntimeError):
     """`engine.step()` raised; the instance serves nothing more. The cause is chained."""
 
 
+class ClusterUnavailable(DriverStopped):
+    """The cluster is re-forming after a failure, or could not re-form in time."""
+
+
+class Recovery(Protocol):
+    """How a disaggregated instance gets back into a working cluster (recovery.py)."""
+
+    def needed(self) -> bool:
+        """Whether the cluster moved on without this instance (checked before each step)."""
+        ...
+
+    def recoverable(self, error: BaseException) -> bool:
+        """Whether a step's error is a broken epoch, which rejoining mends."""
+        ...
+
+    def recover(self, why: str) -> None:
+        """Join the next epoch; raises if that does not happen in time, `DriverStopped` if
+        the cluster is shutting down."""
+        ...
+
+
 @dataclass(frozen=True)
 class Load:
     """What the router needs to pick an instance; a snapshot, possibly one loop old."""
@@ -44,6 +73,7 @@ class Load:
     num_waiting: int
     num_free_blocks: int
     num_total_blocks: int
+    admitting: bool = True  # False while draining or re-joining the cluster
 
 
 class Outbox(Protocol):
@@ -123,19 +153,24 @@ class EngineDriver:
         always_step: bool = False,
         idle_wait_s: float = 0.005,
         on_step: Callable[[], None] | None = None,
+        recovery: Recovery | None = None,
     ) -> None:
-        """`on_step`: called on the engine thread after every step (metrics)."""
+        """`on_step`: called on the engine thread after every step (metrics); `recovery`:
+        how to rejoin the cluster when a step fails on a broken epoch (None: fail)."""
         self._engine = engine
         self._on_step = on_step
+        self._recovery = recovery
+        self._recovering: str | None = None  # why, while the engine thread rejoins
         # A disaggregated engine must join every lockstep step, so it steps even when idle;
         # the step's collectives then pace the loop and it never sleeps.
-        self._always_step = always_step
+        self.always_step = always_step
         self._idle_wait_s = idle_wait_s
         self._lock = threading.Lock()  # guards the command queue and the lifecycle flags
         self._commands: deque[_Submit | _Cancel] = deque()
         self._closed_error: BaseException | None = None  # set once the loop has ended
         self._started = False
         self._stopping = False
+        self._draining = False
         self._wake = threading.Event()
         self._open: dict[str, _Open] = {}  # engine thread only
         self._thread = threading.Thread(target=self._run, name="engine-driver", daemon=True)
@@ -156,6 +191,28 @@ class EngineDriver:
             self._thread.join(timeout_s)
             if self._thread.is_alive():
                 raise TimeoutError(f"the engine thread did not stop within {timeout_s} s")
+
+    def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests and wait until those in flight finish (at most `timeout_s`).
+        Returns whether every one finished; `stop` then ends the rest."""
+        with self._lock:
+            self._draining = True
+        self._load = self._snapshot()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            load = self._load
+            if self._closed_error is not None or load.num_running + load.num_waiting == 0:
+                with self._lock:
+                    if not self._commands:
+                        return True
+            time.sleep(0.05)
+        return False
+
+    @property
+    def open_requests(self) -> int:
+        """Requests in flight (running or waiting), as of the last loop."""
+        load = self._load
+        return load.num_running + load.num_waiting
 
     def submit(
         self, request_id: str, prompt_token_ids: list[int], params: SamplingParams
@@ -183,6 +240,16 @@ class EngineDriver:
                 raise self._refusal()
             if self._stopping:
                 raise DriverStopped("the attention instance is shutting down")
+            if self._draining:
+                raise DriverStopped(
+                    "the attention instance is draining before it stops: send the request "
+                    "to another instance"
+                )
+            if self._recovering is not None:
+                raise ClusterUnavailable(
+                    f"the cluster is re-forming after a failure ({self._recovering}): "
+                    "retry in a few seconds"
+                )
             if not self._started:
                 raise RuntimeError("the engine driver has not been started: call start()")
             prompt = list(prompt_token_ids)
@@ -233,9 +300,19 @@ class EngineDriver:
                 self._apply_submit(command)
             else:
                 self._apply_cancel(command.request_id)
+        recovery = self._recovery
+        if recovery is not None and recovery.needed():
+            self._recover("the cluster re-formed without this instance")
         busy = self._engine.has_unfinished_requests()
-        if busy or self._always_step:
-            self._deliver(self._engine.step())
+        if busy or self.always_step:
+            try:
+                outputs = self._engine.step()
+            except Exception as exc:
+                if recovery is None or not recovery.recoverable(exc):
+                    raise
+                self._recover(str(exc))
+                return True
+            self._deliver(outputs)
             if self._on_step is not None:
                 self._on_step()
         self._load = self._snapshot()
@@ -244,6 +321,30 @@ class EngineDriver:
             # wait, so its peers never stall on it, but it does not spin.
             self._wake.wait(self._idle_wait_s)
         return True
+
+    def _recover(self, why: str) -> None:
+        """Rejoin the cluster on this thread (it owns the engine, which waits meanwhile).
+        If that fails, every request in flight ends with a clear error; the next loop tries
+        again."""
+        with self._lock:
+            self._recovering = why
+        self._load = self._snapshot()
+        try:
+            self._recovery.recover(why)
+        except DriverStopped:  # the cluster is shutting down: so does this loop
+            with self._lock:
+                self._stopping = True
+        except Exception as err:
+            error = ClusterUnavailable(f"the cluster could not re-form ({why}): {err}")
+            for request_id, record in list(self._open.items()):
+                self._engine.abort_request(request_id)
+                record.stream._put(error)
+            _flush({record.stream.outbox for record in self._open.values()})
+            self._open.clear()
+        finally:
+            with self._lock:
+                self._recovering = None
+            self._load = self._snapshot()
 
     def _apply_submit(self, command: _Submit) -> None:
         try:
@@ -307,6 +408,7 @@ class EngineDriver:
             num_waiting=len(engine.scheduler.waiting),
             num_free_blocks=engine.num_free_blocks,
             num_total_blocks=engine.block_manager.num_blocks,
+            admitting=not (self._draining or self._recovering or self._stopping),
         )
 
 

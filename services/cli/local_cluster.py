@@ -1,8 +1,10 @@
 """A whole AFD cluster as local processes: the controller, M attention and N FFN instances.
 
 Each child's command line names its role and index (`... afd attention --index 1 ...`), so
-`ps` and `top` tell them apart; each line it prints is echoed with that name. If any child
-dies, or on `stop()`, every child is stopped: SIGTERM, a grace period, then SIGKILL.
+`ps` and `top` tell them apart; each line it prints is echoed with that name. A child that
+died can be started again with the same command line (`restart`, see supervisor.py); on
+`stop()` every child is stopped in stages (those that drain requests first, the processes
+they need last): SIGTERM, a grace period, then SIGKILL.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-STOP_GRACE_S = 10.0
+STOP_GRACE_S = 10.0  # beyond a stage's drain time
 READY = re.compile(r"serving on (\S+)|controller listening on (\S+)")  # printed when up
 METRICS = re.compile(r"metrics on (\S+)")  # printed before READY, when metrics are served
 
@@ -24,9 +26,12 @@ METRICS = re.compile(r"metrics on (\S+)")  # printed before READY, when metrics 
 class Child:
     name: str  # "attention instance 0"
     process: subprocess.Popen
+    args: list[str]  # `afd` arguments it was started with
+    stage: int = 0  # stopped after every child of a lower stage has exited
     address: str | None = None
     metrics: str | None = None  # HOST:PORT of its /metrics, if it serves them
     ready: threading.Event = field(default_factory=threading.Event)
+    started: float = field(default_factory=time.monotonic)
 
 
 class LocalCluster:
@@ -44,8 +49,25 @@ class LocalCluster:
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
 
-    def start(self, name: str, args: list[str]) -> Child:
-        process = subprocess.Popen(
+    def start(self, name: str, args: list[str], stage: int = 0) -> Child:
+        child = Child(name, self._spawn(args), args, stage)
+        self.children.append(child)
+        threading.Thread(target=self._read, args=(child, child.process), daemon=True).start()
+        return child
+
+    def restart(self, child: Child) -> None:
+        """Start a child that exited again, with the same arguments but the port it had, so
+        whoever knew its address still reaches it."""
+        assert child.process.poll() is not None, f"{child.name} is still running"
+        if child.address is not None:
+            child.args = pin_port(child.args, child.address)
+        child.process = self._spawn(child.args)
+        child.ready = threading.Event()
+        child.started = time.monotonic()
+        threading.Thread(target=self._read, args=(child, child.process), daemon=True).start()
+
+    def _spawn(self, args: list[str]) -> subprocess.Popen:
+        return subprocess.Popen(
             [sys.executable, "-m", "services.cli", *args],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -53,13 +75,9 @@ class LocalCluster:
             text=True,
             bufsize=1,
         )
-        child = Child(name, process)
-        self.children.append(child)
-        threading.Thread(target=self._read, args=(child,), daemon=True).start()
-        return child
 
-    def _read(self, child: Child) -> None:
-        for line in child.process.stdout:
+    def _read(self, child: Child, process: subprocess.Popen) -> None:
+        for line in process.stdout:
             metrics = METRICS.search(line)
             if metrics:
                 child.metrics = metrics.group(1)
@@ -80,17 +98,27 @@ class LocalCluster:
                 raise TimeoutError(f"{child.name} was not ready within {timeout_s:g} s")
         return child.address
 
-    def first_exit(self) -> Child | None:
-        return next((c for c in self.children if c.process.poll() is not None), None)
+    def stop(self, drain_s: float = 0.0) -> None:
+        """Stop every child, stage by stage: SIGTERM, `drain_s` + a grace period, SIGKILL."""
+        for stage in sorted({child.stage for child in self.children}):
+            children = [c for c in self.children if c.stage == stage]
+            for child in children:
+                if child.process.poll() is None:
+                    child.process.terminate()
+            deadline = time.monotonic() + drain_s + STOP_GRACE_S
+            for child in children:
+                try:
+                    child.process.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    child.process.kill()
+                    child.process.wait()
 
-    def stop(self) -> None:
-        for child in reversed(self.children):  # instances first, the controller last
-            if child.process.poll() is None:
-                child.process.terminate()
-        deadline = time.monotonic() + STOP_GRACE_S
-        for child in self.children:
-            try:
-                child.process.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                child.process.kill()
-                child.process.wait()
+
+def pin_port(args: list[str], address: str) -> list[str]:
+    """`args` with `--port 0` (any free port) replaced by the port of `address`."""
+    port = address.rstrip("/").rsplit(":", 1)[1]
+    pinned = list(args)
+    for i, arg in enumerate(pinned[:-1]):
+        if arg == "--port" and pinned[i + 1] == "0":
+            pinned[i + 1] = port
+    return pinned

@@ -1,8 +1,10 @@
 """`afd serve --model DIR`: a whole disaggregated cluster on this machine (127.0.0.1).
 
 Starts the controller, M attention and N FFN instances and the OpenAI-compatible gateway
-as separate processes, prints where they listen, and stops all of them on Ctrl-C or
-SIGTERM, or as soon as any of them dies. With `--colocated` it starts M instances that each
+as separate processes, prints where they listen, restarts any of them that dies (as
+Kubernetes would: supervisor.py), and on Ctrl-C or SIGTERM drains and stops all of them:
+the gateway and the attention instances first (they finish the requests in flight), then
+the FFN instances and the controller. With `--colocated` it starts M instances that each
 hold the whole model instead (no controller, no FFN instances) behind the same gateway: the
 baseline that AFD is compared with on the same machine, model and load.
 """
@@ -16,6 +18,7 @@ import threading
 from pathlib import Path
 
 from services.cli.local_cluster import LocalCluster
+from services.cli.supervisor import Supervisor
 from services.common import cluster_secret
 from services.ffn.layouts import LAYOUTS
 
@@ -40,6 +43,18 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--step-timeout", type=float, default=30.0)
+    parser.add_argument(
+        "--recovery-timeout",
+        type=float,
+        default=60.0,
+        help="seconds instances wait for the cluster to re-form after a failure",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on Ctrl-C / SIGTERM, seconds requests in flight may take to finish",
+    )
     parser.add_argument("--host", default="127.0.0.1", help="address of every process")
     parser.add_argument("--port", type=int, default=8000, help="the gateway's HTTP port")
     parser.add_argument("--api-key", help="require this key (Authorization: Bearer) at the API")
@@ -130,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         cluster_secret.new_secret()
     )
     try:
-        controller = cluster.start("controller", controller_args(args))
+        controller = cluster.start("controller", controller_args(args), stage=2)
         address = cluster.wait_ready(controller, READY_TIMEOUT_S)
         common = instance_args(args, address)
         devices = instance_devices(args.device, m + n)
@@ -146,6 +161,8 @@ def run(args: argparse.Namespace) -> int:
                     *common,
                     "--kv-cache-dtype",
                     args.kv_cache_dtype,
+                    "--drain-timeout",
+                    str(args.drain_timeout),
                 ],  # fmt: skip
             )
             for i in range(m)
@@ -163,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
                     args.ffn_layout,
                     *common,
                 ],
+                stage=1,
             )  # fmt: skip
             for i in range(n)
         ]
@@ -172,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         serve_until_stopped(cluster, args, address, addresses, stop)
         return 0
     finally:
-        cluster.stop()
+        cluster.stop(args.drain_timeout)
 
 
 def run_colocated(args: argparse.Namespace, stop: threading.Event) -> int:
@@ -211,7 +229,7 @@ def run_colocated(args: argparse.Namespace, stop: threading.Event) -> int:
         serve_until_stopped(cluster, args, None, addresses, stop)
         return 0
     finally:
-        cluster.stop()
+        cluster.stop(args.drain_timeout)
 
 
 def serve_until_stopped(
@@ -231,12 +249,9 @@ def serve_until_stopped(
     cluster.say("metrics at " + " ".join(f"{t['targets'][0]}" for t in targets))
     if args.prometheus_targets:
         Path(args.prometheus_targets).write_text(json.dumps(targets, indent=2) + "\n")
+    supervisor = Supervisor(cluster)
     while not stop.wait(0.2):
-        dead = cluster.first_exit()
-        if dead is not None:
-            raise RuntimeError(
-                f"{dead.name} exited with code {dead.process.returncode}; stopping the cluster"
-            )
+        supervisor.check()
 
 
 def metrics_targets(cluster: LocalCluster) -> list[dict]:
@@ -266,6 +281,7 @@ def instance_args(args: argparse.Namespace, controller: str) -> list[str]:
     common = [
         "--controller", controller, "--model", args.model, "--host", args.host,
         "--dtype", args.dtype, "--step-timeout", str(args.step_timeout),
+        "--recovery-timeout", str(args.recovery_timeout),
         "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--metrics-port", "0",
     ]  # fmt: skip
     return [*common, "--fp8-dispatch"] if args.fp8_dispatch else common
@@ -280,7 +296,7 @@ def gateway_args(
     for address in attention:
         gateway += ["--attention", address]
     gateway += ["--host", args.host, "--port", str(args.port)]
-    gateway += ["--tpot-sla-ms", str(args.tpot_sla_ms)]
+    gateway += ["--tpot-sla-ms", str(args.tpot_sla_ms), "--drain-timeout", str(args.drain_timeout)]
     if args.api_key:
         gateway += ["--api-key", args.api_key]
     return gateway

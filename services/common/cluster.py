@@ -1,7 +1,9 @@
 """Who is in the cluster: the membership the controller hands every attention and FFN process.
 
-Ranks follow one rule, so every process derives the same torch.distributed world: attention
-instances take ranks 0..M-1 by index, FFN instances M..M+N-1 by index.
+Ranks follow one rule, so every process derives the same torch.distributed world: the
+attention members take the first ranks by index, then the FFN members by index. Every FFN
+place is always filled (they hold the experts); an attention place may be empty for an epoch
+(its instance died and was left out), so attention indices may have gaps.
 
 Plain values; knows nothing of gRPC or torch. `services.common.control_client` re-exports them.
 """
@@ -17,6 +19,7 @@ ROLES = (ATTENTION, FFN)
 Slot = tuple[str, int]  # (role, index): one place in the cluster
 
 HEARTBEAT_INTERVAL_S = 1.0  # how often a member tells the controller it is alive
+SILENT_AFTER_S = 3 * HEARTBEAT_INTERVAL_S  # not heard from this long: presumed dead
 MEMBER_STATES = ("missing", "alive", "silent")  # not registered / heard from / not lately
 
 
@@ -60,10 +63,19 @@ class Membership:
         roles = [member.role for member in self.members]
         if roles != sorted(roles, key=ROLES.index):
             raise ValueError(f"attention members must precede FFN members, got {roles}")
-        for role in ROLES:
-            indices = [member.index for member in self.members if member.role == role]
-            if indices != list(range(len(indices))):
-                raise ValueError(f"{role} indices must be 0..{len(indices) - 1}, got {indices}")
+        attention = [member.index for member in self.members if member.role == ATTENTION]
+        if not attention or attention != sorted(set(attention)):
+            raise ValueError(f"attention indices must be distinct and ascending, got {attention}")
+        ffn = [member.index for member in self.members if member.role == FFN]
+        if ffn != list(range(len(ffn))) or not ffn:
+            raise ValueError(f"ffn indices must be 0..{len(ffn) - 1}, got {ffn}")
+
+    def address_of(self, role: str, index: int) -> str | None:
+        """The address of the member in place (role, index), or None if it is empty."""
+        for member in self.members:
+            if member.role == role and member.index == index:
+                return member.address
+        return None
 
     def rank_of(self, role: str, index: int) -> int:
         for member in self.members:
@@ -74,6 +86,11 @@ class Membership:
     @property
     def attention_ranks(self) -> list[int]:
         return [member.rank for member in self.members if member.role == ATTENTION]
+
+    @property
+    def attention_indices(self) -> list[int]:
+        """The attention members' indices, in rank order (the order of a step plan's rows)."""
+        return [member.index for member in self.members if member.role == ATTENTION]
 
     @property
     def ffn_ranks(self) -> list[int]:

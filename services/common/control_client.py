@@ -6,7 +6,8 @@ Heartbeats say the member is alive and answer whether it should keep running.
 
 Long waits are long-polls: each call asks the controller to wait server-side, and asks again
 until its own timeout, so no RPC hangs. Errors come back as Python exceptions:
-- `ControlError`: the controller refused (other model, index taken, wrong epoch...);
+- `EpochChanged`: the epoch the call names is over; register again (with `last_epoch`);
+- `ControlError`: the controller refused (other model, index taken...);
 - `ClusterShutdown`: the cluster is stopping; the caller should stop too;
 - `TimeoutError`: the wait ran out (the message says who is missing), or no answer came;
 - `ConnectionError`: the controller cannot be reached.
@@ -25,7 +26,15 @@ from services.common.cluster import Member, Membership
 from services.common.cluster_secret import SendSecret
 from services.common.wire import control as wire
 
-__all__ = ["ClusterShutdown", "ControlClient", "ControlError", "Member", "Membership"]
+__all__ = [
+    "ClusterShutdown",
+    "ControlClient",
+    "ControlError",
+    "EpochChanged",
+    "Member",
+    "PlaceTaken",
+    "Membership",
+]
 
 # Codes the controller uses for refusals (proto/afd/v1/control.proto).
 _REFUSALS = (
@@ -38,6 +47,14 @@ _REFUSALS = (
 
 class ControlError(RuntimeError):
     """A refusal from the controller; the message says why and what to do."""
+
+
+class PlaceTaken(ControlError):
+    """Another live member holds this role and index (ALREADY_EXISTS)."""
+
+
+class EpochChanged(ControlError):
+    """The membership epoch a call named is over: the cluster re-formed; register again."""
 
 
 class ClusterShutdown(Exception):
@@ -57,14 +74,21 @@ class ControlClient:
         self._stub = wire.controller_stub(channel)
 
     def register(
-        self, role: str, index: int, address: str, fingerprint: str, timeout_s: float = 120.0
+        self,
+        role: str,
+        index: int,
+        address: str,
+        fingerprint: str,
+        timeout_s: float = 120.0,
+        last_epoch: int = 0,
     ) -> Membership:
-        """Join as `role` instance `index`, serving at `address`; block until every expected
-        member has joined and return the membership they all get."""
+        """Join as `role` instance `index`, serving at `address`; block until the epoch's
+        membership forms and return it. `last_epoch`: the epoch this member last belonged
+        to, when it joins again (its group broke, or the cluster moved on)."""
         deadline = time.monotonic() + timeout_s
         while True:
             wait = max(0.0, deadline - time.monotonic())
-            request = wire.register_request(role, index, address, fingerprint, wait)
+            request = wire.register_request(role, index, address, fingerprint, wait, last_epoch)
             # wait_for_ready: a member may start before the controller does.
             response = self._call(self._stub.Register, request, wait, wait_for_ready=True)
             membership, missing = wire.register_result(response)
@@ -99,10 +123,15 @@ class ControlClient:
                     f"attention instance(s) {missing} have not submitted it"
                 )
 
-    def heartbeat(self, role: str, index: int) -> bool:
-        """Say `role` instance `index` is alive. False: the cluster is shutting down."""
+    def heartbeat(self, role: str, index: int) -> tuple[bool, int]:
+        """Say `role` instance `index` is alive. Returns whether it should keep running
+        (False: the cluster is shutting down) and the epoch the cluster is at."""
         response = self._call(self._stub.Heartbeat, wire.heartbeat_request(role, index))
         return wire.heartbeat_result(response)
+
+    def leave(self, role: str, index: int) -> None:
+        """Leave the cluster for good (a drained instance); it re-forms without this one."""
+        self._call(self._stub.Leave, wire.leave_request(role, index))
 
     def shutdown(self) -> None:
         """Stop the whole cluster: waiters get ClusterShutdown, heartbeats return False."""
@@ -134,6 +163,10 @@ def _translate(err: grpc.RpcError, address: str) -> Exception:
     code, details = err.code(), err.details()
     if code is grpc.StatusCode.ABORTED:
         return ClusterShutdown(details)
+    if code is grpc.StatusCode.OUT_OF_RANGE:
+        return EpochChanged(details)
+    if code is grpc.StatusCode.ALREADY_EXISTS:
+        return PlaceTaken(details)
     if code in _REFUSALS:
         return ControlError(details)
     if code is grpc.StatusCode.UNAVAILABLE:

@@ -25,25 +25,34 @@ def join_group(
     device: torch.device,
     timeout_s: float,
     secret: str | None = None,
+    rendezvous_timeout_s: float | None = None,
 ) -> dist.Store:
     """Initialise the default process group as `rank` of this epoch's world; returns the
-    epoch's store, for barriers that must outlast the step timeout (see `wait_for_all`)."""
+    epoch's store, for barriers that must outlast the step timeout (see `wait_for_all`).
+
+    `timeout_s` bounds each transfer (NCCL's watchdog enforces it; gloo transfers are waited
+    for with their own timeout, see transport.py). `rendezvous_timeout_s` (default: the
+    same) bounds the wait for every member to arrive: after a failure some take longer."""
+    rendezvous_s = max(timeout_s, rendezvous_timeout_s or 0.0)
     store = dist.TCPStore(
         membership.store_host,
         membership.store_port,
         is_master=False,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timedelta(seconds=rendezvous_s),
     )
     # Under a prefix only holders of the cluster secret can name (cluster_secret.py).
     prefixed = dist.PrefixStore(rendezvous_prefix(membership.epoch, secret), store)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    # gloo takes the group's timeout for connecting to every peer; NCCL's watchdog takes it
+    # for every operation, so there it stays the step timeout.
+    group_s = timeout_s if device.type == "cuda" else rendezvous_s
     dist.init_process_group(
         backend_for(device),
         store=prefixed,
         rank=rank,
         world_size=membership.world_size,
-        timeout=timedelta(seconds=timeout_s),
+        timeout=timedelta(seconds=group_s),
     )
     return prefixed
 

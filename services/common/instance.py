@@ -1,6 +1,7 @@
 """What every attention and FFN process does around its real work: serve gRPC health, join
-the cluster through the controller, form the torch.distributed group, send heartbeats, and
-stop cleanly on SIGTERM / SIGINT or when the controller shuts the cluster down."""
+the cluster through the controller, form the torch.distributed group, send heartbeats, join
+the next epoch when the cluster re-forms, and stop cleanly on SIGTERM / SIGINT or when the
+controller shuts the cluster down."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import argparse
 import logging
 import signal
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
 
 from services.common import cluster_secret
-from services.common.cluster import HEARTBEAT_INTERVAL_S
-from services.common.control_client import ControlClient, Membership
+from services.common.cluster import HEARTBEAT_INTERVAL_S, SILENT_AFTER_S
+from services.common.control_client import ControlClient, ControlError, Membership, PlaceTaken
 from services.common.dist import join_group, leave_group, peer_names, wait_for_all
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, ErrorCodes, GrpcServer
@@ -24,6 +26,11 @@ from services.common.transport import Transport, channel_groups
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 3600.0  # loading a real checkpoint's share can take many minutes
+JOIN_TIMEOUT_S = 120.0
+# A replacement may start before the controller has noticed that the process it replaces
+# died: it waits this long for the place to be freed before it gives up.
+PLACE_TAKEN_WAIT_S = 3 * SILENT_AFTER_S
+POLL_S = 1.0  # registration waits in rounds this long, so SIGTERM is noticed
 
 
 def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +48,14 @@ def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="seconds a peer may take to answer within a step before the step fails",
     )
+    parser.add_argument(
+        "--recovery-timeout",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds to wait for the cluster to re-form after a member failed (a replacement "
+        "starting included); requests in flight end with an error after that",
+    )
     add_metrics_argument(parser)
     cluster_secret.add_argument(parser)
 
@@ -55,6 +70,7 @@ class InstanceOptions:
     port: int
     device: torch.device
     step_timeout_s: float
+    recovery_timeout_s: float = 60.0
     cluster_secret: str | None = None
 
     @classmethod
@@ -63,6 +79,8 @@ class InstanceOptions:
             raise ValueError("--controller HOST:PORT is required: the control plane to join")
         if args.step_timeout <= 0:
             raise ValueError(f"--step-timeout must be positive, got {args.step_timeout}")
+        if args.recovery_timeout <= 0:
+            raise ValueError(f"--recovery-timeout must be positive, got {args.recovery_timeout}")
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError(f"--device {args.device}: this machine has no usable CUDA GPU")
@@ -75,6 +93,7 @@ class InstanceOptions:
             args.port,
             device,
             args.step_timeout,
+            args.recovery_timeout,
             cluster_secret.load(args.cluster_secret_file),
         )
 
@@ -84,7 +103,8 @@ class InstanceOptions:
 
 
 class Instance:
-    """One member's lifecycle. `joined` membership and `transport` are set by `join`."""
+    """One member's lifecycle. `membership` and `rank` are set by `join`; `needs_rejoin()`
+    says when the heartbeat learnt that the cluster moved on without it (call `rejoin`)."""
 
     def __init__(
         self,
@@ -94,10 +114,17 @@ class Instance:
     ) -> None:
         self.options = options
         self.stopping = threading.Event()
+        self._cluster_epoch = 0  # the newest epoch a heartbeat reported
+        self._unknown = False  # the controller did not know this member (it restarted)
+        self.membership: Membership | None = None
         self.server = GrpcServer(error_codes, max_workers, secret=options.cluster_secret)
         self.port = self.server.bind(options.host, options.port)
         self.server.start()
         self.control = ControlClient(options.controller, secret=options.cluster_secret)
+        # From the start: a member waiting to register again, or in a slow rendezvous, must
+        # not look dead to the controller.
+        self._heartbeat = threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True)
+        self._heartbeat.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stopping.set())
 
@@ -105,33 +132,96 @@ class Instance:
     def address(self) -> str:
         return f"{self.options.host}:{self.port}"
 
-    def join(self) -> tuple[Membership, Transport]:
-        """Register (blocks until the cluster is complete) and join the data-plane group."""
+    def join(
+        self, timeout_s: float = JOIN_TIMEOUT_S, interruptible: bool = True
+    ) -> tuple[Membership, Transport]:
+        """Register (blocks until the epoch's membership forms) and join its data-plane
+        group. Called again after a failure, it joins the next epoch. `interruptible`: a
+        SIGTERM meanwhile ends the wait (InterruptedError); an instance that drains its
+        requests after SIGTERM still needs the cluster, and waits on."""
         o = self.options
-        membership = self.control.register(
-            o.role, o.index, self.address, model_fingerprint(o.model)
-        )
+        last_epoch = 0 if self.membership is None else self.membership.epoch
+        membership = self._register(timeout_s, last_epoch, interruptible)
         self.rank = membership.rank_of(o.role, o.index)
         self.membership = membership
+        self._cluster_epoch, self._unknown = membership.epoch, False
         self._store = join_group(
-            membership, self.rank, o.device, o.step_timeout_s, o.cluster_secret
+            membership, self.rank, o.device, o.step_timeout_s, o.cluster_secret, timeout_s
         )
-        threading.Thread(target=self._heartbeats, name="heartbeat", daemon=True).start()
         groups = channel_groups() if o.device.type == "cuda" else None
         return membership, Transport(peer_names(membership), o.step_timeout_s, groups)
 
-    def wait_for_peers(self) -> None:
-        """Call once loaded: returns when every instance is, so no step starts before."""
-        wait_for_all(self._store, self.membership, self.rank, READY_TIMEOUT_S)
+    def _register(self, timeout_s: float, last_epoch: int, interruptible: bool) -> Membership:
+        """Register and wait for the membership, in short polls so that SIGTERM interrupts
+        the wait (InterruptedError). A place still held by a process the controller has not
+        yet seen die is waited for, up to PLACE_TAKEN_WAIT_S."""
+        o = self.options
+        fingerprint = model_fingerprint(o.model)
+        start = time.monotonic()
+        while True:
+            if interruptible and self.stopping.is_set():
+                raise InterruptedError(f"{o.name} is stopping")
+            left = timeout_s - (time.monotonic() - start)
+            try:
+                return self.control.register(
+                    o.role, o.index, self.address, fingerprint, min(POLL_S, left), last_epoch
+                )
+            except TimeoutError as err:
+                if left <= POLL_S:
+                    raise TimeoutError(f"{err} (waited {timeout_s:g} s in all)") from err
+            except PlaceTaken as err:
+                if time.monotonic() - start > PLACE_TAKEN_WAIT_S:
+                    raise
+                log.info("%s; waiting for the controller to notice that it is gone", err)
+                time.sleep(HEARTBEAT_INTERVAL_S)
+
+    def rejoin(self, why: str, interruptible: bool = True) -> tuple[Membership, Transport]:
+        """Leave the broken epoch's group and join the next epoch (within the recovery
+        timeout): the same weights, a new membership and group."""
+        old = self.membership.epoch if self.membership else 0
+        log.warning("%s leaves epoch %d: %s", self.options.name, old, why)
+        try:
+            leave_group()
+        except RuntimeError as err:  # a broken group may fail to close; it is dropped anyway
+            log.warning("closing epoch %d's group: %s", old, err)
+        membership, transport = self.join(self.options.recovery_timeout_s, interruptible)
+        self.wait_for_peers(self.options.recovery_timeout_s)
+        log.info("%s joined epoch %d as rank %d", self.options.name, membership.epoch, self.rank)
+        return membership, transport
+
+    def needs_rejoin(self) -> bool:
+        """Whether the cluster moved on to a newer epoch than this member's (or forgot it)."""
+        m = self.membership
+        return m is not None and (self._cluster_epoch > m.epoch or self._unknown)
+
+    def wait_for_peers(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Call once loaded: returns when every member is, so no step starts before."""
+        wait_for_all(self._store, self.membership, self.rank, timeout_s)
+
+    def leave(self) -> None:
+        """Leave the cluster for good (after a drain): the others re-form without this one."""
+        try:
+            self.control.leave(self.options.role, self.options.index)
+        except (ConnectionError, TimeoutError, ControlError) as err:
+            log.warning("could not say goodbye to the controller: %s", err)
 
     def _heartbeats(self) -> None:
+        o = self.options
         while not self.stopping.wait(HEARTBEAT_INTERVAL_S):
             try:
-                if not self.control.heartbeat(self.options.role, self.options.index):
-                    log.info("the controller is shutting the cluster down")
-                    self.stopping.set()
+                keep_running, epoch = self.control.heartbeat(o.role, o.index)
+            except ControlError as err:
+                if self.membership is not None:  # the controller restarted: it forgot us
+                    log.warning("heartbeat refused: %s", err)
+                    self._unknown = True
+                continue
             except (ConnectionError, TimeoutError) as err:
                 log.warning("heartbeat failed: %s", err)
+                continue
+            if not keep_running:
+                log.info("the controller is shutting the cluster down")
+                self.stopping.set()
+            self._cluster_epoch = max(self._cluster_epoch, epoch)
 
     def close(self) -> None:
         self.stopping.set()

@@ -72,12 +72,21 @@ class Transport:
         self.on_gpu = groups is not None  # NCCL: waits are stream dependencies
 
     def send(self, tensor: Tensor, dst: int, channel: int, what: str) -> Pending:
-        work = dist.isend(tensor, dst, group=self._group(channel), tag=channel)
+        try:
+            work = dist.isend(tensor, dst, group=self._group(channel), tag=channel)
+        except RuntimeError as err:  # the connection to the peer is already broken
+            raise self._failure(dst, what, err) from err
         return Pending(work, self.peer_names[dst], what)
 
     def recv(self, tensor: Tensor, src: int, channel: int, what: str) -> Pending:
-        work = dist.irecv(tensor, src, group=self._group(channel), tag=channel)
+        try:
+            work = dist.irecv(tensor, src, group=self._group(channel), tag=channel)
+        except RuntimeError as err:
+            raise self._failure(src, what, err) from err
         return Pending(work, self.peer_names[src], what)
+
+    def _failure(self, rank: int, what: str, err: RuntimeError) -> PeerFailure:
+        return PeerFailure(f"{self.peer_names[rank]} failed {what}: {str(err).splitlines()[0]}")
 
     def _group(self, channel: int) -> dist.ProcessGroup | None:
         return None if self.groups is None else self.groups[channel]

@@ -17,19 +17,20 @@ from prometheus_client import CollectorRegistry
 from torch.distributed import TCPStore
 
 from services.common import cluster_secret
-from services.common.cluster import HEARTBEAT_INTERVAL_S, MEMBER_STATES, ROLES
+from services.common.cluster import MEMBER_STATES, ROLES, SILENT_AFTER_S
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, GrpcServer
 from services.common.metrics import ControllerMetrics, add_metrics_argument, serve_metrics
 from services.common.wire import control as wire
-from services.controller.membership import FIRST_EPOCH, ClusterSpec, Registry
-from services.controller.plans import PlanBook
+from services.controller.membership import ClusterSpec, Registry
+from services.controller.plans import PlanDesk
 from services.controller.server import ERROR_CODES, ControllerServicer
 
 log = logging.getLogger("services.controller")
 
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
 STOP_GRACE_S = 5.0
+TICK_S = 0.25  # how often silent members are looked for
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -51,6 +52,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="host members use to reach the TCPStore (default: --host, or this machine's "
         "hostname when --host is a wildcard)",
     )
+    parser.add_argument(
+        "--member-timeout",
+        type=float,
+        default=SILENT_AFTER_S,
+        metavar="S",
+        help="a member not heard from for this long is presumed dead and the cluster re-forms "
+        "without it (members send a heartbeat every second)",
+    )
     add_metrics_argument(parser)
     cluster_secret.add_argument(parser)
     parser.add_argument(
@@ -64,11 +73,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def watch_members(metrics: ControllerMetrics, registry: Registry) -> None:
     """Members by role and state, and the epoch, read when Prometheus scrapes."""
-    silent_after_s = 3 * HEARTBEAT_INTERVAL_S
     for role in ROLES:
         for state in MEMBER_STATES:
             metrics.members.labels(role, state).set_function(
-                lambda role=role, state=state: registry.count(role, state, silent_after_s)
+                lambda role=role, state=state: registry.count(role, state, SILENT_AFTER_S)
             )
     metrics.epoch.set_function(lambda: registry.epoch)
 
@@ -87,15 +95,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         # Members wrap it in a PrefixStore per epoch; nobody waits for workers here.
         store = TCPStore(args.host, args.store_port, is_master=True, wait_for_workers=False)
-        registry = Registry(spec, store_host, store.port)
         metrics = ControllerMetrics(prometheus)
-        watch_members(metrics, registry)
-        plans = PlanBook(
-            FIRST_EPOCH,
-            spec.num_attention_instances,
-            spec.num_micro_batches,
-            on_plan=metrics.plan_latency.observe,
+        plans = PlanDesk(spec.num_micro_batches, on_plan=metrics.plan_latency.observe)
+        registry = Registry(
+            spec, store_host, store.port, silent_after_s=args.member_timeout, on_change=plans.change
         )
+        watch_members(metrics, registry)
         servicer = ControllerServicer(registry, plans)
         # A long-poll holds a thread; a member may hold two (a plan wait and a heartbeat).
         num_members = spec.num_attention_instances + spec.num_ffn_instances
@@ -127,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     serve_metrics(prometheus, args.host, args.metrics_port)  # before: `afd serve` reads both
     print(f"controller listening on {args.host}:{port}", flush=True)
 
-    stop.wait()
+    while not stop.wait(TICK_S):
+        registry.tick()
     log.info("stopping")
     servicer.shut_down()
     server.stop(STOP_GRACE_S)

@@ -9,5 +9,9 @@ class Conflict(Refused):
     """The place is taken: an index registered from another address, a step's plan changed."""
 
 
+class StaleEpoch(Refused):
+    """The request names an epoch that is over: the member must register again."""
+
+
 class ShuttingDown(Exception):
     """The cluster is stopping; whoever waits should stop too."""

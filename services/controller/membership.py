@@ -1,23 +1,45 @@
-"""Registration: who has joined, and the membership once every expected instance has.
+"""Registration and epochs: who is in the cluster now.
 
-Each instance registers its role, index, address and model fingerprint; the membership forms
-when the last expected one arrives, and every waiter gets the same value. Ranks: attention
-instances 0..M-1 by index, FFN instances M..M+N-1 by index.
+Each instance registers its role, index, address and model fingerprint. An epoch's
+membership forms once every place it waits for is taken: every FFN place (they hold the
+experts), and every attention place whose holder is alive (the first epoch waits for all).
+Ranks: the attention members by index, then the FFN members by index.
 
-Plain Python and thread-safe: one Condition guards the state and wakes waiters when the
+A formed epoch ends, and the next one opens, when
+- a member has been silent (no heartbeat) for `silent_after_s`: presumed dead;
+- a member of it registers again with `last_epoch` set to it: its data-plane group broke;
+- a new member registers (a replacement, or an attention place filled again);
+- a member leaves (a drained instance).
+Every live member then registers again, with `last_epoch`, and forms the next epoch with a
+new torch.distributed group. `on_change` hears of each change: None when an epoch ends, the
+new membership when one forms (the plan desk keys step plans by it).
+
+Plain Python and thread-safe: one Condition guards the state and wakes waiters when a
 membership forms or the cluster shuts down. Knows nothing of gRPC, torch or how the store
-is hosted; detecting dead members from heartbeats is for later.
+is hosted. `tick()` (called every fraction of a second) notices silence.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.common.cluster import ATTENTION, ROLES, Member, Membership, Slot
+from services.common.cluster import (
+    ATTENTION,
+    FFN,
+    HEARTBEAT_INTERVAL_S,
+    ROLES,
+    SILENT_AFTER_S,
+    Member,
+    Membership,
+    Slot,
+)
 from services.controller.errors import Conflict, Refused, ShuttingDown
+
+log = logging.getLogger(__name__)
 
 FIRST_EPOCH = 1
 
@@ -54,6 +76,9 @@ class RegistrationPending:
     missing: tuple[Slot, ...]  # in rank order
 
 
+MembershipListener = Callable[[Membership | None], None]
+
+
 class Registry:
     def __init__(
         self,
@@ -61,18 +86,33 @@ class Registry:
         store_host: str,
         store_port: int,
         clock: Callable[[], float] = time.monotonic,
+        silent_after_s: float = SILENT_AFTER_S,
+        on_change: MembershipListener | None = None,
     ) -> None:
+        if not silent_after_s > HEARTBEAT_INTERVAL_S:
+            raise ValueError(
+                f"the member timeout must exceed the {HEARTBEAT_INTERVAL_S:g} s heartbeat "
+                f"interval, got {silent_after_s:g} s"
+            )
         self.spec = spec
+        self.silent_after_s = silent_after_s
         self._store = (store_host, store_port)
         self._clock = clock
+        self._on_change = on_change
         self._cond = threading.Condition()
-        self._addresses: dict[Slot, str] = {}
-        self._last_seen: dict[Slot, float] = {}
-        self._membership: Membership | None = None
+        self._epoch = FIRST_EPOCH  # the current epoch, formed or forming
+        self._addresses: dict[Slot, str] = {}  # registered for the current epoch
+        self._last_seen: dict[Slot, float] = {}  # every member ever heard from (until it leaves)
+        self._membership: Membership | None = None  # the current epoch's, once formed
+        self._previous: Membership | None = None  # the last formed one
         self._shutting_down = False
 
-    def register(self, role: str, index: int, address: str, fingerprint: str) -> None:
-        """Take the place (role, index). Taking it again from the same address is a no-op."""
+    def register(
+        self, role: str, index: int, address: str, fingerprint: str, last_epoch: int = 0
+    ) -> None:
+        """Take the place (role, index) in the current epoch. `last_epoch`: the epoch the
+        member last belonged to (0: none). Taking it again from the same address while the
+        epoch forms, or after it formed with this member in it, is a no-op (a retry)."""
         self._check_slot(role, index)
         if not address:
             raise ValueError(f"{role} instance {index} registered without an address")
@@ -82,45 +122,101 @@ class Registry:
                 f"but the cluster serves {self.spec.fingerprint}: start it with the same "
                 "checkpoint"
             )
+        slot = (role, index)
         with self._cond:
             if self._shutting_down:
                 raise ShuttingDown("the cluster is shutting down")
-            slot = (role, index)
-            taken_by = self._addresses.get(slot)
-            if taken_by is not None and taken_by != address:
+            formed = self._membership
+            holder = (formed.address_of(*slot) if formed else None) or self._addresses.get(slot)
+            if holder is not None and holder != address and not self._silent(slot):
                 raise Conflict(
-                    f"{role} instance {index} is already registered from {taken_by}; "
+                    f"{role} instance {index} is already registered from {holder}; "
                     f"{address} cannot take it too: give each {role} instance its own index"
                 )
-            self._addresses[slot] = address
             self._last_seen[slot] = self._clock()
-            if self._membership is None and len(self._addresses) == len(self.spec.slots()):
-                self._membership = self._form()
-                self._cond.notify_all()
+            if formed is not None:
+                if holder == address and last_epoch < formed.epoch:
+                    return  # a retry of the registration that formed this epoch
+                why = (
+                    "its data-plane group broke"
+                    if last_epoch == formed.epoch
+                    else f"{address} takes the place"
+                )
+                self._open_next(f"{role} instance {index} registered: {why}")
+            self._addresses[slot] = address
+            self._try_form()
 
-    def wait(self, timeout_s: float) -> Membership | RegistrationPending:
-        """The membership, once every expected instance has registered (at most timeout_s)."""
+    def wait(
+        self, role: str, index: int, address: str, timeout_s: float
+    ) -> Membership | RegistrationPending:
+        """The membership with `address` in place (role, index), once formed (at most
+        timeout_s)."""
+
+        def formed_with_it() -> bool:
+            m = self._membership
+            return m is not None and m.address_of(role, index) == address
+
         with self._cond:
-            self._cond.wait_for(
-                lambda: self._shutting_down or self._membership is not None, timeout_s
-            )
+            self._cond.wait_for(lambda: self._shutting_down or formed_with_it(), timeout_s)
             if self._shutting_down:
                 raise ShuttingDown("the cluster is shutting down")
-            if self._membership is not None:
+            if formed_with_it():
                 return self._membership
-            missing = tuple(slot for slot in self.spec.slots() if slot not in self._addresses)
+            expected = self._expected()
+            missing = tuple(
+                s for s in self.spec.slots() if s in expected and s not in self._addresses
+            )
             return RegistrationPending(missing)
 
-    def heartbeat(self, role: str, index: int) -> bool:
-        """Record that (role, index) is alive; False asks it to shut down."""
+    def heartbeat(self, role: str, index: int) -> tuple[bool, int]:
+        """Record that (role, index) is alive. Returns whether it should keep running (False:
+        shut down), and the current epoch (a member of an older one must register again)."""
         self._check_slot(role, index)
         with self._cond:
             if self._shutting_down:
-                return False
-            if (role, index) not in self._addresses:
-                raise Refused(f"{role} instance {index} sent a heartbeat before registering")
+                return False, self._epoch
+            if (role, index) not in self._last_seen:
+                raise Refused(
+                    f"{role} instance {index} sent a heartbeat but is not registered (the "
+                    "controller restarted, or the member left): register again"
+                )
             self._last_seen[(role, index)] = self._clock()
-            return True
+            return True, self._epoch
+
+    def leave(self, role: str, index: int) -> None:
+        """(role, index) leaves for good: the cluster re-forms without it."""
+        self._check_slot(role, index)
+        slot = (role, index)
+        with self._cond:
+            if self._shutting_down:
+                return
+            self._last_seen.pop(slot, None)
+            self._addresses.pop(slot, None)
+            formed = self._membership
+            if formed is not None and formed.address_of(*slot) is not None:
+                self._open_next(f"{role} instance {index} left")
+            self._try_form()
+
+    def tick(self) -> None:
+        """Notice silence: end an epoch whose member went silent; form one that waited only
+        for members that went silent."""
+        with self._cond:
+            if self._shutting_down:
+                return
+            formed = self._membership
+            if formed is None:
+                self._try_form()
+                return
+            silent = [
+                f"{m.role} instance {m.index}"
+                for m in formed.members
+                if self._silent((m.role, m.index))
+            ]
+            if silent:
+                self._open_next(
+                    f"{', '.join(silent)} silent for over {self.silent_after_s:g} s, presumed dead"
+                )
+                self._try_form()
 
     def last_seen(self, role: str, index: int) -> float | None:
         """When (role, index) last registered or sent a heartbeat, on this registry's clock."""
@@ -129,7 +225,7 @@ class Registry:
 
     @property
     def epoch(self) -> int:
-        """The membership's epoch, or 0 while it is still forming."""
+        """The membership's epoch, or 0 while it is forming."""
         with self._cond:
             return 0 if self._membership is None else self._membership.epoch
 
@@ -160,17 +256,61 @@ class Registry:
                 f"{role} instance(s), indices 0..{expected - 1}"
             )
 
-    def _form(self) -> Membership:
+    def _silent(self, slot: Slot) -> bool:
+        seen = self._last_seen.get(slot)
+        return seen is None or self._clock() - seen > self.silent_after_s
+
+    def _expected(self) -> set[Slot]:
+        """The places the current epoch waits for: every FFN place; the attention places of
+        the last epoch whose holders are alive (in the first epoch, every place)."""
+        if self._previous is None:
+            return set(self.spec.slots())
+        ffn = {(FFN, i) for i in range(self.spec.num_ffn_instances)}
+        attention = {
+            (m.role, m.index)
+            for m in self._previous.members
+            if m.role == ATTENTION and not self._silent((m.role, m.index))
+        }
+        return ffn | attention
+
+    def _open_next(self, why: str) -> None:
+        """End the formed epoch; the next one forms as its members register again."""
+        ended = self._membership
+        assert ended is not None
+        self._previous, self._membership = ended, None
+        self._epoch += 1
+        self._addresses = {}
+        log.info("epoch %d ended (%s); epoch %d forms", ended.epoch, why, self._epoch)
+        if self._on_change is not None:
+            self._on_change(None)
+        self._cond.notify_all()
+
+    def _try_form(self) -> None:
+        if self._membership is not None:
+            return
+        taken = set(self._addresses)
+        has_attention = any(role == ATTENTION for role, _ in taken)
+        if not has_attention or not self._expected() <= taken:
+            return
+        slots = [slot for slot in self.spec.slots() if slot in taken]
         members = tuple(
             Member(role, index, rank, self._addresses[(role, index)])
-            for rank, (role, index) in enumerate(self.spec.slots())
+            for rank, (role, index) in enumerate(slots)
         )
         host, port = self._store
-        return Membership(
-            epoch=FIRST_EPOCH,
+        self._membership = Membership(
+            epoch=self._epoch,
             world_size=len(members),
             store_host=host,
             store_port=port,
             num_micro_batches=self.spec.num_micro_batches,
             members=members,
         )
+        log.info(
+            "epoch %d formed: %s",
+            self._epoch,
+            ", ".join(f"{m.role} {m.index}" for m in members),
+        )
+        if self._on_change is not None:
+            self._on_change(self._membership)
+        self._cond.notify_all()

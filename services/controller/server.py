@@ -10,13 +10,14 @@ import grpc
 
 from services.common.wire import control as wire
 from services.common.wire.gen.afd.v1 import control_pb2 as pb
-from services.controller.errors import Conflict, Refused, ShuttingDown
+from services.controller.errors import Conflict, Refused, ShuttingDown, StaleEpoch
 from services.controller.membership import Registry
-from services.controller.plans import PlanBook
+from services.controller.plans import PlanDesk
 
 # The interceptor's table (services/common/grpc_server.py); the client maps them back.
 ERROR_CODES = {
     Conflict: grpc.StatusCode.ALREADY_EXISTS,
+    StaleEpoch: grpc.StatusCode.OUT_OF_RANGE,
     Refused: grpc.StatusCode.FAILED_PRECONDITION,
     ShuttingDown: grpc.StatusCode.ABORTED,
 }
@@ -38,21 +39,22 @@ def long_poll_s(wait_ms: int, context: grpc.ServicerContext) -> float:
 class ControllerServicer(wire.ControllerServicer):
     """Method names are the proto's; each converts, calls the domain and converts back."""
 
-    def __init__(self, registry: Registry, plans: PlanBook) -> None:
+    def __init__(self, registry: Registry, plans: PlanDesk) -> None:
         self._registry = registry
         self._plans = plans
 
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
-        role = wire.role_from_proto(request.role)
-        self._registry.register(role, request.index, request.address, request.fingerprint)
-        return wire.register_response(self._registry.wait(long_poll_s(request.wait_ms, context)))
+        role, index, address = wire.role_from_proto(request.role), request.index, request.address
+        self._registry.register(role, index, address, request.fingerprint, request.last_epoch)
+        wait_s = long_poll_s(request.wait_ms, context)
+        return wire.register_response(self._registry.wait(role, index, address, wait_s))
 
     def SubmitPlan(
         self, request: pb.SubmitPlanRequest, context: grpc.ServicerContext
     ) -> pb.SubmitPlanResponse:
-        self._plans.submit(
+        self._plans.book(request.epoch).submit(
             request.epoch, request.step, request.attention_index, request.micro_batch_tokens
         )
         return wire.submit_plan_response()
@@ -60,14 +62,19 @@ class ControllerServicer(wire.ControllerServicer):
     def GetPlan(
         self, request: pb.GetPlanRequest, context: grpc.ServicerContext
     ) -> pb.GetPlanResponse:
-        plan = self._plans.wait(request.epoch, request.step, long_poll_s(request.wait_ms, context))
+        book = self._plans.book(request.epoch)
+        plan = book.wait(request.epoch, request.step, long_poll_s(request.wait_ms, context))
         return wire.get_plan_response(plan)
 
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
     ) -> pb.HeartbeatResponse:
         role = wire.role_from_proto(request.role)
-        return wire.heartbeat_response(self._registry.heartbeat(role, request.index))
+        return wire.heartbeat_response(*self._registry.heartbeat(role, request.index))
+
+    def Leave(self, request: pb.LeaveRequest, context: grpc.ServicerContext) -> pb.LeaveResponse:
+        self._registry.leave(wire.role_from_proto(request.role), request.index)
+        return wire.leave_response()
 
     def Shutdown(
         self, request: pb.ShutdownRequest, context: grpc.ServicerContext

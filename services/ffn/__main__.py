@@ -3,6 +3,9 @@
 It holds its share of every layer's feed-forward weights, joins the cluster, and then runs
 one step per plan from the controller until the cluster shuts down. The next step's plan is
 fetched while the current step computes, so it is there before that step's first transfer.
+When the epoch ends (a peer died mid-step, or the controller says the cluster moved on), it
+joins the next one with the same weights and goes on. SIGTERM: it leaves the cluster (which
+waits for a replacement to hold these experts) and exits.
 """
 
 from __future__ import annotations
@@ -15,12 +18,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from prometheus_client import CollectorRegistry
 
 from services.common.config import load_config
-from services.common.control_client import ClusterShutdown, ControlClient
+from services.common.control_client import (
+    ClusterShutdown,
+    ControlError,
+    Membership,
+)
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
 from services.common.metrics import FFNMetrics, sampler_for, serve_metrics
 from services.common.model.build import resolve_dtype
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.model.weights import load_weights, stored_fp8
+from services.common.transport import PeerFailure, Transport
 from services.ffn.layouts import LAYOUTS, SPLIT
 from services.ffn.shard import FFNShard, ShardSpec
 from services.ffn.worker import FFNMonitor, FFNWorker
@@ -83,33 +91,65 @@ def run(args: argparse.Namespace) -> int:
         instance.wait_for_peers()
         instance.server.set_serving(True)
         print(f"{options.name} serving on {instance.address}", flush=True)
-        serve(worker, instance.control, membership.epoch, options.step_timeout_s, instance)
+        while (why := serve(worker, instance)) is not None:
+            instance.server.set_serving(False)
+            joined = rejoin(instance, why)
+            if joined is None:
+                break
+            membership, transport = joined
+            worker.rebind(transport, membership.attention_ranks)
+            instance.server.set_serving(True)
+        instance.leave()
         return 0
     finally:
         instance.close()
 
 
-def serve(
-    worker: FFNWorker, control: ControlClient, epoch: int, timeout_s: float, instance: Instance
-) -> None:
+def rejoin(instance: Instance, why: str) -> tuple[Membership, Transport] | None:
+    """Join the next epoch, trying again until it forms (the cluster cannot serve without
+    these experts, so giving up helps nobody); None if told to stop meanwhile."""
+    while not instance.stopping.is_set():
+        try:
+            return instance.rejoin(why)
+        except (ClusterShutdown, InterruptedError):
+            return None
+        except (TimeoutError, ConnectionError, ControlError, RuntimeError) as err:
+            why = f"joining the next epoch failed: {err}"
+    return None
+
+
+def serve(worker: FFNWorker, instance: Instance) -> str | None:
+    """Run the epoch's steps. Returns why the epoch is over for this instance, or None when
+    it should stop (SIGTERM, or the cluster shuts down)."""
+    epoch, timeout_s = instance.membership.epoch, instance.options.step_timeout_s
+    # Plans are long-polled in short rounds, so a stale epoch is noticed within one.
+    poll_s = min(timeout_s, 1.0)
     with ThreadPoolExecutor(1, thread_name_prefix="plan") as prefetch:
 
         def fetch(step: int) -> Future:
-            return prefetch.submit(control.get_plan, epoch, step, timeout_s)
+            return prefetch.submit(instance.control.get_plan, epoch, step, poll_s)
 
         step, plan = 0, fetch(0)
         while not instance.stopping.is_set():
             try:
                 counts = plan.result()
             except ClusterShutdown:
-                return
+                return None
+            except (ControlError, ConnectionError) as err:  # the epoch is over, or the
+                return str(err)  # controller restarts: either way, join the next one
             except TimeoutError:
                 # No step for a while: an idle cluster, not a fault (a peer that fails inside
-                # a step is caught by the data plane's timeout). Keep waiting.
+                # a step is caught by the data plane). Keep waiting, unless it moved on.
+                if instance.needs_rejoin():
+                    return f"the cluster moved past epoch {epoch}"
                 plan = fetch(step)
                 continue
             step, plan = step + 1, fetch(step + 1)
-            worker.run_step(counts)
+            try:
+                worker.run_step(counts)
+            except PeerFailure as err:
+                return str(err)
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -60,33 +60,38 @@ class FFNWorker:
         self.monitor = monitor
         self.cfg = cfg
         self.shard = shard
-        self.transport = transport
-        self.attention_ranks = attention_ranks
         self.dtype = dtype
         self.device = device
         self.layouts = {
             False: Layout(cfg.hidden_size, 0, dtype, fp8_dispatch),
             True: Layout(cfg.hidden_size, cfg.moe_top_k, dtype, fp8_dispatch),
         }
-        # Per micro-batch slot: a receive buffer per attention instance, one send buffer.
-        in_bytes = max_tokens_per_step * self.layouts[True].bytes_per_token
-        out_bytes = len(attention_ranks) * max_tokens_per_step * cfg.hidden_size * dtype.itemsize
-        self._recv_bufs = [
-            [torch.empty(in_bytes, dtype=torch.uint8, device=device) for _ in attention_ranks]
-            for _ in range(num_micro_batches)
-        ]
-        self._send_bufs = [
-            torch.empty(out_bytes, dtype=torch.uint8, device=device)
-            for _ in range(num_micro_batches)
-        ]
-        self._sends: list[list[Pending]] = [[] for _ in range(num_micro_batches)]
+        self.num_micro_batches = num_micro_batches
         self.max_tokens_per_step = max_tokens_per_step
         self.num_tokens_computed = 0
         self._expert_counts: Tensor | None = None  # a sampled step's, on the device
+        self.rebind(transport, attention_ranks)
+
+    def rebind(self, transport: Transport, attention_ranks: list[int]) -> None:
+        """Serve a new membership epoch: its group, its attention members."""
+        self.transport = transport
+        self.attention_ranks = attention_ranks
+        # Per micro-batch slot: a receive buffer per attention instance, one send buffer.
+        n, k, device = self.max_tokens_per_step, self.num_micro_batches, self.device
+        in_bytes = n * self.layouts[True].bytes_per_token
+        out_bytes = len(attention_ranks) * n * self.cfg.hidden_size * self.dtype.itemsize
+        self._recv_bufs = [
+            [torch.empty(in_bytes, dtype=torch.uint8, device=device) for _ in attention_ranks]
+            for _ in range(k)
+        ]
+        self._send_bufs = [
+            torch.empty(out_bytes, dtype=torch.uint8, device=device) for _ in range(k)
+        ]
+        self._sends: list[list[Pending]] = [[] for _ in range(k)]
 
     @torch.inference_mode()
     def run_step(self, counts: list[list[int]]) -> None:
-        """counts[attention index][micro-batch]: the step plan."""
+        """counts[attention member, in rank order][micro-batch]: the step plan."""
         for a, row in enumerate(counts):
             if sum(row) > self.max_tokens_per_step:
                 raise ValueError(

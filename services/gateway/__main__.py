@@ -51,6 +51,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-queue", type=int, default=256, help="waiting requests before 429")
     parser.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        metavar="S",
+        help="on SIGTERM, how long requests in flight may take to finish",
+    )
     cluster_secret.add_argument(parser)
     parser.set_defaults(run=run)
 
@@ -88,11 +95,12 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
     return Gateway(config, Tokenizer.from_dir(args.model), router)
 
 
-async def serve(gateway: Gateway, host: str, port: int) -> None:
+async def serve(gateway: Gateway, host: str, port: int, drain_s: float = 30.0) -> None:
     listener = socket.create_server((host, port), family=_family(host))
     bound_port = listener.getsockname()[1]
     server = uvicorn.Server(
-        uvicorn.Config(create_app(gateway), log_level="warning", timeout_graceful_shutdown=5)
+        # On SIGTERM uvicorn stops accepting and lets requests in flight finish (a drain).
+        uvicorn.Config(create_app(gateway), log_level="warning", timeout_graceful_shutdown=drain_s)
     )
     task = asyncio.create_task(server.serve(sockets=[listener]))
     while not server.started and not task.done():
@@ -114,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"afd gateway: error: {err}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(gateway, args.host, args.port))
+        asyncio.run(serve(gateway, args.host, args.port, args.drain_timeout))
     except OSError as err:
         print(
             f"afd gateway: error: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr

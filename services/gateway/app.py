@@ -193,17 +193,20 @@ def create_app(gateway: Gateway) -> FastAPI:
 
     @app.get("/ready", responses={503: {"description": "not ready: 'not_ready' names what"}})
     async def ready() -> JSONResponse:
+        # Ready while some attention instance can serve (its health says so: it is NOT_SERVING
+        # while it drains or its cluster re-forms). Whatever else is down is named, but one
+        # instance down must not take every gateway out of its Service.
         checks: list[tuple[str, Awaitable[bool]]] = []
+        for instance in router.instances:
+            checks.append((f"attention {instance.address}", instance.client.serving(timeout_s=1.0)))
         for channel in controller:
             stub = health_pb2_grpc.HealthStub(channel)
             checks.append((f"controller {config.controller}", health_serving(stub, "", 1.0)))
-        for instance in router.instances:
-            checks.append((f"attention {instance.address}", instance.client.serving(timeout_s=1.0)))
         results = await asyncio.gather(*(check for _, check in checks))
-        not_ready = [name for (name, _), ok in zip(checks, results, strict=True) if not ok]
-        if not_ready:
-            return JSONResponse({"status": "not ready", "not_ready": not_ready}, status_code=503)
-        return JSONResponse({"status": "ready"})
+        down = [name for (name, _), ok in zip(checks, results, strict=True) if not ok]
+        if not any(results[: len(router.instances)]):
+            return JSONResponse({"status": "not ready", "not_ready": down}, status_code=503)
+        return JSONResponse({"status": "ready", **({"degraded": down} if down else {})})
 
     @app.get("/v1/models", **v1(None, MODEL_LIST_SCHEMA))
     async def models(request: Request) -> dict[str, Any]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -23,7 +25,9 @@ from services.common.metrics import GatewayMetrics
 from services.common.sampling_params import SamplingParams
 from services.common.wire.attention import GenerateDelta
 from services.gateway.errors import APIError, from_rpc_error
-from services.gateway.router import Router
+from services.gateway.router import Instance, Router
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,27 +91,22 @@ class Choices:
     async def _run(self, index: int, job: Job) -> None:
         timing = ChoiceTiming(self._arrival, len(job.prompt_token_ids))
         try:
-            async with self._router.slot() as instance:
-                timing.started()
-                request_id = f"{self._request_id}-{index}-{uuid.uuid4().hex[:8]}"
-                stream = instance.client.generate_in_session(
-                    request_id, job.prompt_token_ids, job.params
-                )
-                last: float | None = None
-                try:
-                    async for delta in stream:
-                        now = time.monotonic()
-                        # The first delta carries the prefill: TTFT, not TPOT.
-                        if last is not None and delta.new_token_ids:
-                            tpot = (now - last) / len(delta.new_token_ids)
-                            self._router.record_tpot(instance, tpot)
-                        last = now
-                        timing.tokens(len(delta.new_token_ids), now)
-                        if delta.finished:
-                            timing.outcome = delta.finish_reason or "stop"
-                        await self._queue.put(ChoiceDelta(index, delta))
-                finally:
-                    await stream.aclose()  # type: ignore[attr-defined]
+            for attempt in itertools.count(1):
+                async with self._router.slot() as instance:
+                    timing.started()
+                    forwarded = [0]  # deltas handed to the client so far
+                    try:
+                        await self._stream(index, job, instance, timing, forwarded)
+                        return
+                    except grpc.RpcError as err:
+                        # An instance that is unavailable before the choice streamed anything
+                        # (it died, drains, or re-forms) costs the client nothing: run the
+                        # choice on another one. After the first delta it cannot be redone.
+                        again = attempt < self._router.num_instances and not forwarded[0]
+                        if err.code() is not grpc.StatusCode.UNAVAILABLE or not again:
+                            raise
+                        self._router.suspect(instance)
+                        log.info("retrying on another instance: %s", err.details())
         except APIError as err:
             timing.outcome = "error"
             await self._queue.put(err)
@@ -118,6 +117,28 @@ class Choices:
             if self._metrics is not None:
                 timing.record(self._metrics, self._router.tpot_sla_s)
             self._queue.put_nowait(_DONE)
+
+    async def _stream(
+        self, index: int, job: Job, instance: Instance, timing: ChoiceTiming, forwarded: list[int]
+    ) -> None:
+        request_id = f"{self._request_id}-{index}-{uuid.uuid4().hex[:8]}"
+        stream = instance.client.generate_in_session(request_id, job.prompt_token_ids, job.params)
+        last: float | None = None
+        try:
+            async for delta in stream:
+                now = time.monotonic()
+                # The first delta carries the prefill: TTFT, not TPOT.
+                if last is not None and delta.new_token_ids:
+                    tpot = (now - last) / len(delta.new_token_ids)
+                    self._router.record_tpot(instance, tpot)
+                last = now
+                timing.tokens(len(delta.new_token_ids), now)
+                if delta.finished:
+                    timing.outcome = delta.finish_reason or "stop"
+                forwarded[0] += 1
+                await self._queue.put(ChoiceDelta(index, delta))
+        finally:
+            await stream.aclose()  # type: ignore[attr-defined]
 
 
 class ChoiceTiming:

@@ -44,7 +44,8 @@ class Instance:
     channel: grpc.aio.Channel | None = field(default=None, repr=False)
 
     def has_room(self) -> bool:
-        return self.load is not None and self.in_flight < self.limit.limit
+        load = self.load
+        return load is not None and load.admitting and self.in_flight < self.limit.limit
 
     def score(self) -> tuple[int, int]:
         assert self.load is not None
@@ -137,6 +138,15 @@ class Router:
         finally:
             instance.in_flight -= 1
             self._wake()
+
+    def suspect(self, instance: Instance) -> None:
+        """`instance` refused or dropped a request as unavailable: send it nothing more
+        until a poll finds it reachable and admitting again."""
+        instance.load = None
+
+    @property
+    def num_instances(self) -> int:
+        return len(self.instances)
 
     def record_tpot(self, instance: Instance, tpot_s: float) -> None:
         instance.limit.record(tpot_s, instance.in_flight, time.monotonic())

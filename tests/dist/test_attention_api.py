@@ -3,28 +3,21 @@ driver and engine, a real client over a real channel. The oracle is the engine's
 `generate`, run on a second engine."""
 
 import threading
-import time
-from types import SimpleNamespace
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.attention.api import ERROR_CODES, add_attention_service
-from services.attention.builder import local_engine
-from services.attention.driver import EngineDriver
-from services.attention.engine import EngineConfig
-from services.attention.scheduler import SchedulerConfig
-from services.common.grpc_server import GrpcServer
 from services.common.sampling_params import SamplingParams
 from services.common.wire import attention as wire
-from services.common.wire.attention_client import AttentionClient
 from tests.support.attention_api import NUM_BLOCKS, make_engine, serve, wait_until_idle
 
 pytestmark = pytest.mark.timeout(60)
 
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
+
+
 def joined(deltas):
     return [t for d in deltas for t in d.new_token_ids], "".join(d.new_text for d in deltas)
 

@@ -86,6 +86,7 @@ def test_a_refused_request_ends_alone_with_its_status(api):
     session.send(wire.session_generate("bad", [10**9], GREEDY))  # outside the vocabulary
     session.send(wire.session_generate("good", PROMPTS[0], GREEDY))
     session.send(wire.session_generate("good", PROMPTS[1], GREEDY))  # the same id again
+
     def good_done(items):
         return "bad" in items and any(
             not isinstance(i, grpc.RpcError) and i.finished for i in items.get("good", [])
@@ -203,7 +204,9 @@ def test_an_instance_with_a_cluster_secret_serves_only_its_holders(tiny_model_f6
         health = health_pb2_grpc.HealthStub(served.channel)  # probes carry no secret
         reply = health.Check(health_pb2.HealthCheckRequest(service=wire.SERVICE_NAME))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
-        tokens = [t for d in served.client.generate("ok", PROMPTS[0], GREEDY) for t in d.new_token_ids]
+        tokens = [
+            t for d in served.client.generate("ok", PROMPTS[0], GREEDY) for t in d.new_token_ids
+        ]
         assert len(tokens) == GREEDY.max_tokens
         assert wait_until_idle(served.client).num_running == 0
     finally:

@@ -19,8 +19,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch.distributed import TCPStore
 
 from services.common.cluster import Member, Membership
-from services.common.control_client import ClusterShutdown, ControlClient, ControlError
+from services.common.control_client import (
+    ClusterShutdown,
+    ControlClient,
+    ControlError,
+    EpochChanged,
+)
 from services.common.wire import control as wire
+from services.common.wire.gen.afd.v1 import control_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
 FP = "0123456789abcdef"
@@ -115,7 +121,7 @@ def test_registration_forms_one_membership_and_refuses_impostors(tmp_path):
             client.register("ffn", 1, "elsewhere:7000", FP, timeout_s=1)
         with pytest.raises(ControlError, match="out of range"):
             client.register("attention", 2, "a2:7000", FP, timeout_s=1)
-        assert client.heartbeat("attention", 1) is True
+        assert client.heartbeat("attention", 1) == (True, 1)
 
 
 def test_before_the_cluster_forms_a_wrong_model_is_refused_and_a_wait_times_out(tmp_path):
@@ -148,7 +154,7 @@ def test_plans_long_poll_until_every_attention_instance_submits(tmp_path):
         client.submit_plan(epoch, 1, 0, [1, 1, 1])
         with pytest.raises(TimeoutError, match=r"step 1 .*attention instance\(s\) \[1\]"):
             client.get_plan(epoch, 1, timeout_s=0.3)
-        with pytest.raises(ControlError, match="epoch 2 but the cluster is at epoch 1"):
+        with pytest.raises(EpochChanged, match="epoch 2 but the cluster is at epoch 1"):
             client.submit_plan(2, 1, 1, [1, 1, 1])
         with pytest.raises(ControlError, match="3 micro-batches"):
             client.submit_plan(epoch, 1, 1, [1, 1])
@@ -169,15 +175,15 @@ def test_shutdown_wakes_waiters_health_serves_and_sigterm_exits_cleanly(tmp_path
             lambda role, index: client.register(role, index, f"{role}-{index}:1", FP, 60),
             SLOTS[:3],
         )
-        # ... and a plan waiter for a cluster that has no plans yet.
-        join_plans = in_threads(lambda: client.get_plan(1, 0, timeout_s=60), [()])
+        # ... and a plan is asked for before the cluster formed: refused, not waited for.
+        with pytest.raises(ControlError, match="epoch 1 has not formed yet"):
+            client.get_plan(1, 0, timeout_s=60)
         time.sleep(0.3)
-        assert client.heartbeat("attention", 0) is True
+        assert client.heartbeat("attention", 0) == (True, 1)
         client.shutdown()
-        for join in (join_registrations, join_plans):
-            _, errors = join(timeout_s=10)
-            assert all(isinstance(err, ClusterShutdown) for err in errors), errors
-        assert client.heartbeat("attention", 0) is False
+        _, errors = join_registrations(timeout_s=10)
+        assert all(isinstance(err, ClusterShutdown) for err in errors), errors
+        assert client.heartbeat("attention", 0) == (False, 1)
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(15) == 0
@@ -211,3 +217,56 @@ def test_a_controller_with_a_secret_refuses_strangers_and_answers_probes(tmp_pat
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
         with ControlClient(address, secret="s3cret-of-this-cluster") as member:
             assert register_everyone(member)[0].epoch == 1
+
+
+def test_the_cluster_re_forms_over_grpc_and_refuses_stale_and_malformed_messages(tmp_path):
+    with controller(tmp_path) as (_, address), ControlClient(address) as client:
+        register_everyone(client)
+        # Attention instance 0's data-plane group broke: it registers again with last_epoch.
+        rejoin = in_threads(
+            lambda role, index: client.register(
+                role, index, f"{role}-{index}:7000", FP, 30, last_epoch=1
+            ),
+            SLOTS,
+        )
+        results, errors = rejoin()
+        assert errors == [None] * len(SLOTS)
+        assert {m.epoch for m in results} == {2}
+        assert client.heartbeat("ffn", 0) == (True, 2)
+        # A message of the epoch that ended is refused with OUT_OF_RANGE: register again.
+        with pytest.raises(
+            EpochChanged, match="for epoch 1 but the cluster is at epoch 2: register again"
+        ):
+            client.submit_plan(1, 0, 0, [1, 1, 1])
+        with pytest.raises(EpochChanged, match="epoch 1 but the cluster is at epoch 2"):
+            client.get_plan(1, 0, 0.1)
+        client.submit_plan(2, 0, 0, [1, 0, 2])  # the current epoch's are served
+        # Malformed messages get INVALID_ARGUMENT / FAILED_PRECONDITION with the reason.
+        stub = wire.controller_stub(grpc.insecure_channel(address))
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.Register(pb.RegisterRequest(index=0, address="x:1", fingerprint=FP), timeout=5)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "names no known role" in bad.value.details()
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.SubmitPlan(
+                pb.SubmitPlanRequest(epoch=2, step=1, attention_index=0, micro_batch_tokens=[1]),
+                timeout=5,
+            )
+        assert bad.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "1 micro-batch counts" in bad.value.details()
+        with pytest.raises(grpc.RpcError) as bad:
+            stub.Heartbeat(pb.HeartbeatRequest(role=pb.ROLE_FFN, index=7), timeout=5)
+        assert bad.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "ffn index 7 is out of range" in bad.value.details()
+        # A drained member leaves: the others form epoch 3 without it.
+        client.leave("attention", 1)
+        others = [("attention", 0), ("ffn", 0), ("ffn", 1)]
+        rejoin = in_threads(
+            lambda role, index: client.register(
+                role, index, f"{role}-{index}:7000", FP, 30, last_epoch=2
+            ),
+            others,
+        )
+        results, errors = rejoin()
+        assert errors == [None] * 3
+        assert results[0].epoch == 3 and results[0].attention_indices == [0]

@@ -118,20 +118,20 @@ def test_health_and_ready(gateway):
     assert raw_get(gateway, "/ready") == (200, {"status": "ready"})
 
 
-def test_ready_is_503_when_an_instance_is_missing(checkpoint, cluster):
-    lonely = start_gateway(
-        "--model",
-        str(checkpoint),
-        "--attention",
-        cluster.addresses[0],
-        "--attention",
-        "127.0.0.1:1",
-    )
+def test_ready_names_a_missing_instance_and_is_503_only_when_none_can_serve(checkpoint, cluster):
+    degraded = start_gateway(
+        "--model", str(checkpoint), "--attention", cluster.addresses[0],
+        "--attention", "127.0.0.1:1",
+    )  # fmt: skip
+    lonely = start_gateway("--model", str(checkpoint), "--attention", "127.0.0.1:1")
     try:
+        status, body = raw_get(degraded, "/ready")
+        assert (status, body) == (200, {"status": "ready", "degraded": ["attention 127.0.0.1:1"]})
         status, body = raw_get(lonely, "/ready")
         assert status == 503
         assert body["not_ready"] == ["attention 127.0.0.1:1"]
     finally:
+        degraded.stop()
         lonely.stop()
 
 

@@ -13,9 +13,9 @@ from safetensors.numpy import save_file
 from services.common.cluster import Member, Membership
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import ErrorInterceptor, GrpcServer
-from services.controller.errors import Conflict, Refused, ShuttingDown
+from services.controller.errors import Conflict, Refused, ShuttingDown, StaleEpoch
 from services.controller.membership import ClusterSpec, RegistrationPending, Registry
-from services.controller.plans import PlanBook, PlanPending
+from services.controller.plans import PlanBook, PlanDesk, PlanPending
 
 FP = "f" * 16
 
@@ -48,11 +48,11 @@ def test_membership_forms_when_the_last_member_registers_with_ranks_by_role_then
     registry = make_registry(num_attention=2, num_ffn=2)
     registry.register("ffn", 1, "f1:1", FP)
     registry.register("attention", 1, "a1:1", FP)
-    pending = registry.wait(0)
+    pending = registry.wait("attention", 1, "a1:1", 0)
     assert pending == RegistrationPending(missing=(("attention", 0), ("ffn", 0)))
     registry.register("attention", 0, "a0:1", FP)
     registry.register("ffn", 0, "f0:1", FP)
-    membership = registry.wait(0)
+    membership = registry.wait("attention", 1, "a1:1", 0)
     assert isinstance(membership, Membership)
     assert membership.epoch == 1 and membership.world_size == 4
     assert (membership.store_host, membership.store_port) == ("store-host", 1234)
@@ -74,7 +74,7 @@ def test_every_waiter_gets_the_same_membership():
     def join(i):
         role, index = slots[i]
         registry.register(role, index, f"host{i}:1", FP)
-        return registry.wait(10)
+        return registry.wait(role, index, f"host{i}:1", 10)
 
     threads, results, errors = run_in_threads(join, len(slots))
     for thread in threads:
@@ -99,7 +99,7 @@ def test_an_index_taken_by_another_address_is_refused_and_the_same_address_may_r
     registry.register("attention", 1, "a1:1", FP)
     registry.register("ffn", 0, "f0:1", FP)
     registry.register("attention", 0, "a:1", FP)  # after forming, too
-    assert isinstance(registry.wait(0), Membership)
+    assert isinstance(registry.wait("attention", 0, "a:1", 0), Membership)
 
 
 def test_roles_and_indices_are_checked():
@@ -115,22 +115,22 @@ def test_roles_and_indices_are_checked():
 def test_heartbeats_record_last_seen_and_turn_false_on_shutdown():
     now = [100.0]
     registry = make_registry(clock=lambda: now[0])
-    with pytest.raises(Refused, match="before registering"):
+    with pytest.raises(Refused, match="not registered.*register again"):
         registry.heartbeat("ffn", 0)
     registry.register("ffn", 0, "f:1", FP)
     assert registry.last_seen("ffn", 0) == 100.0
-    now[0] = 107.5
-    assert registry.heartbeat("ffn", 0) is True
-    assert registry.last_seen("ffn", 0) == 107.5
+    now[0] = 101.5
+    assert registry.heartbeat("ffn", 0) == (True, 1)
+    assert registry.last_seen("ffn", 0) == 101.5
     assert registry.last_seen("attention", 0) is None
     registry.shut_down()
-    assert registry.heartbeat("ffn", 0) is False
+    assert registry.heartbeat("ffn", 0) == (False, 1)
 
 
 def test_shutdown_wakes_registration_waiters_and_refuses_newcomers():
     registry = make_registry()
     registry.register("attention", 0, "a:1", FP)
-    threads, _, errors = run_in_threads(lambda i: registry.wait(30), 3)
+    threads, _, errors = run_in_threads(lambda i: registry.wait("attention", 0, "a:1", 30), 3)
     registry.shut_down()
     for thread in threads:
         thread.join(5)
@@ -149,15 +149,129 @@ def test_cluster_spec_and_membership_validate_on_construction():
         Membership(1, 2, "h", 1, 3, (Member("attention", 0, 1, "a:1"),))
     with pytest.raises(ValueError, match="precede"):
         Membership(1, 2, "h", 1, 3, (Member("ffn", 0, 0, "f:1"), Member("attention", 0, 1, "a:1")))
+    a1, f0 = Member("attention", 1, 0, "a:1"), Member("ffn", 0, 1, "f:1")
+    with pytest.raises(ValueError, match="attention indices"):
+        Membership(1, 1, "h", 1, 3, (Member("ffn", 0, 0, "f:1"),))
+    with pytest.raises(ValueError, match="ffn indices must be 0..0"):
+        Membership(1, 2, "h", 1, 3, (a1, Member("ffn", 1, 1, "f:1")))
+    gap = Membership(1, 2, "h", 1, 3, (a1, f0))  # attention instance 0 left out
+    assert gap.attention_indices == [1] and gap.address_of("attention", 0) is None
     with pytest.raises(KeyError, match="no ffn instance 5"):
-        Membership(1, 1, "h", 1, 3, (Member("ffn", 0, 0, "f:1"),)).rank_of("ffn", 5)
+        gap.rank_of("ffn", 5)
+
+
+# ---- epochs: the cluster re-forms around failures ------------------------------------------
+
+
+def formed_cluster(now, num_attention=2, num_ffn=2, listener=None):
+    spec = ClusterSpec(num_attention, num_ffn, num_micro_batches=1, fingerprint=FP)
+    registry = Registry(spec, "h", 1, clock=lambda: now[0], on_change=listener)
+    for role, index in spec.slots():
+        registry.register(role, index, f"{role}{index}:1", FP)
+    membership = registry.wait("attention", 0, "attention0:1", 0)
+    assert isinstance(membership, Membership) and membership.epoch == 1
+    return registry
+
+
+def test_a_silent_ffn_member_ends_the_epoch_and_its_replacement_forms_the_next():
+    now, changes = [0.0], []
+    registry = formed_cluster(now, listener=changes.append)
+    now[0] = 2.0
+    for role, index in [("attention", 0), ("attention", 1), ("ffn", 0)]:
+        assert registry.heartbeat(role, index) == (True, 1)
+    now[0] = 3.5  # ffn 1 last heard of at 0: past the 3 s timeout
+    registry.tick()
+    assert registry.epoch == 0 and changes[-1] is None
+    assert registry.heartbeat("ffn", 0) == (True, 2)  # members learn the cluster moved on
+    for role, index in [("attention", 0), ("attention", 1), ("ffn", 0)]:
+        registry.register(role, index, f"{role}{index}:1", FP, last_epoch=1)
+    pending = registry.wait("ffn", 0, "ffn0:1", 0)
+    assert pending == RegistrationPending(missing=(("ffn", 1),)), "the experts must be served"
+    registry.register("ffn", 1, "replacement:1", FP)  # the dead holder's place is free
+    membership = registry.wait("ffn", 1, "replacement:1", 0)
+    assert membership.epoch == 2 and membership.address_of("ffn", 1) == "replacement:1"
+    assert changes[-1] == membership and registry.epoch == 2
+
+
+def test_a_member_whose_group_broke_opens_the_next_epoch_and_the_others_follow():
+    now = [0.0]
+    registry = formed_cluster(now)
+    registry.register("attention", 0, "attention0:1", FP, last_epoch=1)  # its step failed
+    assert registry.heartbeat("ffn", 1) == (True, 2)
+    # A retry of registration with an older last_epoch is not a failure report.
+    for role, index in [("attention", 1), ("ffn", 0), ("ffn", 1)]:
+        registry.register(role, index, f"{role}{index}:1", FP, last_epoch=1)
+        registry.register(role, index, f"{role}{index}:1", FP, last_epoch=1)
+    membership = registry.wait("ffn", 1, "ffn1:1", 0)
+    assert membership.epoch == 2 and membership.world_size == 4
+    registry.register("ffn", 1, "ffn1:1", FP, last_epoch=0)  # a late retry changes nothing
+    assert registry.epoch == 2
+
+
+def test_a_dead_attention_member_is_left_out_and_joins_again_in_a_later_epoch():
+    now = [0.0]
+    registry = formed_cluster(now)
+    now[0] = 2.0
+    for role, index in [("attention", 1), ("ffn", 0), ("ffn", 1)]:
+        registry.heartbeat(role, index)
+    now[0] = 3.5
+    registry.tick()  # attention 0 is silent: epoch 2 forms without it
+    for role, index in [("attention", 1), ("ffn", 0), ("ffn", 1)]:
+        registry.register(role, index, f"{role}{index}:1", FP, last_epoch=1)
+    membership = registry.wait("attention", 1, "attention1:1", 0)
+    assert membership.epoch == 2 and membership.attention_indices == [1]
+    assert membership.attention_ranks == [0] and membership.ffn_ranks == [1, 2]
+    registry.register("attention", 0, "restarted:1", FP)  # its replacement: epoch 3
+    assert registry.epoch == 0
+    for role, index in [("attention", 1), ("ffn", 0), ("ffn", 1)]:
+        registry.register(role, index, f"{role}{index}:1", FP, last_epoch=2)
+    membership = registry.wait("attention", 0, "restarted:1", 0)
+    assert membership.epoch == 3 and membership.attention_indices == [0, 1]
+
+
+def test_a_live_holder_keeps_its_place_and_a_leaving_member_is_not_waited_for():
+    now = [0.0]
+    registry = formed_cluster(now)
+    with pytest.raises(Conflict, match="already registered from ffn0:1"):
+        registry.register("ffn", 0, "impostor:1", FP)
+    assert registry.epoch == 1
+    registry.leave("attention", 1)  # drained
+    for role, index in [("attention", 0), ("ffn", 0), ("ffn", 1)]:
+        registry.register(role, index, f"{role}{index}:1", FP, last_epoch=1)
+    membership = registry.wait("attention", 0, "attention0:1", 0)
+    assert membership.epoch == 2 and membership.attention_indices == [0]
+    with pytest.raises(Refused, match="not registered"):
+        registry.heartbeat("attention", 1)
+    with pytest.raises(ValueError, match="exceed the 1 s heartbeat"):
+        Registry(registry.spec, "h", 1, silent_after_s=1.0)
+
+
+def test_the_plan_desk_serves_the_current_epoch_and_wakes_the_old_ones_waiters():
+    desk = PlanDesk(num_micro_batches=1)
+    members = (Member("attention", 1, 0, "a:1"), Member("ffn", 0, 1, "f:1"))
+    desk.change(Membership(1, 2, "h", 1, 1, members))
+    book = desk.book(1)
+    threads, _, errors = run_in_threads(lambda i: book.wait(1, 0, 30), 2)
+    desk.change(None)  # the epoch ended
+    for thread in threads:
+        thread.join(5)
+        assert not thread.is_alive()
+    assert len(errors) == 2 and all(isinstance(err, StaleEpoch) for err in errors)
+    with pytest.raises(StaleEpoch, match="epoch 1 is over"):
+        desk.book(1)
+    desk.change(Membership(2, 2, "h", 1, 1, members))
+    desk.book(2).submit(2, 0, 1, [5])  # rows are members by index, gaps allowed
+    assert desk.book(2).wait(2, 0, 0) == ((5,),)
+    desk.shut_down()
+    with pytest.raises(ShuttingDown):
+        desk.book(2)
 
 
 # ---- plans --------------------------------------------------------------------------------
 
 
 def test_a_plan_completes_when_every_attention_instance_has_submitted():
-    plans = PlanBook(epoch=1, num_attention_instances=2, num_micro_batches=3)
+    plans = PlanBook(epoch=1, attention_indices=(0, 1), num_micro_batches=3)
     plans.submit(1, 0, 1, [4, 5, 6])
     assert plans.wait(1, 0, 0) == PlanPending(missing_attention_indices=(0,))
     assert plans.wait(1, 1, 0) == PlanPending(missing_attention_indices=(0, 1))
@@ -166,7 +280,7 @@ def test_a_plan_completes_when_every_attention_instance_has_submitted():
 
 
 def test_waiters_in_threads_all_get_the_plan():
-    plans = PlanBook(epoch=1, num_attention_instances=2, num_micro_batches=2)
+    plans = PlanBook(epoch=1, attention_indices=(0, 1), num_micro_batches=2)
     threads, results, errors = run_in_threads(lambda i: plans.wait(1, 7, 10), 4)
     plans.submit(1, 7, 0, [1, 1])
     plans.submit(1, 7, 1, [2, 0])
@@ -176,7 +290,7 @@ def test_waiters_in_threads_all_get_the_plan():
 
 
 def test_resubmission_same_counts_is_a_retry_different_counts_after_completion_a_conflict():
-    plans = PlanBook(epoch=1, num_attention_instances=2, num_micro_batches=1)
+    plans = PlanBook(epoch=1, attention_indices=(0, 1), num_micro_batches=1)
     plans.submit(1, 3, 0, [9])
     plans.submit(1, 3, 0, [8])  # not complete yet: nobody has seen it
     plans.submit(1, 3, 1, [2])
@@ -187,21 +301,23 @@ def test_resubmission_same_counts_is_a_retry_different_counts_after_completion_a
 
 
 def test_plans_check_epoch_length_index_and_sign():
-    plans = PlanBook(epoch=1, num_attention_instances=1, num_micro_batches=3)
-    with pytest.raises(Refused, match="epoch 2 but the cluster is at epoch 1"):
+    plans = PlanBook(epoch=1, attention_indices=(0,), num_micro_batches=3)
+    with pytest.raises(
+        StaleEpoch, match="for epoch 2 but the cluster is at epoch 1: register again"
+    ):
         plans.submit(2, 0, 0, [1, 1, 1])
-    with pytest.raises(Refused, match="epoch 0"):
+    with pytest.raises(StaleEpoch, match="epoch 0"):
         plans.wait(0, 0, 0)
     with pytest.raises(Refused, match="2 micro-batch counts.*3 micro-batches"):
         plans.submit(1, 0, 0, [1, 1])
-    with pytest.raises(Refused, match="attention index 1 is out of range"):
+    with pytest.raises(Refused, match="attention instance 1 is not a member of epoch 1"):
         plans.submit(1, 0, 1, [1, 1, 1])
     with pytest.raises(ValueError, match=">= 0"):
         plans.submit(1, 0, 0, [1, -1, 1])
 
 
 def test_only_recent_steps_are_kept():
-    plans = PlanBook(epoch=1, num_attention_instances=2, num_micro_batches=1, keep_steps=4)
+    plans = PlanBook(epoch=1, attention_indices=(0, 1), num_micro_batches=1, keep_steps=4)
     threads, _, errors = run_in_threads(lambda i: plans.wait(1, 0, 30), 1)  # never completes
     for step in range(1, 6):
         plans.submit(1, step, 0, [step])
@@ -216,7 +332,7 @@ def test_only_recent_steps_are_kept():
 
 
 def test_shutdown_wakes_plan_waiters():
-    plans = PlanBook(epoch=1, num_attention_instances=2, num_micro_batches=1)
+    plans = PlanBook(epoch=1, attention_indices=(0, 1), num_micro_batches=1)
     threads, _, errors = run_in_threads(lambda i: plans.wait(1, i, 30), 3)
     plans.shut_down()
     for thread in threads:

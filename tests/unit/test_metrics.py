@@ -113,7 +113,7 @@ def test_members_are_missing_then_alive_then_silent():
 
 def test_plan_latency_is_reported_once_per_complete_step():
     latencies = []
-    book = PlanBook(1, num_attention_instances=2, num_micro_batches=1, on_plan=latencies.append)
+    book = PlanBook(1, attention_indices=(0, 1), num_micro_batches=1, on_plan=latencies.append)
     book.submit(1, 0, 0, [4])
     assert latencies == []  # one of two attention instances so far
     book.submit(1, 0, 1, [2])
@@ -130,10 +130,10 @@ def test_one_step_in_every_n_is_sampled():
 def test_serve_lists_each_processs_metrics_endpoint_with_its_component(tmp_path):
     class Cluster:
         children = [
-            Child("controller", None, metrics="h:1"),
-            Child("attention instance 0", None, metrics="h:2"),
-            Child("ffn instance 1", None, metrics="h:3"),
-            Child("gateway", None, metrics=None),  # not serving metrics (yet): left out
+            Child("controller", None, [], metrics="h:1"),
+            Child("attention instance 0", None, [], metrics="h:2"),
+            Child("ffn instance 1", None, [], metrics="h:3"),
+            Child("gateway", None, [], metrics=None),  # not serving metrics (yet): left out
         ]
 
     assert metrics_targets(Cluster()) == [

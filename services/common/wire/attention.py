@@ -57,6 +57,8 @@ class LoadLike(Protocol):
     def num_free_blocks(self) -> int: ...
     @property
     def num_total_blocks(self) -> int: ...
+    @property
+    def admitting(self) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class InstanceLoad:
     num_waiting: int
     num_free_blocks: int
     num_total_blocks: int
+    admitting: bool = True  # False: draining or re-forming, send new requests elsewhere
 
 
 def attention_stub(channel: grpc.Channel) -> pb_grpc.AttentionServiceStub:
@@ -162,6 +165,7 @@ def load_to_proto(load: LoadLike) -> pb.Load:
         num_waiting=load.num_waiting,
         num_free_blocks=load.num_free_blocks,
         num_total_blocks=load.num_total_blocks,
+        not_admitting=not load.admitting,
     )
 
 
@@ -171,6 +175,7 @@ def load_from_proto(message: pb.Load) -> InstanceLoad:
         num_waiting=message.num_waiting,
         num_free_blocks=message.num_free_blocks,
         num_total_blocks=message.num_total_blocks,
+        admitting=not message.not_admitting,
     )
 
 

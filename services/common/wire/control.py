@@ -90,7 +90,7 @@ def membership_from_proto(message: pb.Membership) -> Membership:
 
 
 def register_request(
-    role: str, index: int, address: str, fingerprint: str, wait_s: float
+    role: str, index: int, address: str, fingerprint: str, wait_s: float, last_epoch: int = 0
 ) -> pb.RegisterRequest:
     return pb.RegisterRequest(
         role=role_to_proto(role),
@@ -98,6 +98,7 @@ def register_request(
         address=address,
         fingerprint=fingerprint,
         wait_ms=_wait_ms(wait_s),
+        last_epoch=last_epoch,
     )
 
 
@@ -158,13 +159,21 @@ def heartbeat_request(role: str, index: int) -> pb.HeartbeatRequest:
     return pb.HeartbeatRequest(role=role_to_proto(role), index=index)
 
 
-def heartbeat_response(keep_running: bool) -> pb.HeartbeatResponse:
-    return pb.HeartbeatResponse(keep_running=keep_running)
+def heartbeat_response(keep_running: bool, epoch: int) -> pb.HeartbeatResponse:
+    return pb.HeartbeatResponse(keep_running=keep_running, epoch=epoch)
 
 
-def heartbeat_result(response: pb.HeartbeatResponse) -> bool:
-    """Whether the member should keep running."""
-    return response.keep_running
+def heartbeat_result(response: pb.HeartbeatResponse) -> tuple[bool, int]:
+    """Whether the member should keep running, and the epoch the cluster is at."""
+    return response.keep_running, response.epoch
+
+
+def leave_request(role: str, index: int) -> pb.LeaveRequest:
+    return pb.LeaveRequest(role=role_to_proto(role), index=index)
+
+
+def leave_response() -> pb.LeaveResponse:
+    return pb.LeaveResponse()
 
 
 def shutdown_request() -> pb.ShutdownRequest:

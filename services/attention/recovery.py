@@ -1,0 +1,47 @@
+"""How a disaggregated attention instance gets back into a working cluster.
+
+When a step fails because a peer died, or the heartbeat learns that the cluster moved on to
+a newer epoch, the engine thread (see driver.py) calls `recover`: the instance reports
+NOT_SERVING, leaves the broken group, registers again and waits (at most the recovery
+timeout) for the next epoch to form, joins its group, and points the runner at it. The KV
+cache and every request's state stay as they were.
+"""
+
+from __future__ import annotations
+
+from services.attention.afd_runner import DisaggregatedRunner
+from services.attention.driver import DriverStopped, EngineDriver
+from services.common.control_client import ClusterShutdown, ControlError
+from services.common.instance import Instance
+from services.common.transport import PeerFailure
+from services.common.wire.attention import SERVICE_NAME
+
+# What a broken epoch looks like from a step: a peer failed a transfer, the controller said
+# the epoch is over (EpochChanged is a ControlError), or the lockstep plan wait ran out.
+BROKEN_EPOCH = (PeerFailure, ControlError, ConnectionError, TimeoutError)
+
+
+class ClusterRecovery:
+    def __init__(self, instance: Instance, runner: DisaggregatedRunner) -> None:
+        self.instance = instance
+        self.runner = runner
+        self.driver: EngineDriver | None = None  # set once built: its lockstep follows the epoch
+
+    def needed(self) -> bool:
+        return self.instance.needs_rejoin()
+
+    def recoverable(self, error: BaseException) -> bool:
+        return isinstance(error, BROKEN_EPOCH)
+
+    def recover(self, why: str) -> None:
+        server = self.instance.server
+        server.set_serving(False, ("", SERVICE_NAME))
+        try:
+            # Not interrupted by SIGTERM: a draining instance still needs the cluster.
+            membership, transport = self.instance.rejoin(why, interruptible=False)
+        except ClusterShutdown as err:
+            raise DriverStopped(f"the cluster is shutting down: {err}") from err
+        self.runner.rebind(transport, membership.ffn_ranks)
+        if self.driver is not None:
+            self.driver.always_step = len(membership.attention_ranks) > 1
+        server.set_serving(True, ("", SERVICE_NAME))
