@@ -175,3 +175,105 @@ def test_always_step_steps_while_idle_and_still_serves(tiny_model_f64):
         assert list(driver.submit("x", prompt, GREEDY))[-1].token_ids == want
     finally:
         driver.stop(timeout_s=10)
+
+
+class BrokenEpoch(RuntimeError):
+    """Stands for a peer failure: what `Recovery.recoverable` accepts."""
+
+
+class FakeRecovery:
+    """Records rejoins; `fail_with` makes them fail; `gate` holds one until set."""
+
+    def __init__(self, fail_with=None):
+        self.calls: list[str] = []
+        self.fail_with = fail_with
+        self.gate = threading.Event()
+        self.gate.set()
+        self.inside = threading.Event()
+
+    def needed(self):
+        return False
+
+    def recoverable(self, error):
+        return isinstance(error, BrokenEpoch)
+
+    def recover(self, why):
+        self.calls.append(why)
+        self.inside.set()
+        self.gate.wait(10)
+        if self.fail_with is not None:
+            raise self.fail_with
+
+
+def failing_once_at(engine, step_number, error):
+    step, calls = engine.step, [0]
+
+    def flaky():
+        calls[0] += 1
+        if calls[0] == step_number:
+            raise error
+        return step()
+
+    engine.step = flaky
+
+
+def test_a_broken_epoch_is_rejoined_and_every_request_ends_with_the_tokens_it_would_have(
+    tiny_model_f64,
+):
+    prompts = random_prompts(4, seed=5)
+    expected = make_engine(tiny_model_f64).generate(prompts, LONG)
+    engine = make_engine(tiny_model_f64)
+    failing_once_at(engine, 6, BrokenEpoch("ffn instance 1 failed layer 3"))
+    recovery = FakeRecovery()
+    recovery.gate.clear()
+    driver = EngineDriver(engine, recovery=recovery)
+    driver.start()
+    try:
+        streams = [driver.submit(f"r{i}", p, LONG) for i, p in enumerate(prompts)]
+        assert recovery.inside.wait(10)
+        # While the cluster re-forms: not admitting, and new requests are told to retry.
+        assert driver.load().admitting is False
+        with pytest.raises(DriverStopped, match="re-forming.*ffn instance 1.*retry"):
+            driver.submit("during", [1, 2], GREEDY)
+        recovery.gate.set()
+        outputs = [list(stream)[-1] for stream in streams]
+        assert [o.token_ids for o in outputs] == [e.token_ids for e in expected]
+        assert recovery.calls == ["ffn instance 1 failed layer 3"]
+        assert driver.load().admitting is True
+    finally:
+        driver.stop(timeout_s=10)
+
+
+def test_when_the_cluster_cannot_re_form_requests_end_clearly_and_the_engine_is_clean(
+    tiny_model_f64,
+):
+    engine = make_engine(tiny_model_f64)
+    failing_once_at(engine, 3, BrokenEpoch("attention instance 0 failed layer 0"))
+    driver = EngineDriver(engine, recovery=FakeRecovery(TimeoutError("ffn instance 1 missing")))
+    driver.start()
+    try:
+        streams = [driver.submit(f"r{i}", [1, 2, 3 + i], LONG) for i in range(2)]
+        for stream in streams:
+            with pytest.raises(DriverStopped, match="could not re-form.*ffn instance 1 missing"):
+                list(stream)
+        assert wait_until_idle(driver).num_free_blocks == 64
+        want = make_engine(tiny_model_f64).generate([[4, 5]], GREEDY)[0].token_ids
+        assert list(driver.submit("after", [4, 5], GREEDY))[-1].token_ids == want
+    finally:
+        driver.stop(timeout_s=10)
+
+
+def test_drain_refuses_new_requests_and_waits_for_those_in_flight(tiny_model_f64, driver):
+    stream = driver.submit("long", [1, 2, 3], LONG)
+    done: list[bool] = []
+    drainer = threading.Thread(target=lambda: done.append(driver.drain(30)))
+    drainer.start()
+    deadline = time.monotonic() + 5
+    while driver.load().admitting and time.monotonic() < deadline:
+        time.sleep(0.005)
+    with pytest.raises(DriverStopped, match="draining.*another instance"):
+        driver.submit("late", [1, 2], GREEDY)
+    assert len(list(stream)[-1].token_ids) == LONG.max_tokens
+    drainer.join(10)
+    assert done == [True]
+    assert driver.drain(0.5) is True  # nothing left
