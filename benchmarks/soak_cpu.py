@@ -6,11 +6,14 @@ deployment relies on. A script, not a test.
 
 It starts `afd serve` (1 attention, 2 FFN instances, the tiny checkpoint, admission control
 off), warms it up with `--warmup` requests, reads every process's resident memory, runs the
-soak with `afd bench`, and reads it again. It then checks, and prints beside each figure:
+soak with `afd bench` in `--rounds` equal parts, reading the memory after each. It then
+checks, and prints beside each figure:
 - zero failed requests, and every output as long as asked;
 - every KV block free and nothing running on the attention instance afterwards;
-- resident memory of each process grown by less than 10% over the soak.
-Exit status 1 if a check fails. The bench's JSON and Markdown go to --output-dir.
+- resident memory of each process grown by less than 10% over the soak (after the warm-up,
+  which is when allocators reach the sizes the load needs), with the growth per round so a
+  leak (steady growth) can be told from a plateau.
+Exit status 1 if a check fails. Each round's JSON and Markdown go to --output-dir.
 """
 
 from __future__ import annotations
@@ -60,7 +63,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--num-requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=64)
-    parser.add_argument("--warmup", type=int, default=256)
+    parser.add_argument("--warmup", type=int, default=512)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--input-len", default="32:256")
     parser.add_argument("--output-len", default="8:64")
     parser.add_argument("--output-dir", type=Path, default=Path("docs/results/soak"))
@@ -75,35 +79,43 @@ def main() -> int:
     try:
         pids = {role: pid_of(role, str(folder)) for role in ROLES}
         bench(cluster.gateway_url, args, args.warmup, Path(tempfile.mkdtemp()))
-        before = {role: rss_kib(pid) for role, pid in pids.items()}
+        rss = [{role: rss_kib(pid) for role, pid in pids.items()}]
         start = time.monotonic()
-        summary = bench(cluster.gateway_url, args, args.num_requests, args.output_dir)
+        summaries = []
+        for _ in range(args.rounds):
+            summaries.append(
+                bench(cluster.gateway_url, args, args.num_requests // args.rounds, args.output_dir)
+            )
+            rss.append({role: rss_kib(pid) for role, pid in pids.items()})
         seconds = time.monotonic() - start
-        after = {role: rss_kib(pid) for role, pid in pids.items()}
         with grpc.insecure_channel(cluster.addresses[0]) as channel:
             time.sleep(1.0)  # the last aborts and frees reach the engine thread
             load = AttentionClient(channel, CLUSTER_SECRET).load()
     finally:
         cluster.stop()
 
+    failed = sum(x["failed"] for x in summaries)
+    done = sum(x["completed"] for x in summaries)
+    short = sum(x["short_outputs"] for x in summaries)
     checks = [
-        (f"requests failed: {summary['failed']} of {summary['completed'] + summary['failed']}",
-         summary["failed"] == 0),
-        (f"outputs shorter than asked: {summary['short_outputs']}", summary["short_outputs"] == 0),
+        (f"requests failed: {failed} of {done + failed}", failed == 0),
+        (f"outputs shorter than asked: {short}", short == 0),
         (f"attention instance afterwards: {load.num_running} running, {load.num_waiting} "
          f"waiting, {load.num_free_blocks} of {load.num_total_blocks} KV blocks free",
          load.num_running + load.num_waiting == 0
          and load.num_free_blocks == load.num_total_blocks),
     ]  # fmt: skip
-    print(f"\n{args.num_requests} requests at concurrency {args.concurrency} in {seconds:.0f} s "
-          f"({summary['request_throughput']:.1f} req/s, {summary['output_throughput']:.0f} "
-          "output tok/s)\n")  # fmt: skip
-    print("| process | RSS after warm-up (MiB) | RSS after soak (MiB) | growth |")
-    print("|---|---|---|---|")
+    tokens = sum(x["output_throughput"] * x["duration_s"] for x in summaries)
+    rate = f"{(done + failed) / seconds:.1f} req/s, {tokens / seconds:.0f} output tok/s"
+    total = f"{done + failed} requests at concurrency {args.concurrency} in {seconds:.0f} s"
+    print(f"\n{total} ({rate})\n")
+    rounds = " | ".join(f"after round {i + 1}" for i in range(args.rounds))
+    print(f"| process | RSS after warm-up (MiB) | {rounds} | growth over the soak |")
+    print("|---" * (args.rounds + 3) + "|")
     for role in ROLES:
-        growth = after[role] / before[role] - 1
-        print(f"| {role} | {before[role] / 1024:.1f} | {after[role] / 1024:.1f} | "
-              f"{growth:+.1%} |")  # fmt: skip
+        growth = rss[-1][role] / rss[0][role] - 1
+        cells = " | ".join(f"{r[role] / 1024:.1f}" for r in rss)
+        print(f"| {role} | {cells} | {growth:+.1%} |")
         checks.append((f"{role} memory growth {growth:+.1%}", growth < MAX_GROWTH))
     print()
     for text, ok in checks:

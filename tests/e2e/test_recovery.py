@@ -5,10 +5,12 @@ every surviving request must end with exactly the text it would have had anyway.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,17 @@ def serve(checkpoint: Path, attention: int, ffn: int, *extra: str) -> Cluster:
         "--step-timeout", str(STEP_TIMEOUT_S), "--tpot-sla-ms", "1000000", *extra,
         gateway=True,
     )  # fmt: skip
+
+
+@contextlib.contextmanager
+def serving(checkpoint: Path, attention: int, ffn: int, *extra: str) -> Iterator[Cluster]:
+    """`serve`, and afterwards: `afd serve` exits 0 and leaves no process behind."""
+    cluster = serve(checkpoint, attention, ffn, *extra)
+    try:
+        yield cluster
+    finally:
+        assert cluster.stop() == 0
+    assert wait_until_gone(str(checkpoint)) == []
 
 
 def client_of(cluster: Cluster) -> openai.OpenAI:
@@ -109,8 +122,7 @@ def served_within(client: openai.OpenAI, seconds: float) -> float:
 
 
 def test_killing_an_ffn_instance_mid_stream_loses_no_request(checkpoint):
-    cluster = serve(checkpoint, 1, 2)
-    try:
+    with serving(checkpoint, 1, 2) as cluster:
         client = client_of(cluster)
         reference = stream_all(client, PROMPTS)
         assert all(r.error is None and r.finish_reason == "length" for r in reference)
@@ -122,14 +134,10 @@ def test_killing_an_ffn_instance_mid_stream_loses_no_request(checkpoint):
         assert any("ffn instance 1 exited with code -9; restarting it" in x for x in cluster.lines)
         assert any("epoch 2 formed" in line for line in cluster.lines)
         served_within(client, 30)
-    finally:
-        assert cluster.stop() == 0
-    assert wait_until_gone(str(checkpoint)) == []
 
 
 def test_killing_an_attention_instance_ends_its_requests_clearly_and_the_rest_go_on(checkpoint):
-    cluster = serve(checkpoint, 2, 1)
-    try:
+    with serving(checkpoint, 2, 1) as cluster:
         client = client_of(cluster)
         prompts = PROMPTS[:16]
         reference = stream_all(client, prompts)
@@ -147,14 +155,10 @@ def test_killing_an_attention_instance_ends_its_requests_clearly_and_the_rest_go
         # New requests go to the live instance at once, and to both once the dead one is back.
         assert served_within(client, 10) < 10
         assert any("attention instance 1 exited with code -9" in x for x in cluster.lines)
-    finally:
-        assert cluster.stop() == 0
-    assert wait_until_gone(str(checkpoint)) == []
 
 
 def test_restarting_the_controller_or_the_gateway_loses_nothing_admitted(checkpoint):
-    cluster = serve(checkpoint, 1, 1)
-    try:
+    with serving(checkpoint, 1, 1) as cluster:
         client = client_of(cluster)
         prompts = PROMPTS[:8]
         reference = stream_all(client, prompts)
@@ -179,9 +183,6 @@ def test_restarting_the_controller_or_the_gateway_loses_nothing_admitted(checkpo
                 assert time.monotonic() < deadline, f"requests left running: {load}"
                 time.sleep(0.2)
             assert load.num_free_blocks == load.num_total_blocks
-    finally:
-        assert cluster.stop() == 0
-    assert wait_until_gone(str(checkpoint)) == []
 
 
 def test_sigterm_drains_the_requests_in_flight_then_every_process_exits(checkpoint):
