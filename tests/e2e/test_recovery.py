@@ -110,6 +110,17 @@ def stream_all(client: openai.OpenAI, prompts: list[str], kill=None) -> list[Str
     return outs
 
 
+def killed_mid_stream(
+    cluster: Cluster, checkpoint: Path, prompts: list[str], *who: str
+) -> tuple[list[Streamed], list[Streamed]]:
+    """The prompts streamed undisturbed (the reference), then again with the process whose
+    command line holds `who` killed (SIGKILL) once every stream has begun."""
+    client = client_of(cluster)
+    reference = stream_all(client, prompts)
+    victim = pid_of(*who, str(checkpoint))
+    return reference, stream_all(client, prompts, kill=lambda: os.kill(victim, signal.SIGKILL))
+
+
 def served_within(client: openai.OpenAI, seconds: float) -> float:
     """Seconds until a new request is answered in full (fails after `seconds`)."""
     start = time.monotonic()
@@ -123,26 +134,21 @@ def served_within(client: openai.OpenAI, seconds: float) -> float:
 
 def test_killing_an_ffn_instance_mid_stream_loses_no_request(checkpoint):
     with serving(checkpoint, 1, 2) as cluster:
-        client = client_of(cluster)
-        reference = stream_all(client, PROMPTS)
+        reference, outs = killed_mid_stream(cluster, checkpoint, PROMPTS, "ffn --index 1")
         assert all(r.error is None and r.finish_reason == "length" for r in reference)
-        victim = pid_of("ffn --index 1", str(checkpoint))
-        outs = stream_all(client, PROMPTS, kill=lambda: os.kill(victim, signal.SIGKILL))
         assert [o.error for o in outs] == [None] * len(PROMPTS)
         assert [o.text for o in outs] == [r.text for r in reference]  # nothing lost or redone
         assert all(o.chunks > 1 for o in outs)
         assert any("ffn instance 1 exited with code -9; restarting it" in x for x in cluster.lines)
         assert any("epoch 2 formed" in line for line in cluster.lines)
-        served_within(client, 30)
+        served_within(client_of(cluster), 30)
 
 
 def test_killing_an_attention_instance_ends_its_requests_clearly_and_the_rest_go_on(checkpoint):
     with serving(checkpoint, 2, 1) as cluster:
-        client = client_of(cluster)
-        prompts = PROMPTS[:16]
-        reference = stream_all(client, prompts)
-        victim = pid_of("attention --index 1", str(checkpoint))
-        outs = stream_all(client, prompts, kill=lambda: os.kill(victim, signal.SIGKILL))
+        reference, outs = killed_mid_stream(
+            cluster, checkpoint, PROMPTS[:16], "attention --index 1"
+        )
         survived = [o for o in outs if o.error is None]
         lost = [o for o in outs if o.error is not None]
         assert survived and lost, "the router spreads requests over both instances"
@@ -153,25 +159,23 @@ def test_killing_an_attention_instance_ends_its_requests_clearly_and_the_rest_go
                 assert "attention instance is unavailable" in out.error, out.error
                 assert ref.text.startswith(out.text)
         # New requests go to the live instance at once, and to both once the dead one is back.
-        assert served_within(client, 10) < 10
+        assert served_within(client_of(cluster), 10) < 10
         assert any("attention instance 1 exited with code -9" in x for x in cluster.lines)
 
 
 def test_restarting_the_controller_or_the_gateway_loses_nothing_admitted(checkpoint):
     with serving(checkpoint, 1, 1) as cluster:
-        client = client_of(cluster)
-        prompts = PROMPTS[:8]
-        reference = stream_all(client, prompts)
         # The controller: steps stop at the next plan; every member joins the restarted
         # controller's first epoch, and the requests go on from where they were.
-        controller = pid_of("services.cli controller", str(checkpoint))
-        outs = stream_all(client, prompts, kill=lambda: os.kill(controller, signal.SIGKILL))
+        prompts = PROMPTS[:8]
+        reference, outs = killed_mid_stream(cluster, checkpoint, prompts, "services.cli controller")
         assert [o.error for o in outs] == [None] * len(prompts)
         assert [o.text for o in outs] == [r.text for r in reference]
         assert any("controller exited with code -9; restarting it" in x for x in cluster.lines)
         # The gateway: its clients lose their connections, so the attention instance ends
         # their requests (no KV block stays taken), and the restarted gateway, on the same
         # address, serves new ones.
+        client = client_of(cluster)
         gateway = pid_of("services.cli gateway", str(checkpoint))
         outs = stream_all(client, prompts, kill=lambda: os.kill(gateway, signal.SIGKILL))
         assert all(o.error is not None or o.finish_reason == "length" for o in outs)
