@@ -114,6 +114,7 @@ class Instance:
     ) -> None:
         self.options = options
         self.stopping = threading.Event()
+        self._closed = threading.Event()  # heartbeats go on while a stopping member drains
         self._cluster_epoch = 0  # the newest epoch a heartbeat reported
         self._unknown = False  # the controller did not know this member (it restarted)
         self.membership: Membership | None = None
@@ -207,7 +208,7 @@ class Instance:
 
     def _heartbeats(self) -> None:
         o = self.options
-        while not self.stopping.wait(HEARTBEAT_INTERVAL_S):
+        while not self._closed.wait(HEARTBEAT_INTERVAL_S):
             try:
                 keep_running, epoch = self.control.heartbeat(o.role, o.index)
             except ControlError as err:
@@ -225,6 +226,7 @@ class Instance:
 
     def close(self) -> None:
         self.stopping.set()
+        self._closed.set()
         self.server.stop(grace_s=1.0)
         leave_group()
         self.control.close()
