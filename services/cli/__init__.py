@@ -12,9 +12,9 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from services.cli import bench, generate, init_checkpoint, serve
+from services.cli import bench, generate, init_checkpoint, plan, serve
 
-TOOLS = (init_checkpoint, generate, serve, bench)
+TOOLS = (init_checkpoint, generate, serve, bench, plan)
 ROLES = {
     "attention": ("services.attention.__main__", "run one attention instance"),
     "ffn": ("services.ffn.__main__", "run one FFN instance"),

@@ -66,24 +66,30 @@ class AcceleratorCost:
     attention is bound by memory bandwidth ("memory") or by compute ("compute")."""
 
     accelerator: str
+    price_per_hour: float
     usd_per_flop: float
     usd_per_byte: float
     attention_cost: float
     ffn_cost: float
     attention_bound: str
+    min_moe_sparsity: float
 
 
-def accelerator_cost(work: TokenWork, accelerator: Accelerator) -> AcceleratorCost:
+def accelerator_cost(
+    model: ModelShape, work: TokenWork, accelerator: Accelerator
+) -> AcceleratorCost:
     u_flop, u_byte = accelerator.usd_per_flop, accelerator.usd_per_byte
     compute, memory = work.attention_flops * u_flop, work.kv_bytes * u_byte
     attention = max(compute, memory) + work.linear_flops * u_flop
     return AcceleratorCost(
         accelerator=accelerator.name,
+        price_per_hour=accelerator.price_per_hour,
         usd_per_flop=u_flop,
         usd_per_byte=u_byte,
         attention_cost=attention * PER_MILLION,
         ffn_cost=work.ffn_flops * u_flop * PER_MILLION,
         attention_bound="memory" if memory >= compute else "compute",
+        min_moe_sparsity=min_moe_sparsity(model, accelerator),
     )
 
 
@@ -92,6 +98,8 @@ class CostReport:
     """The cost model's answer for one model and context over a set of accelerators."""
 
     model: str
+    moe_sparsity: float  # the model's own (activated / total expert parameters)
+    kv_bytes_per_element: float
     work: TokenWork
     per_accelerator: tuple[AcceleratorCost, ...]
 
@@ -115,12 +123,11 @@ def cost_report(
     accelerators: Iterable[Accelerator],
     kv_bytes_per_element: float = 1.0,
 ) -> CostReport:
-    costs = tuple(
-        accelerator_cost(token_work(model, context, kv_bytes_per_element), a) for a in accelerators
-    )
+    work = token_work(model, context, kv_bytes_per_element)
+    costs = tuple(accelerator_cost(model, work, a) for a in accelerators)
     if not costs:
         raise ValueError("name at least one accelerator")
-    return CostReport(model.name, token_work(model, context, kv_bytes_per_element), costs)
+    return CostReport(model.name, model.ffn.sparsity, kv_bytes_per_element, work, costs)
 
 
 def min_moe_sparsity(

@@ -1,13 +1,14 @@
 """Per-layer times of one AFD micro-batch: attention, FFN and the two transfers.
 
-A roofline over datasheet peaks, divided by one efficiency per stage (`Efficiency`, which the
-paper's own measurements or a calibration file supply). Per layer, for a micro-batch of b
-tokens on each attention GPU (B = b x attention GPUs tokens on the FFN side):
+A roofline over datasheet peaks, turned into time by one `StageFit` per stage (time =
+overhead + roofline / efficiency; the paper's own measurements or a calibration file supply
+them). Per layer, for a micro-batch of b tokens on each attention GPU (B = b x attention GPUs
+tokens on the FFN side), rooflines:
 
-    attention = [max(KV bytes / BW, attention FLOPs / F) + gemm(projections)] / e_attention
-    FFN       = [gemm(routed experts touched) + gemm(shared expert or dense MLP)] / e_ffn
+    attention = max(KV bytes / BW, attention FLOPs / F) + gemm(projections)
+    FFN       = gemm(routed experts touched) + gemm(shared expert or dense MLP)
     gemm(W)   = weight bytes / BW + 2 x tokens x params / F     (weights stream, then math)
-    A2F, F2A  = the busier NIC's bytes / (NIC bandwidth x e_network)
+    A2F, F2A  = the busier NIC's bytes / NIC bandwidth
 
 The attention kernel overlaps its KV stream with its math (flash decoding does); a decode
 GEMM at a few hundred rows mostly does not, so its two parts add: this is what makes the FFN
@@ -59,9 +60,9 @@ class StageFit:
 # network from StepMesh's two directions (91 us for 1.8 MB, 182 us for 3.7 MB on 400 Gb/s);
 # FFN: the paper publishes no FFN stage time, so it takes the attention's streaming efficiency
 # and an overhead fitted to the 2A2F 4K headline (4,039 tokens/GPU/s).
-PAPER_ATTENTION = StageFit(0.941, 57e-6)
-PAPER_NETWORK = StageFit(0.40, 0.0)
-PAPER_FFN = StageFit(0.941, 96e-6)
+PAPER_ATTENTION = StageFit(0.943, 46e-6)
+PAPER_NETWORK = StageFit(0.404, 0.0)
+PAPER_FFN = StageFit(0.943, 97e-6)
 
 
 @dataclass(frozen=True)
@@ -136,38 +137,57 @@ def gemm_time(params: float, tokens: float, acc: Accelerator) -> float:
     return params * WEIGHT_BYTES / acc.memory_bandwidth + 2 * tokens * params / acc.matmul_flops
 
 
+def attention_roofline(
+    model: ModelShape, acc: Accelerator, micro_batch: float, context: int, kv_bytes: float
+) -> float:
+    """Seconds of one attention layer for `micro_batch` tokens at `context`, at the peaks.
+    kv_bytes: bytes per cached element (1 for FP8)."""
+    att = model.attention
+    kv = micro_batch * context * att.kv_elements * kv_bytes
+    flops = micro_batch * context * att.flops_per_context_token
+    core = max(kv / acc.memory_bandwidth, flops / acc.matmul_flops)
+    return core + gemm_time(att.linear_params, micro_batch, acc)
+
+
+def ffn_roofline(
+    model: ModelShape, acc: Accelerator, tokens: float, ffn_gpus: int, layout: str, moe: bool
+) -> float:
+    """Seconds of one FFN GPU's share of one layer for `tokens` (all attention GPUs')."""
+    ffn = model.ffn
+    whole = ffn.shared_params if moe else ffn.dense_params  # shared expert or dense MLP
+    if layout == SPLIT:  # a 1/N column slice for every token
+        time = gemm_time(whole / ffn_gpus, tokens, acc)
+    else:  # the whole MLP for 1/N of the tokens
+        time = gemm_time(whole, tokens / ffn_gpus, acc)
+    if moe:
+        k, e = ffn.top_k, ffn.num_experts
+        touched = e * (1 - (1 - k / e) ** tokens)  # experts that see at least one token
+        time += gemm_time(touched * ffn.expert_params / ffn_gpus, tokens * k / touched, acc)
+    return time
+
+
+def message_bytes(model: ModelShape, moe: bool) -> tuple[int, int]:
+    """(A2F, F2A) bytes per token of one layer."""
+    to_ffn = model.hidden_size + SCALE_BYTES + (ROUTE_BYTES * model.ffn.top_k if moe else 0)
+    return to_ffn, RETURN_BYTES * model.hidden_size
+
+
 def stage_times(cluster: Cluster, shape: Shape, moe: bool) -> StageTimes:
     """One MoE layer's (moe=True) or one dense layer's stage times."""
     model, acc, eff = cluster.model, cluster.accelerator, cluster.efficiency
     g, b = cluster.gpus_per_instance, shape.micro_batch
-    ffn_gpus = shape.ffn_instances * g
     tokens = b * shape.attention_instances * g  # B: the micro-batch on the FFN side
-
-    att = model.attention
-    kv_bytes = b * cluster.context * att.kv_elements * cluster.kv_bytes_per_element
-    att_flops = b * cluster.context * att.flops_per_context_token
-    core = max(kv_bytes / acc.memory_bandwidth, att_flops / acc.matmul_flops)
-    attention = eff.attention.time(core + gemm_time(att.linear_params, b, acc))
-
-    ffn = model.ffn
-    whole = ffn.shared_params if moe else ffn.dense_params  # shared expert or dense MLP
-    if shape.layout == SPLIT:  # a 1/N column slice for every token
-        ffn_time = gemm_time(whole / ffn_gpus, tokens, acc)
-    else:  # the whole MLP for 1/N of the tokens
-        ffn_time = gemm_time(whole, tokens / ffn_gpus, acc)
-    if moe:
-        k, e = ffn.top_k, ffn.num_experts
-        touched = e * (1 - (1 - k / e) ** tokens)  # experts that see at least one token
-        ffn_time += gemm_time(touched * ffn.expert_params / ffn_gpus, tokens * k / touched, acc)
-    ffn_time = eff.ffn.time(ffn_time)
-
-    to_ffn = model.hidden_size + SCALE_BYTES + (ROUTE_BYTES * ffn.top_k if moe else 0)
-    back = RETURN_BYTES * model.hidden_size
+    attention = eff.attention.time(
+        attention_roofline(model, acc, b, cluster.context, cluster.kv_bytes_per_element)
+    )
+    ffn_gpus = shape.ffn_instances * g
+    ffn = eff.ffn.time(ffn_roofline(model, acc, tokens, ffn_gpus, shape.layout, moe))
+    to_ffn, back = message_bytes(model, moe)
     nic = cluster.network_bytes_per_s
     fan_out = shape.ffn_instances  # each FFN instance gets every token, returns a partial
     a2f = eff.network.time(max(b * to_ffn * fan_out, tokens * to_ffn / g) / nic)
     f2a = eff.network.time(max(b * back * fan_out, tokens * back / g) / nic)
-    return StageTimes(attention, ffn_time, a2f, f2a)
+    return StageTimes(attention, ffn, a2f, f2a)
 
 
 def tpot(cluster: Cluster, shape: Shape) -> float:
