@@ -49,3 +49,15 @@ prometheus: ## install the Prometheus server and promtool (Debian's package) if 
 lint: $(STAMP) ## ruff format check and lint
 	$(BIN)/ruff format --check services tests
 	$(BIN)/ruff check services tests
+
+# Images and chart (docs/deploy.md). Building needs a container engine; the chart's tests do not.
+.PHONY: images chart
+IMAGE ?= afd
+TAG ?= $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+
+images: ## build the GPU and CPU images: IMAGE=registry/afd TAG=0.1.0 (needs docker)
+	docker build -f deploy/docker/Dockerfile -t $(IMAGE):$(TAG) .
+	docker build -f deploy/docker/Dockerfile.cpu -t $(IMAGE):$(TAG)-cpu .
+
+chart: setup ## test the Helm chart offline: render, schema, strict Kubernetes validation
+	$(BIN)/pytest -q tests/unit/test_chart_*.py

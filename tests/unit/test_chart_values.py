@@ -4,10 +4,14 @@ when it is enabled."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+
 import helm_python
 import pytest
 import yaml
 
+from services.cli import main as afd
 from tests.support.chart import CHART, CPU_SMALL, GPU_2A2F, render, schema_error
 
 # What `afd plan deploy ... --format helm-values` prints: these keys and no others.
@@ -107,6 +111,23 @@ def test_the_planner_s_values_file_installs_as_printed():
     assert "--tpot-sla-ms=50" in rendered.container("gateway")["args"]
 
 
+@pytest.mark.parametrize("context", ["4K", "32K"])
+def test_what_afd_plan_deploy_prints_installs(context):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        command = ["plan", "deploy", "--model", "step3", "--context", context, "--tpot-ms", "50"]
+        assert afd([*command, "--gpu", "H800", "--format", "helm-values"]) == 0
+    plan = yaml.safe_load(stdout.getvalue())
+    rendered = render(plan)
+    for role in ("attention", "ffn"):
+        assert rendered.workload(role)["spec"]["replicas"] == plan[role]["replicas"], role
+        assert "--device=cuda" in rendered.container(role)["args"], role
+    assert (
+        f"--max-model-len={plan['attention']['maxModelLen']}"
+        in rendered.container("attention")["args"]
+    )
+
+
 def test_the_planner_s_keys_are_documented_in_values_yaml():
     documented = yaml.safe_load((CHART / "values.yaml").read_text())
     for role, keys in yaml.safe_load(PLANNER_VALUES).items():
@@ -182,3 +203,18 @@ def test_the_default_install_is_the_documented_set_of_objects(defaults):
         "RoleBinding": 1,
         **BY_DEFAULT,
     }
+
+
+def test_helm_lint_strict_finds_nothing_to_fix():
+    everything_on = {
+        "metrics": {
+            k: {"enabled": True} for k in ("serviceMonitor", "prometheusRule", "dashboards")
+        },
+        "attention": {"autoscaling": {"enabled": True}},
+        "ffn": {"autoscaling": {"enabled": True}},
+        "gateway": {"ingress": {"enabled": True}},
+    }
+    for values in ({}, everything_on):
+        report = helm_python.lint(CHART, values, strict=True, kube_version="v1.28.0")
+        problems = [m for m in report["messages"] if m["severity"] >= 2]  # warnings and errors
+        assert not problems and not report["errors"], report
