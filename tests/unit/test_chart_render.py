@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 
+import helm_python
 import pytest
 import yaml
 
@@ -167,7 +168,9 @@ def test_rdma_requests_the_device_sets_ncclenv_and_adds_only_ipc_lock(gpu):
 
 
 def test_host_networking_only_when_asked_for_with_rdma():
-    hostnet = render({"rdma": {"enabled": True, "hostNetwork": True}})
+    hostnet = render(
+        {"rdma": {"enabled": True, "hostNetwork": True}, "networkPolicy": {"enabled": False}}
+    )
     for component, pod in pod_specs(hostnet).items():
         assert pod.get("hostNetwork", False) is (component in ("attention", "ffn")), component
         if component in ("attention", "ffn"):
@@ -288,3 +291,9 @@ def test_notes_tell_how_to_reach_the_api_and_the_dashboards(rendered, gpu):
     assert "dashboards" in rendered.notes.lower()
     assert "http://afd.example.com" in gpu.notes
     assert "port-forward svc/afd-gateway" in render().notes
+
+
+def test_host_networking_and_network_policies_are_refused_together():
+    # Host-network pods send from their node's address: a policy would cut them off.
+    with pytest.raises(helm_python.HelmError, match="networkPolicy.enabled=false"):
+        render({"rdma": {"enabled": True, "hostNetwork": True}})
