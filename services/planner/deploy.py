@@ -1,9 +1,10 @@
 """The deployment planner: the AFD shape with the most tokens per GPU-second under a TPOT SLA.
 
-It tries every attention and FFN instance count (up to `max_gpus` GPUs), micro-batch count
-and FFN layout; for each, the largest micro-batch per attention GPU whose step meets the SLA
-and whose KV cache fits; keeps the best tokens/GPU/s (fewer GPUs on a tie). The step time and
-the stages are `stages`'s; what bound the batch is reported with the plan:
+It tries every attention and FFN instance count (up to `max_gpus` GPUs, and no more FFN GPUs
+than routed experts), micro-batch count and FFN layout; for each, the largest micro-batch per
+attention GPU whose step meets the SLA and whose KV cache fits; keeps the best tokens/GPU/s
+(fewer GPUs on a tie). The step time and the stages are `stages`'s; what bound the batch is
+reported with the plan:
 
 - "attention KV capacity": the KV cache is full before the SLA is reached;
 - "attention", "FFN", "network A2F" or "network F2A": the SLA is reached and this stage is the
@@ -30,7 +31,6 @@ from services.planner.stages import (
 )
 
 PAPER_MEMORY_FRACTION = 0.8
-PAPER_MICRO_BATCHES = 3
 STAGE_NAMES = {"attention": "attention", "ffn": "FFN", "a2f": "network A2F", "f2a": "network F2A"}
 KV_CAPACITY = "attention KV capacity"
 PATIENCE = 8  # attention counts past the best before the search stops adding more
@@ -118,6 +118,8 @@ def plan(request: Request) -> Plan:
     since_better = 0  # FFN counts tried since one raised the best rate
     for ffn_instances in _counts(request.ffn_instances, max_instances - 1):
         before = best
+        if cluster.model.ffn.is_moe and ffn_instances * g > cluster.model.ffn.num_experts:
+            break  # an FFN GPU without a routed expert of its own
         for layout in request.layouts:
             if ffn_weight_bytes(cluster.model, ffn_instances * g, layout) > usable:
                 continue

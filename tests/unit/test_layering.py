@@ -1,6 +1,7 @@
 """Dependencies point one way: services -> common, never sideways, and the gateway's share
 of common (tokenizer, sampling parameters, config) stays free of torch, as does the bench
-client, which runs wherever the load is generated."""
+client, which runs wherever the load is generated, and the planner (`afd plan`), which runs
+wherever a deployment is decided."""
 
 import ast
 import subprocess
@@ -10,7 +11,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SERVICES = ("attention", "ffn", "gateway", "bench")
+SERVICES = ("attention", "ffn", "gateway", "bench", "planner")
 
 
 def imported_modules(path: Path) -> set[str]:
@@ -55,13 +56,27 @@ def test_gateway_side_of_common_does_not_load_torch():
         "services.common.presets",
         "services.common.model.schema",
     ]
+    assert not loads_torch(modules)
+
+
+def test_the_planner_does_not_load_torch():
+    planner = sorted(
+        f"services.planner.{p.stem}" for p in (ROOT / "services/planner").glob("[!_]*.py")
+    )
+    assert not loads_torch([*planner, "services.cli.plan"])
+
+
+def loads_torch(modules: list[str]) -> bool:
     code = f"import sys\nfor m in {modules!r}: __import__(m)\nprint('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "False"
+    return result.stdout.strip() == "True"
 
 
-@pytest.mark.parametrize("command", [["bench", "--help"], ["gateway", "--help"], ["--help"]])
+@pytest.mark.parametrize(
+    "command",
+    [["bench", "--help"], ["gateway", "--help"], ["--help"], ["plan", "deploy", "--help"]],
+)
 def test_commands_that_need_no_torch_do_not_load_it(command):
     # The gateway's processes and the load generator stay small and start fast.
     code = (
