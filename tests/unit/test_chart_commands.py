@@ -123,6 +123,7 @@ def test_the_gateway_discovers_attention_instances_from_the_controller(args):
 def test_the_role_settings_reach_the_processes(args):
     a, f = args["attention"], args["ffn"]
     assert (a.max_num_seqs, a.max_model_len, a.kv_cache_dtype) == (128, 4096, "fp8")
+    assert a.kv_cache_bytes == 60 * 2**30
     assert a.fp8_dispatch and f.fp8_dispatch
     assert f.layout == "split" and f.max_num_batched_tokens == 512
 
