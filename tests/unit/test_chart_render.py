@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from tests.support.chart import (
+    CHART,
     CPU_SMALL,
     CUSTOM_KINDS,
     GPU_2A2F,
@@ -297,3 +298,14 @@ def test_host_networking_and_network_policies_are_refused_together():
     # Host-network pods send from their node's address: a policy would cut them off.
     with pytest.raises(helm_python.HelmError, match="networkPolicy.enabled=false"):
         render({"rdma": {"enabled": True, "hostNetwork": True}})
+
+
+def test_the_chart_links_to_the_one_copy_of_the_alerts_and_dashboards():
+    # Helm reads only files inside the chart and follows links; a copy would drift.
+    files = CHART / "files"
+    for link, target in [
+        ("afd-alerts.yml", ROOT / "deploy" / "prometheus" / "afd-alerts.yml"),
+        ("dashboards", ROOT / "deploy" / "grafana" / "dashboards"),
+    ]:
+        assert (files / link).is_symlink(), link
+        assert (files / link).resolve() == target.resolve(), link
