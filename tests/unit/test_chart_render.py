@@ -20,6 +20,7 @@ from tests.support.chart import (
     CUSTOM_KINDS,
     GPU_2A2F,
     ROOT,
+    chart,
     pod_specs,
     render,
     validation_errors,
@@ -309,3 +310,15 @@ def test_the_chart_links_to_the_one_copy_of_the_alerts_and_dashboards():
     ]:
         assert (files / link).is_symlink(), link
         assert (files / link).resolve() == target.resolve(), link
+
+
+def test_the_packaged_chart_carries_the_alerts_and_dashboards(tmp_path):
+    # What users install from a chart repository: `helm package` stores the linked files.
+    archive = helm_python.package(CHART, destination=tmp_path)
+    on = {"metrics": {"prometheusRule": {"enabled": True}, "dashboards": {"enabled": True}}}
+    with helm_python.Chart.load(archive) as packaged:
+        from_archive = packaged.render(on, name="afd", namespace="serving")
+    from_folder = chart().render(on, name="afd", namespace="serving")
+    for template in ("prometheusrule.yaml", "dashboards-configmap.yaml"):
+        path = f"afd/templates/{template}"
+        assert from_archive[path] == from_folder[path] and "kind:" in from_archive[path]
