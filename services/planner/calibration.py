@@ -105,7 +105,8 @@ def load_calibration(path: str | Path, accelerators: dict[str, Accelerator]) -> 
         fits[stage] = fit(pairs, stage) if pairs else getattr(default, stage)
     counts = {stage: len(raw.get(stage) or []) for stage in STAGES}
     measured = ", ".join(f"{s} ({n})" for s, n in counts.items() if n)
-    source = f"{path.name}: {measured}" + (f"; {raw['source']}" if raw.get("source") else "")
+    rest = "; the paper's fit for the rest" if not all(counts.values()) else ""
+    source = f"{path.name}, measured: {measured}{rest}"
     efficiency = Efficiency(fits["attention"], fits["ffn"], fits["network"], source)
     return Calibration(acc.name, model.name, str(raw.get("source", "")), efficiency, counts)
 

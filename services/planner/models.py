@@ -118,9 +118,9 @@ class _Fields:
                 f"config.json (model_type {self.model_type!r}) is missing "
                 f"{', '.join(missing)}: the planner needs them to size the model"
             )
-        return {n: self.int(n) for n in names}
+        return {n: self.integer(n) for n in names}
 
-    def int(self, name: str, default: int | None = None) -> int:
+    def integer(self, name: str, default: int | None = None) -> int:
         value = self.raw.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError(f"config field {name!r} must be an integer, got {value!r}")
@@ -134,6 +134,8 @@ def load_model(name_or_dir: str) -> ModelShape:
         return model_from_config(read_config(path / "config.json"), path.name)
     if path.name == "config.json" and path.is_file():
         return model_from_config(read_config(path), path.parent.name or "model")
+    if path.is_dir():
+        raise ValueError(f"no config.json in {path}: is this a checkpoint folder?")
     wanted = _canonical(name_or_dir)
     for name, raw in PRESETS.items():
         if _canonical(name) == wanted:
@@ -188,6 +190,8 @@ def _step3(f: _Fields, name: str) -> ModelShape:
         raise ValueError(
             f"config field 'moe_layers_enum' must be like \"4,5,6\", got {enum!r}"
         ) from err
+    if not moe <= set(range(layers)):
+        raise ValueError(f"config field 'moe_layers_enum' names layers outside 0..{layers - 1}")
     attention = HeadAttention(
         hidden_size=n["hidden_size"],
         num_heads=n["num_attention_heads"],
@@ -218,7 +222,7 @@ def _mla(f: _Fields, name: str) -> ModelShape:
     attention = LatentAttention(
         hidden_size=n["hidden_size"],
         num_heads=n["num_attention_heads"],
-        q_lora_rank=None if q_lora is None else f.int("q_lora_rank"),
+        q_lora_rank=None if q_lora is None else f.integer("q_lora_rank"),
         kv_lora_rank=n["kv_lora_rank"],
         qk_nope_head_dim=n["qk_nope_head_dim"],
         qk_rope_head_dim=n["qk_rope_head_dim"],
@@ -229,9 +233,9 @@ def _mla(f: _Fields, name: str) -> ModelShape:
         ffn = FFNShape.dense(n["hidden_size"], layers, n["intermediate_size"])
     else:
         m = f.require("moe_intermediate_size", "n_routed_experts", "num_experts_per_tok")
-        if f.int("moe_layer_freq", 1) != 1:
+        if f.integer("moe_layer_freq", 1) != 1:
             raise ValueError("config field 'moe_layer_freq' other than 1 is not supported")
-        dense = min(f.int("first_k_dense_replace", 0), layers)
+        dense = min(f.integer("first_k_dense_replace", 0), layers)
         ffn = FFNShape(
             hidden_size=n["hidden_size"],
             num_dense_layers=dense,
@@ -240,7 +244,7 @@ def _mla(f: _Fields, name: str) -> ModelShape:
             num_experts=m["n_routed_experts"],
             top_k=m["num_experts_per_tok"],
             expert_intermediate=m["moe_intermediate_size"],
-            shared_intermediate=f.int("n_shared_experts", 0) * m["moe_intermediate_size"],
+            shared_intermediate=f.integer("n_shared_experts", 0) * m["moe_intermediate_size"],
         )
     return ModelShape(name, n["hidden_size"], layers, n["vocab_size"], attention, ffn)
 
@@ -254,8 +258,8 @@ def _gqa(f: _Fields, name: str) -> ModelShape:
     attention = HeadAttention(
         hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=f.int("num_key_value_heads", heads),
-        head_dim=f.int("head_dim", hidden // heads),
+        num_kv_heads=f.integer("num_key_value_heads", heads),
+        head_dim=f.integer("head_dim", hidden // heads),
         q_rank=None,
     )
     tied = bool(f.raw.get("tie_word_embeddings", False))
@@ -263,7 +267,7 @@ def _gqa(f: _Fields, name: str) -> ModelShape:
         ffn = FFNShape.dense(hidden, layers, n["intermediate_size"])
         return ModelShape(name, hidden, layers, n["vocab_size"], attention, ffn, tied)
     m = f.require("moe_intermediate_size", "num_experts", "num_experts_per_tok")
-    step = f.int("decoder_sparse_step", 1)
+    step = f.integer("decoder_sparse_step", 1)
     dense_only = set(f.raw.get("mlp_only_layers") or [])
     moe = [i for i in range(layers) if i not in dense_only and (i + 1) % max(step, 1) == 0]
     ffn = FFNShape(
@@ -274,6 +278,6 @@ def _gqa(f: _Fields, name: str) -> ModelShape:
         num_experts=m["num_experts"],
         top_k=m["num_experts_per_tok"],
         expert_intermediate=m["moe_intermediate_size"],
-        shared_intermediate=f.int("shared_expert_intermediate_size", 0),
+        shared_intermediate=f.integer("shared_expert_intermediate_size", 0),
     )
     return ModelShape(name, hidden, layers, n["vocab_size"], attention, ffn, tied)

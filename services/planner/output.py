@@ -141,7 +141,7 @@ def plan_table(plan: Plan) -> str:
         f"  predicted TPOT       {d['predicted_tpot_ms']:7.1f} ms",
         f"  tokens/GPU/s         {d['tokens_per_gpu_s']:7.0f}  ({d['tokens_per_s']:,.0f} tokens/s "
         f"on {d['total_gpus']} GPUs, {d['cost_per_1m_tokens']:.3f} USD per 1M tokens)",
-        f"  binding               {d['binding']} (slowest stage: {d['slowest_stage']})",
+        f"  binding              {d['binding']} (slowest stage: {d['slowest_stage']})",
         "",
         f"One {layer} layer, one micro-batch, against the stage budget "
         f"{d['stage_budget_us']:.0f} us (TPOT / micro-batches / layers):",

@@ -69,6 +69,7 @@ def plot_stages(plan: Plan, path: Path) -> Path:
         ax.annotate(f"{us:.0f}", (bar.get_x() + bar.get_width() / 2, us), ha="center", va="bottom")
     ax.axhline(budget, color="#c44e52", linestyle="--", label=f"budget {budget:.0f} us")
     shape, cluster = plan.shape, plan.request.cluster
+    ax.set_ylim(0, 1.15 * max(budget, *times.values()))
     ax.set_ylabel("us per layer and micro-batch")
     ax.set_title(
         f"{cluster.model.name} on {cluster.accelerator.name}, {cluster.context} context: "

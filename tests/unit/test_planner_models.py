@@ -82,3 +82,14 @@ def test_invalid_json_names_the_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="config.json is not valid JSON"):
         load_model(str(tmp_path))
+
+
+def test_moe_layers_outside_the_model_are_refused():
+    raw = {**PRESETS["step3"], "moe_layers_enum": "4,5,61"}
+    with pytest.raises(ValueError, match="'moe_layers_enum' names layers outside 0..60"):
+        model_from_config(raw, "x")
+
+
+def test_a_folder_without_config_json_says_so(tmp_path):
+    with pytest.raises(ValueError, match="no config.json in"):
+        load_model(str(tmp_path))

@@ -1,0 +1,46 @@
+"""`afd plan` as a subprocess, the way a deploy script runs it: helm values it can pipe into
+`helm install -f`, JSON it can parse, one line and exit code 2 for a mistake."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def afd(*argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "services.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+
+
+def test_helm_values_from_a_subprocess_load_as_the_charts_values():
+    result = afd("plan", "deploy", "--model", "step3", "--context", "8K", "--gpu", "H200",
+                 "--format", "helm-values")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    values = yaml.safe_load(result.stdout)
+    assert set(values) == {"controller", "attention", "ffn", "gateway"}
+    assert values["attention"]["maxModelLen"] == 8192
+    assert values["ffn"]["layout"] in ("split", "replicated")
+
+
+def test_json_from_a_subprocess_parses():
+    result = afd("plan", "cost", "--model", "qwen3-235b-a22b", "--context", "32K", "--json")
+    assert result.returncode == 0, result.stderr
+    assert round(json.loads(result.stdout)["afd_cost"], 3) == 0.193
+
+
+def test_a_mistake_is_one_line_and_exit_code_2():
+    result = afd("plan", "deploy", "--model", "step3", "--context", "4K", "--gpu", "TPU")
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        "afd plan: error: unknown accelerator 'TPU'; known: H800, H20, A800, 910B, H100, H200, "
+        "B200, L20, L40S (add one with --hardware-file)"
+    ]
