@@ -33,7 +33,7 @@ from services.planner.stages import (
 PAPER_MEMORY_FRACTION = 0.8
 STAGE_NAMES = {"attention": "attention", "ffn": "FFN", "a2f": "network A2F", "f2a": "network F2A"}
 KV_CAPACITY = "attention KV capacity"
-PATIENCE = 8  # attention counts past the best before the search stops adding more
+PATIENCE = 8  # instance counts tried past the best before the search stops adding more
 
 
 @dataclass(frozen=True)
@@ -107,45 +107,36 @@ class Plan:
         return self.request.tpot_s / self.shape.num_micro_batches / layers
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    rate: float  # tokens/GPU/s
+    gpus: int
+    shape: Shape
+
+    def beats(self, other: _Candidate | None) -> bool:
+        return other is None or (self.rate, -self.gpus) > (other.rate, -other.gpus)
+
+
 def plan(request: Request) -> Plan:
     """The best deployment; ValueError when none meets the SLA within max_gpus."""
     cluster = request.cluster
-    g = cluster.gpus_per_instance
+    g, ffn = cluster.gpus_per_instance, cluster.model.ffn
     sequences = kv_capacity(request)
-    best: tuple[float, int, Shape, float] | None = None
-    max_instances = request.max_gpus // g
     usable = cluster.accelerator.memory_bytes * request.memory_fraction
+    best: _Candidate | None = None
     since_better = 0  # FFN counts tried since one raised the best rate
-    for ffn_instances in _counts(request.ffn_instances, max_instances - 1):
-        before = best
-        if cluster.model.ffn.is_moe and ffn_instances * g > cluster.model.ffn.num_experts:
+    for ffn_instances in _counts(request.ffn_instances, request.max_gpus // g - 1):
+        if ffn.is_moe and ffn_instances * g > ffn.num_experts:
             break  # an FFN GPU without a routed expert of its own
+        improved = False
         for layout in request.layouts:
             if ffn_weight_bytes(cluster.model, ffn_instances * g, layout) > usable:
                 continue
             for m in request.micro_batch_counts:
-                best_here, since_best = 0.0, 0
-                for attention_instances in _counts(
-                    request.attention_instances, max_instances - ffn_instances
-                ):
-                    found = _largest_micro_batch(
-                        request, attention_instances, ffn_instances, m, layout, sequences // m
-                    )
-                    if found is None:
-                        break  # more attention instances only add tokens to every stage
-                    shape, step = found
-                    gpus = (attention_instances + ffn_instances) * g
-                    rate = shape.micro_batch * m * attention_instances * g / step / gpus
-                    if best is None or (rate, -gpus) > (best[0], -best[1]):
-                        best = (rate, gpus, shape, step)
-                    # Rate against attention count rises, then falls; stop well past its top.
-                    best_here, since_best = (
-                        max(best_here, rate),
-                        0 if rate > best_here else since_best + 1,
-                    )
-                    if since_best >= PATIENCE:
-                        break
-        since_better = 0 if best is not before else since_better + 1
+                found = _scan_attention(request, ffn_instances, layout, m, sequences // m)
+                if found is not None and found.beats(best):
+                    best, improved = found, True
+        since_better = 0 if improved else since_better + 1
         if since_better >= PATIENCE:
             break  # more FFN instances have stopped paying
     if best is None:
@@ -154,7 +145,33 @@ def plan(request: Request) -> Plan:
             f"a {request.tpot_s * 1e3:g} ms TPOT at {cluster.context} tokens of context: raise "
             "--tpot-ms or --max-gpus, or shorten the context"
         )
-    return evaluate(request, best[2])
+    return evaluate(request, best.shape)
+
+
+def _scan_attention(
+    request: Request, ffn_instances: int, layout: str, m: int, cap: int
+) -> _Candidate | None:
+    """The best attention instance count for one FFN count, layout and micro-batch count."""
+    g = request.cluster.gpus_per_instance
+    best: _Candidate | None = None
+    since_best = 0
+    most = request.max_gpus // g - ffn_instances
+    for attention_instances in _counts(request.attention_instances, most):
+        found = _largest_micro_batch(request, attention_instances, ffn_instances, m, layout, cap)
+        if found is None:
+            break  # more attention instances only add tokens to every stage
+        shape, step = found
+        gpus = (attention_instances + ffn_instances) * g
+        candidate = _Candidate(
+            shape.micro_batch * m * attention_instances * g / step / gpus, gpus, shape
+        )
+        if candidate.beats(best):
+            best, since_best = candidate, 0
+        else:  # the rate rises with attention instances, then falls: stop well past its top
+            since_best += 1
+            if since_best >= PATIENCE:
+                break
+    return best
 
 
 def evaluate(request: Request, shape: Shape) -> Plan:
