@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,3 +45,32 @@ def test_a_mistake_is_one_line_and_exit_code_2():
         "afd plan: error: unknown accelerator 'TPU'; known: H800, H20, A800, 910B, H100, H200, "
         "B200, L20, L40S (add one with --hardware-file)"
     ]
+
+
+def test_helm_values_validate_against_the_charts_schema():
+    # What `helm install -f plan.yaml` checks: the chart's defaults with the plan laid over
+    # them must satisfy values.schema.json.
+    jsonschema = pytest.importorskip("jsonschema")
+    chart = ROOT / "deploy" / "helm" / "afd"
+    if not (chart / "values.schema.json").is_file():
+        pytest.skip("the Helm chart is not in this tree")
+    result = afd("plan", "deploy", "--model", "step3", "--context", "4K", "--gpu", "H800",
+                 "--gpus-per-instance", "8", "--tpot-ms", "37.5",
+                 "--format", "helm-values")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    values = merge(
+        yaml.safe_load((chart / "values.yaml").read_text()), yaml.safe_load(result.stdout)
+    )
+    jsonschema.validate(values, json.loads((chart / "values.schema.json").read_text()))
+    assert values["gateway"]["tpotSlaMs"] == 37.5
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Helm's rule: maps merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            merged[key] = merge(base[key], value)
+        else:
+            merged[key] = value
+    return merged
