@@ -16,7 +16,12 @@ import pytest
 import torch
 
 from services.common.model.fp8_linear import dequantize_activation
-from services.common.model.fp8_norm import rms_norm_quantize, rms_norm_quantize_reference
+from services.common.model.fp8_norm import (
+    rms_norm_quantize,
+    rms_norm_quantize_reference,
+    sum_rms_norm_quantize,
+    sum_rms_norm_quantize_reference,
+)
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
@@ -42,5 +47,23 @@ def test_matches_norm_then_quantise(width, tokens, row_multiple):
     assert (scale_rel > 1e-6).float().mean().item() < 1e-2 and scale_rel.max().item() < 2**-7
     differ = (q.float() != q_ref.float()).float().mean().item()
     assert differ < 1e-2, f"{differ:.1e} of the values differ"
+    a, b = dequantize_activation(q, scale), dequantize_activation(q_ref, scale_ref)
+    assert ((a - b).norm() / b.norm()).item() < 1e-3
+
+
+@pytest.mark.parametrize("splits", [1, 6])
+@pytest.mark.parametrize("tokens", [1, 37, 64])
+def test_partials_summed_then_normed_and_quantised(tokens, splits):
+    """The q|k|v GEMM's partial sums, its bf16 output and inter_norm's quantised q_low in one
+    kernel, against the three steps in torch (bounds as above)."""
+    gen = torch.Generator("cuda").manual_seed(int(torch.randint(2**31, ()).item()))
+    partials = torch.randn(splits, tokens, 2560, generator=gen, device="cuda") * 2
+    weight = 1 + 0.1 * torch.randn(2048, generator=gen, device="cuda")
+    y, q, scale = sum_rms_norm_quantize(partials, 2048, weight, 1e-5, 16)
+    y_ref, q_ref, scale_ref = sum_rms_norm_quantize_reference(partials, 2048, weight, 1e-5, 16)
+    torch.testing.assert_close(y, y_ref, rtol=2**-7, atol=1e-5)  # fp32 sums in another order
+    rows = -(-tokens // 16) * 16
+    assert q.shape == (rows, 2048) and scale.shape == (rows, 16) and scale.t().is_contiguous()
+    assert (q[tokens:].float() == 0).all() and (scale[tokens:] == 1).all()
     a, b = dequantize_activation(q, scale), dequantize_activation(q_ref, scale_ref)
     assert ((a - b).norm() / b.norm()).item() < 1e-3

@@ -4,7 +4,8 @@ The same function as `MFAAttention.residual_forward` with FP8 linears, arranged 
 
     xq = rms_norm_quantize(x)                 input_layernorm + 1 x 128 e4m3, one kernel
     q_low | k | v = qkv(xq)                   q_proj | k_proj | v_proj as one GEMM (read h once)
-    q = wq(rms_norm_quantize(q_low))          inter_norm + quantisation, one kernel
+    q = wq(rms_norm_quantize(q_low))          inter_norm + quantisation, one kernel (with the
+                                              split-K GEMM's partial sums where it ran)
     q, k = rope(q), rope(k)                   one kernel for both
     a = backend(q, k, v)                      writes K/V, attends
     x + o_proj(quantize(a))                   the residual added in the GEMM's last kernel
@@ -25,7 +26,7 @@ from torch import Tensor
 from services.common.model import fused
 from services.common.model.attention import AttentionBackend, MFAAttention
 from services.common.model.fp8_linear import Fp8Linear, fuse_outputs
-from services.common.model.fp8_norm import MAX_DIM, rms_norm_quantize
+from services.common.model.fp8_norm import MAX_DIM, rms_norm_quantize, sum_rms_norm_quantize
 from services.common.model.layers import RMSNorm
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "wq", "o_proj")
@@ -87,12 +88,19 @@ class Fp8MFAAttention(MFAAttention):
         """attn(norm(x)) [T, H] bf16, plus `residual` [T, H] if given (added in o_proj's last
         kernel where it can be)."""
         t, d = x.shape[0], self.head_dim
-        qkv, wq, o_proj = self.qkv, self.wq, self.o_proj
-        h = qkv.matmul(*rms_norm_quantize(x, norm.weight, norm.eps, qkv.token_multiple))
-        kv_dim = self.num_kv_heads * d
-        q_low, k, v = h[:t].split((self.q_proj.out_features, kv_dim, kv_dim), dim=-1)
-        inter = self.inter_norm
-        q_in = rms_norm_quantize(q_low, inter.weight, inter.eps, wq.token_multiple)
+        qkv, wq, o_proj, inter = self.qkv, self.wq, self.o_proj, self.inter_norm
+        x_in = rms_norm_quantize(x, norm.weight, norm.eps, qkv.token_multiple)
+        q_dim, kv_dim = self.q_proj.out_features, self.num_kv_heads * d
+        split = qkv.split_k(t, x.device)
+        if split and qkv.out_features <= MAX_DIM:  # partial sums, inter_norm, quantisation: one
+            partials = qkv.partials(x_in[0][:t], x_in[1][:t], split)
+            h, *q_in = sum_rms_norm_quantize(
+                partials, q_dim, inter.weight, inter.eps, wq.token_multiple
+            )
+        else:
+            h = qkv.matmul(*x_in)[:t]
+            q_in = rms_norm_quantize(h[:, :q_dim], inter.weight, inter.eps, wq.token_multiple)
+        _, k, v = h.split((q_dim, kv_dim, kv_dim), dim=-1)
         q = wq.matmul(*q_in)[:t].view(t, self.num_heads, d)  # [T, Hq, D]
         k = k.view(t, self.num_kv_heads, d)  # [T, G, D]; views of the fused output
         q, k = fused.rope_qk(q, k, cos, sin)  # one launch for both

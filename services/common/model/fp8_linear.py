@@ -121,16 +121,9 @@ class Fp8Linear(nn.Module):
                 f"{xq.shape[0]} token rows: pad to a multiple of {self.token_multiple}"
             )
         rows = xq.shape[0] if residual is None else residual.shape[0]
-        if (
-            self.scaling == "blockwise"
-            and triton is not None
-            and _has_tma(xq.device)
-            and fp8_gemm.beats_cublas(rows, self.out_features, self.in_features)
-        ):
-            split = fp8_gemm.split_for(self.out_features, self.in_features, _num_sms(xq.device))
-            partials = fp8_gemm.gemm_partials(
-                xq[:rows], x_scale[:rows], self.weight, self.weight_scale, split
-            )
+        split = self.split_k(rows, xq.device)
+        if split:
+            partials = self.partials(xq[:rows], x_scale[:rows], split)
             return fp8_gemm.sum_partials(partials, residual)  # the residual add comes free
         if self.scaling == "blockwise":
             # cuBLASLt reads B = W^T [in, out] column-major and its 128x128 scale grid transposed:
@@ -142,6 +135,24 @@ class Fp8Linear(nn.Module):
             xq, self.weight.t(), scale_a=x_scale, scale_b=w_scale, out_dtype=torch.bfloat16
         )
         return out if residual is None else residual + out[:rows]
+
+    def split_k(self, rows: int, device: torch.device) -> int:
+        """How many K splits the Triton GEMM takes for `rows` tokens; 0 where cuBLASLt runs
+        (the measured rule in `fp8_gemm.beats_cublas`)."""
+        if (
+            self.scaling == "blockwise"
+            and triton is not None
+            and device.type == "cuda"
+            and _has_tma(device)
+            and fp8_gemm.beats_cublas(rows, self.out_features, self.in_features)
+        ):
+            return fp8_gemm.split_for(self.out_features, self.in_features, _num_sms(device))
+        return 0
+
+    def partials(self, xq: Tensor, x_scale: Tensor, split: int) -> Tensor:
+        """The Triton GEMM's fp32 partial sums [split, T, out] (their sum over dim 0 is the
+        product), for a caller that fuses the sum into its next step; `split` from `split_k`."""
+        return fp8_gemm.gemm_partials(xq, x_scale, self.weight, self.weight_scale, split)
 
     def reference(self, x: Tensor) -> Tensor:
         """Plain torch: the same activation quantisation, then float32 matmul. [T, in] -> bf16."""

@@ -44,11 +44,42 @@ def rms_norm_quantize(
     return q, scale
 
 
+def sum_rms_norm_quantize(
+    partials: Tensor, norm_dim: int, weight: Tensor, eps: float, row_multiple: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A split-K GEMM's partials [S, T, N] fp32 -> (y [T, N] bf16, their sum; q [T', R] e4m3;
+    scale [T', R / 128] column-major), (q, scale) = `rms_norm_quantize(y[:, :R], weight, eps)`
+    with R = `norm_dim`: the fused q_low | k | v projection's sum and inter_norm, one launch."""
+    splits, tokens, n = partials.shape
+    if norm_dim % GROUP or norm_dim > n or partials.stride(-1) != 1 or weight.numel() != norm_dim:
+        raise ValueError(f"partials {list(partials.shape)}, norm over the first {norm_dim}")
+    rows = -(-tokens // row_multiple) * row_multiple
+    y = torch.empty((tokens, n), dtype=torch.bfloat16, device=partials.device)
+    q = torch.empty((rows, norm_dim), dtype=FP8_DTYPE, device=partials.device)
+    scale = torch.empty((norm_dim // GROUP, rows), dtype=torch.float32, device=y.device).t()
+    block = triton.next_power_of_2(n)
+    _sum_rms_norm_quantize_kernel[(rows,)](
+        partials, y, weight, q, scale, tokens, n, norm_dim, partials.stride(0),
+        partials.stride(1), q.stride(0), scale.stride(0), scale.stride(1), eps,
+        SPLITS=splits, BLOCK=block, GROUP=GROUP, num_warps=min(max(block // 512, 1), 16),
+    )  # fmt: skip
+    return y, q, scale
+
+
 def rms_norm_quantize_reference(
     x: Tensor, weight: Tensor, eps: float, row_multiple: int = 1
 ) -> tuple[Tensor, Tensor]:
     """The two steps in plain torch: the oracle, and the path off CUDA."""
     return quantize_activation_reference(rms_norm_reference(x, weight, eps), GROUP, row_multiple)
+
+
+def sum_rms_norm_quantize_reference(
+    partials: Tensor, norm_dim: int, weight: Tensor, eps: float, row_multiple: int = 1
+) -> tuple[Tensor, Tensor, Tensor]:
+    """`sum_rms_norm_quantize` as the unfused steps: the bf16 sum, then the norm + quantisation
+    of its first `norm_dim` columns."""
+    y = partials.sum(0).to(torch.bfloat16)
+    return y, *rms_norm_quantize_reference(y[:, :norm_dim], weight, eps, row_multiple)
 
 
 @jit
@@ -72,6 +103,63 @@ def _rms_norm_quantize_kernel(
     mask = cols < n
     real = row < num_tokens
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask & real, other=0.0)
+    _norm_quantize_store(
+        x, w_ptr, q_ptr, s_ptr, row, n, stride_q, stride_st, stride_sg, eps, BLOCK, GROUP
+    )
+
+
+@jit
+def _sum_rms_norm_quantize_kernel(
+    p_ptr,  # [S, T, N] fp32, N contiguous
+    y_ptr,  # [T, N] bf16, the sum
+    w_ptr,  # [R] the norm's weight
+    q_ptr,  # [T', R] e4m3
+    s_ptr,  # [T', R / GROUP] float32
+    num_tokens,  # rows at and past it are padding: zeros with scale 1
+    n,
+    norm_dim,  # R
+    stride_ps,
+    stride_pt,
+    stride_q,
+    stride_st,
+    stride_sg,
+    eps,
+    SPLITS: tl.constexpr,  # unrolled, so that every partial's load is in flight at once
+    BLOCK: tl.constexpr,  # N rounded up to a power of two
+    GROUP: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    real = row < num_tokens
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in tl.static_range(SPLITS):
+        acc += tl.load(p_ptr + s * stride_ps + row * stride_pt + cols, (cols < n) & real, 0.0)
+    y = acc.to(y_ptr.dtype.element_ty)  # the projection's output, as sum_partials rounds it
+    tl.store(y_ptr + row * n + cols, y, mask=(cols < n) & real)
+    x = tl.where(cols < norm_dim, y, 0.0)
+    _norm_quantize_store(
+        x, w_ptr, q_ptr, s_ptr, row, norm_dim, stride_q, stride_st, stride_sg, eps, BLOCK, GROUP
+    )
+
+
+@jit
+def _norm_quantize_store(
+    x,  # [BLOCK] one row, zero past n
+    w_ptr,
+    q_ptr,
+    s_ptr,
+    row,
+    n,
+    stride_q,
+    stride_st,
+    stride_sg,
+    eps,
+    BLOCK: tl.constexpr,
+    GROUP: tl.constexpr,
+):
+    """RMSNorm of one row held in registers, then its 1 x GROUP e4m3 quantisation, stored."""
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n
     x32 = x.to(tl.float32)
     rstd = tl.rsqrt(tl.sum(x32 * x32, 0) / n + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
