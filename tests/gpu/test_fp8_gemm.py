@@ -94,3 +94,17 @@ def test_gemm_replays_in_a_cuda_graph():
     out.fill_(float("nan"))
     graph.replay()
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("m", [1, 16, 64])
+@pytest.mark.parametrize("shape", [(16384, 2048), (200, 384)])
+def test_unsplit_gemm_writes_bf16_itself(shape, m):
+    """split_k = 1 with a bf16 output: the product straight from the GEMM, no sum kernel."""
+    n, k = shape
+    xq, x_scale, weight, weight_scale = operands(m, n, k)
+    out = gemm_partials(xq, x_scale, weight, weight_scale, 1, out_dtype=torch.bfloat16)
+    assert out.dtype == torch.bfloat16 and out.shape == (1, m, n)
+    ref = gemm_reference(xq, x_scale.double(), weight, weight_scale.double())
+    assert rel_err(out[0], ref) < 5e-3
+    fp32 = gemm_partials(xq, x_scale, weight, weight_scale, 1)
+    assert torch.equal(out[0], fp32[0].bfloat16())  # the same sums, rounded once

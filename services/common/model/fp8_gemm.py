@@ -37,22 +37,30 @@ if triton is not None:
 
 BLOCK_K = 128  # one activation group and one weight block per K step
 # Measured on one H200 (benchmarks/gpu_fp8_gemm.py, 2026-11-29): 64-row weight tiles fetched
-# by TMA four deep (64 KB of shared memory, three programs per SM) were the best or within 5%
-# of it at every decode shape; the split count is what varies, see `split_for`.
+# by TMA were the best or within 5% of it at every decode shape; the split count is what
+# varies, see `split_for`. Five stages deep (80 KB of shared memory, two programs per SM):
+# Nsight Compute's kernel times at 64 tokens (benchmarks/gpu_ncu_probe.py, 2026-11-29) against
+# four deep: o_proj 34.4 us (36.4), q|k|v 9.6 (9.9), wq 13.1 (13.3); three deep was slower.
 BLOCK_N = 64
-NUM_STAGES = 4
+NUM_STAGES = 5
 MAX_SPLIT_K = 8  # past it the fp32 partials cost more than the parallelism buys
 # Where this kernel beat cuBLASLt's blockwise `_scaled_mm` in that sweep: deep K (the weight
 # is streamed by few output tiles there) and a small output. q|k|v fused 7168 -> 2560 took
 # 0.66x cuBLASLt's time at 64 tokens, 0.72x at 128; o_proj 16384 -> 7168 0.85x at 64 tokens
-# but 0.98x at 128; wq 2048 -> 16384 (shallow K, 128 tiles) 1.06-1.3x, so it stays on cuBLASLt.
+# but 0.98x at 128. And where the output alone has the tiles to fill the GPU (no split, bf16
+# written by the GEMM itself, no sum kernel): wq 2048 -> 16384 at 64 tokens took 13.1 us in
+# the kernel against cuBLASLt's 16.4 in the layer (benchmarks/gpu_layer_profile.py).
 MIN_K = 4096
 MAX_OUTPUTS = 64 * 7168  # M x N
+MAX_UNSPLIT_M = 64
 
 
-def beats_cublas(m: int, n: int, k: int) -> bool:
+def beats_cublas(m: int, n: int, k: int, num_sms: int) -> bool:
     """Whether this kernel is the faster one for an [m, k] x [k, n] product (the rule above)."""
-    return k >= MIN_K and m * n <= MAX_OUTPUTS
+    deep = k >= MIN_K and m * n <= MAX_OUTPUTS
+    tiles = -(-n // BLOCK_N)
+    wide = m <= MAX_UNSPLIT_M and num_sms <= tiles <= 2 * num_sms  # one full wave, unsplit
+    return deep or wide
 
 
 def split_for(n: int, k: int, num_sms: int) -> int:
@@ -69,22 +77,26 @@ def gemm_partials(
     weight_scale: Tensor,
     split_k: int,
     block_n: int = BLOCK_N,
-    num_stages: int = NUM_STAGES,
+    num_stages: int | None = None,  # NUM_STAGES
     num_warps: int = 4,
     max_block_m: int = 64,
     prefetch_scales: bool = True,
     tma: bool = True,
     warp_specialize: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """xq [M, K] e4m3, x_scale [M, K/128] fp32 (any strides), weight [N, K] e4m3, weight_scale
-    [ceil(N/128), K/128] fp32 -> partial sums [split_k, M, N] fp32 (sum over dim 0 = y)."""
+    [ceil(N/128), K/128] fp32 -> partial sums [split_k, M, N] (sum over dim 0 = y), fp32 or,
+    for split_k = 1, `out_dtype` (bf16: the product itself, with no sum kernel after)."""
     m, k = xq.shape
     n = weight.shape[0]
     if k % BLOCK_K or weight.shape[1] != k or 128 % block_n:
         raise ValueError(f"xq {list(xq.shape)}, weight {list(weight.shape)}, block_n {block_n}")
+    num_stages = num_stages or NUM_STAGES
     num_k_blocks = k // BLOCK_K
     split_k = max(1, min(split_k, num_k_blocks))
-    out = torch.empty((split_k, m, n), dtype=torch.float32, device=xq.device)
+    out_dtype = out_dtype if split_k == 1 else torch.float32
+    out = torch.empty((split_k, m, n), dtype=out_dtype, device=xq.device)
     block_m = min(max(triton.next_power_of_2(m), 16), max_block_m)
     grid = (triton.cdiv(n, block_n), split_k, triton.cdiv(m, block_m))
     if tma:
@@ -253,7 +265,8 @@ def _gemm_tma_kernel(
         acc += tl.dot(w, tl.trans(x)) * (w_scale * x_scale)[None, :]
 
     o_ptrs = out_ptr + split * stride_os + offs_m[None, :] * stride_om + offs_n[:, None]
-    tl.store(o_ptrs, acc, mask=(offs_n < n)[:, None] & m_mask[None, :])
+    out = acc.to(out_ptr.dtype.element_ty)  # fp32 partials, or bf16 when unsplit
+    tl.store(o_ptrs, out, mask=(offs_n < n)[:, None] & m_mask[None, :])
 
 
 @jit

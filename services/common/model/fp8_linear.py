@@ -122,6 +122,10 @@ class Fp8Linear(nn.Module):
             )
         rows = xq.shape[0] if residual is None else residual.shape[0]
         split = self.split_k(rows, xq.device)
+        if split == 1 and residual is None:  # the GEMM writes bf16 itself
+            return fp8_gemm.gemm_partials(
+                xq, x_scale, self.weight, self.weight_scale, 1, out_dtype=torch.bfloat16
+            )[0]
         if split:
             partials = self.partials(xq[:rows], x_scale[:rows], split)
             return fp8_gemm.sum_partials(partials, residual)  # the residual add comes free
@@ -144,7 +148,7 @@ class Fp8Linear(nn.Module):
             and triton is not None
             and device.type == "cuda"
             and _has_tma(device)
-            and fp8_gemm.beats_cublas(rows, self.out_features, self.in_features)
+            and fp8_gemm.beats_cublas(rows, self.out_features, self.in_features, _num_sms(device))
         ):
             return fp8_gemm.split_for(self.out_features, self.in_features, _num_sms(device))
         return 0
