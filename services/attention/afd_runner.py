@@ -104,19 +104,22 @@ class DisaggregatedRunner:
         # Buffers allocated once per micro-batch slot and reused every layer and step.
         k, n = config.num_micro_batches, max_tokens_per_step
         self._send_bufs = [self._bytes(n * self.moe_layout.bytes_per_token) for _ in range(k)]
-        partial_bytes = n * cfg.hidden_size * self.dtype.itemsize
-        self._recv_bufs = [[self._bytes(partial_bytes) for _ in ffn_ranks] for _ in range(k)]
+        self._partial_bytes = n * cfg.hidden_size * self.dtype.itemsize
+        self._recv_bufs = self._partial_buffers(len(ffn_ranks))
 
     def rebind(self, transport: Transport, ffn_ranks: list[int]) -> None:
-        """Serve a new membership epoch: its group, its FFN ranks (as many as before: every
-        FFN place is filled in every epoch), its step numbers from 0."""
+        """Serve a new membership epoch: its group, its FFN ranks (as many as before, or
+        another number when the FFN side was scaled), its step numbers from 0."""
         if len(ffn_ranks) != len(self.ffn_ranks):
-            raise ValueError(
-                f"an epoch has {len(ffn_ranks)} FFN members, expected {len(self.ffn_ranks)}"
-            )
+            self._recv_bufs = self._partial_buffers(len(ffn_ranks))
         self.transport = transport
         self.ffn_ranks = ffn_ranks
         self.step = 0
+
+    def _partial_buffers(self, num_ffn: int) -> list[list[Tensor]]:
+        """Per micro-batch slot, a receive buffer for each FFN instance's partial sum."""
+        k = self.config.num_micro_batches
+        return [[self._bytes(self._partial_bytes) for _ in range(num_ffn)] for _ in range(k)]
 
     def _bytes(self, size: int) -> Tensor:
         return torch.empty(size, dtype=torch.uint8, device=self.device)

@@ -21,6 +21,7 @@ Slot = tuple[str, int]  # (role, index): one place in the cluster
 HEARTBEAT_INTERVAL_S = 1.0  # how often a member tells the controller it is alive
 SILENT_AFTER_S = 3 * HEARTBEAT_INTERVAL_S  # not heard from this long: presumed dead
 MEMBER_STATES = ("missing", "alive", "silent")  # not registered / heard from / not lately
+WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")  # bind addresses that name no one host
 
 
 @dataclass(frozen=True)

@@ -133,6 +133,11 @@ class ControlClient:
         """Leave the cluster for good (a drained instance); it re-forms without this one."""
         self._call(self._stub.Leave, wire.leave_request(role, index))
 
+    def membership(self) -> tuple[int, Membership | None]:
+        """The cluster's current epoch and its newest formed membership (None: none yet)."""
+        response = self._call(self._stub.GetMembership, wire.get_membership_request())
+        return wire.get_membership_result(response)
+
     def shutdown(self) -> None:
         """Stop the whole cluster: waiters get ClusterShutdown, heartbeats return False."""
         self._call(self._stub.Shutdown, wire.shutdown_request())

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from services.common import cluster_secret
-from services.common.cluster import HEARTBEAT_INTERVAL_S, SILENT_AFTER_S
+from services.common.cluster import HEARTBEAT_INTERVAL_S, SILENT_AFTER_S, WILDCARD_HOSTS
 from services.common.control_client import ControlClient, ControlError, Membership, PlaceTaken
 from services.common.dist import join_group, leave_group, peer_names, wait_for_all
 from services.common.fingerprint import model_fingerprint
@@ -37,7 +38,12 @@ def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--index", type=int, required=True, help="0-based index in its role")
     parser.add_argument("--controller", metavar="HOST:PORT", help="the control plane (required)")
     parser.add_argument("--model", required=True, metavar="DIR", help="checkpoint folder")
-    parser.add_argument("--host", default="127.0.0.1", help="address of this instance's gRPC")
+    parser.add_argument("--host", default="127.0.0.1", help="address this instance's gRPC binds")
+    parser.add_argument(
+        "--advertise-host",
+        help="address peers and the gateway reach this instance at (default: --host; a pod's "
+        "IP in a cluster, where --host is 0.0.0.0)",
+    )
     parser.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one")
     parser.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32, ...")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
@@ -60,6 +66,11 @@ def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
     cluster_secret.add_argument(parser)
 
 
+def _reachable(host: str) -> str:
+    """A wildcard bind address is no address to give peers: this machine's name is."""
+    return socket.gethostname() if host in WILDCARD_HOSTS else host
+
+
 @dataclass(frozen=True)
 class InstanceOptions:
     role: str
@@ -72,6 +83,7 @@ class InstanceOptions:
     step_timeout_s: float
     recovery_timeout_s: float = 60.0
     cluster_secret: str | None = None
+    advertise_host: str | None = None
 
     @classmethod
     def from_args(cls, role: str, args: argparse.Namespace) -> InstanceOptions:
@@ -95,6 +107,7 @@ class InstanceOptions:
             args.step_timeout,
             args.recovery_timeout,
             cluster_secret.load(args.cluster_secret_file),
+            args.advertise_host or _reachable(args.host),
         )
 
     @property
@@ -131,7 +144,8 @@ class Instance:
 
     @property
     def address(self) -> str:
-        return f"{self.options.host}:{self.port}"
+        """Where peers and the gateway reach this instance: registered with the controller."""
+        return f"{self.options.advertise_host or self.options.host}:{self.port}"
 
     def join(
         self, timeout_s: float = JOIN_TIMEOUT_S, interruptible: bool = True

@@ -17,18 +17,26 @@ from prometheus_client import CollectorRegistry
 from torch.distributed import TCPStore
 
 from services.common import cluster_secret
-from services.common.cluster import MEMBER_STATES, ROLES, SILENT_AFTER_S
+from services.common.cluster import MEMBER_STATES, ROLES, SILENT_AFTER_S, WILDCARD_HOSTS
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, GrpcServer
 from services.common.metrics import ControllerMetrics, add_metrics_argument, serve_metrics
 from services.common.wire import control as wire
+from services.controller.discovery import (
+    KubernetesDiscovery,
+    Target,
+    default_namespace,
+    kubernetes_apis,
+)
 from services.controller.membership import ClusterSpec, Registry
 from services.controller.plans import PlanDesk
 from services.controller.server import ERROR_CODES, ControllerServicer
 
 log = logging.getLogger("services.controller")
 
-WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+STATIC, KUBERNETES = "static", "kubernetes"
+DISCOVERIES = (STATIC, KUBERNETES)
+DISCOVERY_TIMEOUT_S = 60.0  # for the release's StatefulSets to exist at start
 STOP_GRACE_S = 5.0
 TICK_S = 0.25  # how often silent members are looked for
 
@@ -40,8 +48,25 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one")
-    parser.add_argument("--attention-instances", type=int, required=True, metavar="M")
-    parser.add_argument("--ffn-instances", type=int, required=True, metavar="N")
+    parser.add_argument(
+        "--discovery",
+        choices=DISCOVERIES,
+        default=STATIC,
+        help="static: the cluster's size is --attention-instances and --ffn-instances; "
+        "kubernetes: the replicas of the release's attention and FFN StatefulSets, followed "
+        "as they are scaled",
+    )
+    parser.add_argument("--attention-instances", type=int, metavar="M", help="with static")
+    parser.add_argument("--ffn-instances", type=int, metavar="N", help="with static")
+    parser.add_argument(
+        "--kube-namespace", help="with kubernetes: where the release runs (default: this pod's)"
+    )
+    parser.add_argument(
+        "--kube-selector",
+        metavar="LABELS",
+        help="with kubernetes: the release's label selector, e.g. "
+        "app.kubernetes.io/instance=afd,app.kubernetes.io/name=afd",
+    )
     parser.add_argument("--micro-batches", type=int, default=3, metavar="K")
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--fingerprint", help="the model fingerprint every member must serve")
@@ -68,7 +93,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"gRPC threads (default: enough for every member to long-poll twice, at least "
         f"{DEFAULT_MAX_WORKERS})",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.discovery == STATIC and None in (args.attention_instances, args.ffn_instances):
+        parser.error(
+            "--attention-instances and --ffn-instances are required (or --discovery "
+            "kubernetes in a cluster)"
+        )
+    if args.discovery == KUBERNETES and not args.kube_selector:
+        parser.error("--discovery kubernetes needs --kube-selector (the release's labels)")
+    return args
+
+
+def cluster_size(args: argparse.Namespace) -> tuple[tuple[int, int], KubernetesDiscovery | None]:
+    """(attention, FFN) instances to expect, and the discovery that follows changes."""
+    if args.discovery == STATIC:
+        return (args.attention_instances, args.ffn_instances), None
+    target = Target(args.kube_namespace or default_namespace(), args.kube_selector)
+    discovery = KubernetesDiscovery(*kubernetes_apis(), target)
+    return discovery.size(DISCOVERY_TIMEOUT_S), discovery
 
 
 def watch_members(metrics: ControllerMetrics, registry: Registry) -> None:
@@ -87,9 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         fingerprint = args.fingerprint or model_fingerprint(args.model)
-        spec = ClusterSpec(
-            args.attention_instances, args.ffn_instances, args.micro_batches, fingerprint
-        )
+        (num_attention, num_ffn), discovery = cluster_size(args)
+        spec = ClusterSpec(num_attention, num_ffn, args.micro_batches, fingerprint)
         store_host = args.advertise_host or (
             socket.gethostname() if args.host in WILDCARD_HOSTS else args.host
         )
@@ -103,7 +144,10 @@ def main(argv: list[str] | None = None) -> int:
         watch_members(metrics, registry)
         servicer = ControllerServicer(registry, plans)
         # A long-poll holds a thread; a member may hold two (a plan wait and a heartbeat).
+        # A cluster that can be scaled gets room for four times its starting size.
         num_members = spec.num_attention_instances + spec.num_ffn_instances
+        if discovery is not None:
+            num_members *= 4
         max_workers = args.max_workers or max(DEFAULT_MAX_WORKERS, 2 * num_members + 16)
         secret = cluster_secret.load(args.cluster_secret_file)
         server = GrpcServer(ERROR_CODES, max_workers, secret=secret)
@@ -118,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     server.start()
     server.set_serving(True, ("", wire.SERVICE_NAME))
+    if discovery is not None:
+        discovery.start(registry)
+        log.info("following %s in %s", discovery.target.selector, discovery.target.namespace)
     log.info(
         "expecting %d attention and %d FFN instance(s), %d micro-batches, model %s; "
         "TCPStore on %s:%d; %s",
@@ -135,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     while not stop.wait(TICK_S):
         registry.tick()
     log.info("stopping")
+    if discovery is not None:
+        discovery.stop()
     servicer.shut_down()
     server.stop(STOP_GRACE_S)
     return 0

@@ -8,11 +8,18 @@ Ranks: the attention members by index, then the FFN members by index.
 A formed epoch ends, and the next one opens, when
 - a member has been silent (no heartbeat) for `silent_after_s`: presumed dead;
 - a member of it registers again with `last_epoch` set to it: its data-plane group broke;
-- a new member registers (a replacement, or an attention place filled again);
-- a member leaves (a drained instance).
+- a new member registers (a replacement, an attention place filled again, a new place);
+- a member leaves (a drained instance, or one removed by scaling down).
 Every live member then registers again, with `last_epoch`, and forms the next epoch with a
 new torch.distributed group. `on_change` hears of each change: None when an epoch ends, the
 new membership when one forms (the plan desk keys step plans by it).
+
+Resizing (`resize`: a StatefulSet was scaled) never ends an epoch by itself: a new place
+joins when its member registers (the cluster serves on while a new pod loads its weights),
+and a place above the new size stays while its member is alive (an attention instance
+finishes its requests, then leaves). FFN places are 0..n-1 with no gap (the experts are
+split by index), so an FFN member whose lower places have never registered waits for them
+rather than opening an epoch.
 
 Plain Python and thread-safe: one Condition guards the state and wakes waiters when a
 membership forms or the cluster shuts down. Knows nothing of gRPC, torch or how the store
@@ -25,7 +32,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from services.common.cluster import (
     ATTENTION,
@@ -64,6 +71,13 @@ class ClusterSpec:
     def num_instances(self, role: str) -> int:
         return self.num_attention_instances if role == ATTENTION else self.num_ffn_instances
 
+    def resized(self, num_attention_instances: int, num_ffn_instances: int) -> ClusterSpec:
+        return replace(
+            self,
+            num_attention_instances=num_attention_instances,
+            num_ffn_instances=num_ffn_instances,
+        )
+
     def slots(self) -> list[Slot]:
         """Every expected place, in rank order."""
         return [(role, index) for role in ROLES for index in range(self.num_instances(role))]
@@ -77,6 +91,11 @@ class RegistrationPending:
 
 
 MembershipListener = Callable[[Membership | None], None]
+
+
+def rank_order(slot: Slot) -> tuple[int, int]:
+    """Attention places first, then FFN places, each by index."""
+    return ROLES.index(slot[0]), slot[1]
 
 
 class Registry:
@@ -137,6 +156,8 @@ class Registry:
             if formed is not None:
                 if holder == address and last_epoch < formed.epoch:
                     return  # a retry of the registration that formed this epoch
+                if holder is None and slot not in self._expected():
+                    return  # an FFN place past a gap: it waits for the places below it
                 why = (
                     "its data-plane group broke"
                     if last_epoch == formed.epoch
@@ -163,10 +184,10 @@ class Registry:
             if formed_with_it():
                 return self._membership
             expected = self._expected()
-            missing = tuple(
-                s for s in self.spec.slots() if s in expected and s not in self._addresses
-            )
-            return RegistrationPending(missing)
+            missing = expected - set(self._addresses)
+            if (role, index) not in expected:  # an FFN place past a gap waits for the gap
+                missing |= {(FFN, i) for i in range(index) if (FFN, i) not in self._last_seen}
+            return RegistrationPending(tuple(sorted(missing, key=rank_order)))
 
     def heartbeat(self, role: str, index: int) -> tuple[bool, int]:
         """Record that (role, index) is alive. Returns whether it should keep running (False:
@@ -203,6 +224,7 @@ class Registry:
         with self._cond:
             if self._shutting_down:
                 return
+            self._forget_removed()
             formed = self._membership
             if formed is None:
                 self._try_form()
@@ -217,6 +239,44 @@ class Registry:
                     f"{', '.join(silent)} silent for over {self.silent_after_s:g} s, presumed dead"
                 )
                 self._try_form()
+
+    def gone(self, role: str, index: int, host: str) -> None:
+        """The pod that ran (role, index) at `host` no longer exists: its member is gone,
+        drained or not (no need to wait for its silence). A member that registered from
+        another host since (its replacement) stays."""
+        slot = (role, index)
+        with self._cond:
+            formed = self._membership
+            address = (formed.address_of(*slot) if formed else None) or self._addresses.get(slot)
+            if address is None or address.rsplit(":", 1)[0] != host:
+                return
+            log.info("%s instance %d: its pod at %s is gone", role, index, host)
+            self.leave(role, index)
+
+    def resize(self, num_attention_instances: int, num_ffn_instances: int) -> None:
+        """The cluster's size changed (a StatefulSet was scaled). New places join as their
+        members register; places above the new size go when their members leave or die."""
+        spec = self.spec.resized(num_attention_instances, num_ffn_instances)
+        with self._cond:
+            if spec == self.spec:
+                return
+            log.info(
+                "resized from %d attention and %d FFN places to %d and %d",
+                self.spec.num_attention_instances,
+                self.spec.num_ffn_instances,
+                spec.num_attention_instances,
+                spec.num_ffn_instances,
+            )
+            self.spec = spec
+            self._forget_removed()
+            self._try_form()
+            self._cond.notify_all()  # a waiter's missing places may have changed
+
+    def membership(self) -> tuple[int, Membership | None]:
+        """The current epoch (formed or forming) and the newest formed membership (the
+        previous one while an epoch forms; None before the first forms)."""
+        with self._cond:
+            return self._epoch, self._membership or self._previous
 
     def last_seen(self, role: str, index: int) -> float | None:
         """When (role, index) last registered or sent a heartbeat, on this registry's clock."""
@@ -250,7 +310,9 @@ class Registry:
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         expected = self.spec.num_instances(role)
-        if not 0 <= index < expected:
+        with self._cond:
+            removed_but_alive = (role, index) in self._last_seen  # scaled down, draining
+        if not 0 <= index < expected and not removed_but_alive:
             raise Refused(
                 f"{role} index {index} is out of range: the cluster expects {expected} "
                 f"{role} instance(s), indices 0..{expected - 1}"
@@ -261,17 +323,40 @@ class Registry:
         return seen is None or self._clock() - seen > self.silent_after_s
 
     def _expected(self) -> set[Slot]:
-        """The places the current epoch waits for: every FFN place; the attention places of
-        the last epoch whose holders are alive (in the first epoch, every place)."""
-        if self._previous is None:
+        """The places the current epoch waits for. The first epoch: every place. Later ones:
+        FFN places 0..n-1, where n covers the last epoch's FFN places within the size (a
+        dead member's experts wait for its replacement) and every FFN place heard from up to
+        the first never heard from (new places, members above the size still draining); and
+        the places of the attention members alive (a dead one's place stays empty; its
+        replacement joins a later epoch)."""
+        last = self._membership or self._previous
+        if last is None:
             return set(self.spec.slots())
-        ffn = {(FFN, i) for i in range(self.spec.num_ffn_instances)}
-        attention = {
-            (m.role, m.index)
-            for m in self._previous.members
-            if m.role == ATTENTION and not self._silent((m.role, m.index))
-        }
+        known = set(self._last_seen)
+        heard = 0
+        while (FFN, heard) in known:
+            heard += 1
+        num_ffn = max(min(len(last.ffn_ranks), self.spec.num_ffn_instances), heard)
+        ffn = {(FFN, i) for i in range(num_ffn)}
+        attention = {slot for slot in known if slot[0] == ATTENTION and not self._silent(slot)}
         return ffn | attention
+
+    def _forget_removed(self) -> None:
+        """Places above the size whose members went silent are gone for good (a pod of a
+        scaled-down StatefulSet that did not leave); a formed epoch they were in ends."""
+        removed = [
+            (role, index)
+            for role, index in self._last_seen
+            if index >= self.spec.num_instances(role) and self._silent((role, index))
+        ]
+        for slot in removed:
+            del self._last_seen[slot]
+            self._addresses.pop(slot, None)
+        formed = self._membership
+        gone = [s for s in removed if formed is not None and formed.address_of(*s) is not None]
+        if gone:
+            names = ", ".join(f"{role} instance {index}" for role, index in gone)
+            self._open_next(f"{names} removed by a resize and silent")
 
     def _open_next(self, why: str) -> None:
         """End the formed epoch; the next one forms as its members register again."""
@@ -288,11 +373,12 @@ class Registry:
     def _try_form(self) -> None:
         if self._membership is not None:
             return
-        taken = set(self._addresses)
+        expected = self._expected()
+        taken = set(self._addresses) & expected
         has_attention = any(role == ATTENTION for role, _ in taken)
-        if not has_attention or not self._expected() <= taken:
+        if not has_attention or not expected <= taken:
             return
-        slots = [slot for slot in self.spec.slots() if slot in taken]
+        slots = sorted(taken, key=rank_order)
         members = tuple(
             Member(role, index, rank, self._addresses[(role, index)])
             for rank, (role, index) in enumerate(slots)

@@ -82,6 +82,11 @@ class ControllerServicer(wire.ControllerServicer):
         self.shut_down()
         return wire.shutdown_response()
 
+    def GetMembership(
+        self, request: pb.GetMembershipRequest, context: grpc.ServicerContext
+    ) -> pb.GetMembershipResponse:
+        return wire.get_membership_response(*self._registry.membership())
+
     def shut_down(self) -> None:
         """Wake every waiter with ShuttingDown; heartbeats answer keep_running=false from now."""
         self._registry.shut_down()

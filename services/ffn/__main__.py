@@ -15,9 +15,10 @@ import logging
 import sys
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import torch
 from prometheus_client import CollectorRegistry
 
-from services.common.config import load_config
+from services.common.config import ModelConfig, load_config
 from services.common.control_client import (
     ClusterShutdown,
     ControlError,
@@ -62,21 +63,14 @@ def run(args: argparse.Namespace) -> int:
     instance = Instance(options)
     try:
         membership, transport = instance.join()
-        spec = ShardSpec(options.index, len(membership.ffn_ranks), args.layout)
-        names = [n for n in checkpoint_tensors(cfg) if is_ffn_tensor(n)]
-        tensors = load_weights(args.model, cfg, dtype=dtype, device=options.device, names=names)
-        # A block-FP8 checkpoint's experts stay FP8 on a GPU (requantised to per-row scales).
-        fp8_experts = options.device.type == "cuda" and any(
-            ".moe." in name for name in stored_fp8(args.model, cfg)
-        )
+        shard = load_shard(args, cfg, dtype, options, len(membership.ffn_ranks))
         registry = CollectorRegistry()
-        first, end = spec.range_of(cfg.moe_num_experts)
         monitor = FFNMonitor(
-            FFNMetrics(registry), sampler_for(options.device.type), range(first, end)
+            FFNMetrics(registry), sampler_for(options.device.type), shard.expert_range
         )
         worker = FFNWorker(
             cfg,
-            FFNShard(cfg, spec, tensors, fp8_experts),
+            shard,
             transport,
             membership.attention_ranks,
             membership.num_micro_batches,
@@ -86,7 +80,6 @@ def run(args: argparse.Namespace) -> int:
             args.fp8_dispatch,
             monitor,
         )
-        del tensors
         serve_metrics(registry, options.host, args.metrics_port)
         instance.wait_for_peers()
         instance.server.set_serving(True)
@@ -97,12 +90,35 @@ def run(args: argparse.Namespace) -> int:
             if joined is None:
                 break
             membership, transport = joined
+            num_ffn = len(membership.ffn_ranks)
+            if num_ffn != worker.shard.spec.num_shards:  # the FFN side was scaled
+                log.info("re-sharding for %d FFN instances", num_ffn)
+                worker.reshard(None)  # the old share's memory is free before the new loads
+                worker.reshard(load_shard(args, cfg, dtype, options, num_ffn))
             worker.rebind(transport, membership.attention_ranks)
             instance.server.set_serving(True)
         instance.leave()
         return 0
     finally:
         instance.close()
+
+
+def load_shard(
+    args: argparse.Namespace,
+    cfg: ModelConfig,
+    dtype: torch.dtype,
+    options: InstanceOptions,
+    num_ffn: int,
+) -> FFNShard:
+    """This instance's share of the feed-forward weights when there are `num_ffn`."""
+    spec = ShardSpec(options.index, num_ffn, args.layout)
+    names = [n for n in checkpoint_tensors(cfg) if is_ffn_tensor(n)]
+    tensors = load_weights(args.model, cfg, dtype=dtype, device=options.device, names=names)
+    # A block-FP8 checkpoint's experts stay FP8 on a GPU (requantised to per-row scales).
+    fp8_experts = options.device.type == "cuda" and any(
+        ".moe." in name for name in stored_fp8(args.model, cfg)
+    )
+    return FFNShard(cfg, spec, tensors, fp8_experts)
 
 
 def rejoin(instance: Instance, why: str) -> tuple[Membership, Transport] | None:

@@ -79,6 +79,7 @@ class FFNShard:
                 "some instance would hold none; use fewer FFN instances"
             )
         self.spec = spec
+        self.num_experts = cfg.moe_num_experts
         self.fp8_experts = fp8_experts
         self.layers = [self._layer(cfg, i, tensors) for i in range(cfg.num_hidden_layers)]
 
@@ -97,6 +98,11 @@ class FFNShard:
             tensors[f"{p}moe.{n}_proj.weight"][a:b].contiguous() for n in ("gate", "up", "down")
         )
         return LayerShard(shard, Fp8Experts.quantize(*experts) if self.fp8_experts else experts, a)
+
+    @property
+    def expert_range(self) -> range:
+        """The routed experts this shard holds."""
+        return range(*self.spec.range_of(self.num_experts))
 
     def forward(
         self, layer: int, h: Tensor, ids: Tensor | None, weights: Tensor | None, mlp_rows: Tensor

@@ -26,9 +26,17 @@ class FFNMonitor:
     def __init__(self, metrics: FFNMetrics, sampler: StepSampler, experts: range) -> None:
         self.metrics = metrics
         self.sampler = sampler
-        self.experts = experts  # this instance's routed experts: their loads are counted
+        self.experts = range(0)  # this instance's routed experts: their loads are counted
+        self.watch(experts)
+
+    def watch(self, experts: range) -> None:
+        """Count the loads of `experts`: this instance's routed experts (from now on)."""
+        for expert in self.experts:
+            if expert not in experts:
+                self.metrics.expert_tokens.remove(str(expert))
+        self.experts = experts
         for expert in experts:
-            metrics.expert_tokens.labels(str(expert))
+            self.metrics.expert_tokens.labels(str(expert))
 
     def record(self, timer: PipelineTimer, expert_counts: Tensor | None) -> None:
         m = self.metrics
@@ -71,6 +79,13 @@ class FFNWorker:
         self.num_tokens_computed = 0
         self._expert_counts: Tensor | None = None  # a sampled step's, on the device
         self.rebind(transport, attention_ranks)
+
+    def reshard(self, shard: FFNShard | None) -> None:
+        """Hold another share of the weights (the FFN side was scaled); None drops this one
+        first, so two shares are never in memory at once."""
+        self.shard = shard
+        if shard is not None and self.monitor is not None:
+            self.monitor.watch(shard.expert_range)
 
     def rebind(self, transport: Transport, attention_ranks: list[int]) -> None:
         """Serve a new membership epoch: its group, its attention members."""

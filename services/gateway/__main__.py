@@ -1,4 +1,5 @@
-"""`afd gateway --model DIR --attention HOST:PORT ...`: the OpenAI-compatible REST API.
+"""`afd gateway --model DIR (--attention HOST:PORT ... | --controller HOST:PORT)`: the
+OpenAI-compatible REST API.
 
 Tokenises with the checkpoint's tokenizer and chat template, routes each request to the
 attention instance with the most room, and streams the tokens back. Prints
@@ -22,6 +23,7 @@ from services.common.config import load_config
 from services.common.tokenizer import Tokenizer
 from services.gateway.admission import LimitConfig
 from services.gateway.app import Gateway, GatewayConfig, create_app
+from services.gateway.discovery import MembershipWatch
 from services.gateway.router import Router
 
 log = logging.getLogger("services.gateway")
@@ -33,11 +35,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--attention",
         action="append",
-        required=True,
         metavar="HOST:PORT",
-        help="an attention instance's gRPC address (repeat for each)",
+        help="an attention instance's gRPC address (repeat for each); without it, the "
+        "cluster's attention instances are found through --controller",
     )
-    parser.add_argument("--controller", metavar="HOST:PORT", help="checked by /ready")
+    parser.add_argument(
+        "--controller",
+        metavar="HOST:PORT",
+        help="the control plane: checked by /ready, and where the attention instances are "
+        "found when --attention is not given",
+    )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1")
@@ -91,8 +98,16 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
         maximum=args.max_running,
     )
     secret = cluster_secret.load(args.cluster_secret_file)
-    router = Router(args.attention, limits, args.max_queue, secret=secret)
-    return Gateway(config, Tokenizer.from_dir(args.model), router)
+    if not args.attention and not args.controller:
+        raise ValueError(
+            "name the attention instances (--attention HOST:PORT, repeated) or the controller "
+            "to find them through (--controller HOST:PORT)"
+        )
+    router = Router(args.attention or [], limits, args.max_queue, secret=secret)
+    # Without a fixed list, the attention instances are the cluster's: found and followed
+    # through the controller as the cluster is scaled or re-forms.
+    discovery = None if args.attention else MembershipWatch(args.controller, router, secret)
+    return Gateway(config, Tokenizer.from_dir(args.model), router, discovery=discovery)
 
 
 async def serve(gateway: Gateway, host: str, port: int, drain_s: float = 30.0) -> None:

@@ -30,6 +30,7 @@ from services.common.metrics import GatewayMetrics
 from services.common.tokenizer import Tokenizer, TokenizerError
 from services.common.wire.attention_aio import health_serving
 from services.gateway import errors
+from services.gateway.discovery import MembershipWatch
 from services.gateway.errors import APIError
 from services.gateway.generation import Choices, Job
 from services.gateway.http_metrics import CountResponses
@@ -54,7 +55,7 @@ from services.gateway.responses import (
     Header,
     sse,
 )
-from services.gateway.router import Router
+from services.gateway.router import Instance, Router
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -76,6 +77,7 @@ class Gateway:
     tokenizer: Tokenizer
     router: Router
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)  # for /metrics
+    discovery: MembershipWatch | None = None  # finds the attention instances, if asked to
 
 
 class ClientGone(Exception):
@@ -91,17 +93,26 @@ def create_app(gateway: Gateway) -> FastAPI:
     metrics.running.set_function(lambda: router.num_running)
     metrics.waiting.set_function(lambda: router.num_waiting)
 
-    @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        await router.start()
-        for instance in router.instances:
+    def watch_limit(instance: Instance, added: bool) -> None:
+        if added:
             limit = metrics.concurrency_limit.labels(instance.address)
             limit.set_function(lambda i=instance: i.limit.limit)
+        else:
+            metrics.concurrency_limit.remove(instance.address)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        router.on_instance = watch_limit
+        await router.start()
+        if gateway.discovery is not None:
+            await gateway.discovery.start()
         if config.controller:
             controller.append(grpc.aio.insecure_channel(config.controller))
         try:
             yield
         finally:
+            if gateway.discovery is not None:
+                await gateway.discovery.close()
             await router.close()
             for channel in controller:
                 await channel.close()

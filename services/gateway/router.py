@@ -15,7 +15,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import grpc
@@ -55,6 +55,9 @@ class Instance:
         return free, -max(busy, self.in_flight)
 
 
+InstanceListener = Callable[[Instance, bool], None]  # (instance, added: else removed)
+
+
 class Router:
     def __init__(
         self,
@@ -63,41 +66,66 @@ class Router:
         max_queue: int,
         poll_interval_s: float = 0.05,
         secret: str | None = None,
+        on_instance: InstanceListener | None = None,
     ) -> None:
-        """`secret`: the cluster secret the attention instances require, if any."""
-        if not addresses:
-            raise ValueError("at least one attention instance (--attention HOST:PORT) is needed")
-        self._addresses = addresses
+        """`addresses`: the attention instances, or none yet when they are discovered
+        (`set_addresses`). `secret`: the cluster secret they require, if any.
+        `on_instance`: told of each instance added or removed."""
+        self._addresses = list(addresses)
         self._limits = limits
         self._max_queue = max_queue
         self._poll_interval_s = poll_interval_s
         self._secret = secret
+        self.on_instance = on_instance
         self.instances: list[Instance] = []
+        self._retired: list[Instance] = []  # removed, closed once their requests end
         self._waiters: deque[asyncio.Future[Instance]] = deque()
         self._poller: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        for address in self._addresses:
-            channel = grpc.aio.insecure_channel(address)
-            self.instances.append(
-                Instance(
-                    address,
-                    AsyncAttentionClient(channel, self._secret),
-                    ConcurrencyLimit(self._limits, time.monotonic()),
-                    channel=channel,
-                )
-            )
-        await self.poll()
+        addresses, self._addresses = self._addresses, []
+        await self.set_addresses(addresses)
         self._poller = asyncio.create_task(self._poll_forever())
+
+    async def set_addresses(self, addresses: list[str]) -> None:
+        """Route to these attention instances from now on: new ones are added (and polled
+        at once); removed ones get no new requests, and their channels close when the
+        requests they run have ended."""
+        if addresses == self._addresses:
+            return
+        kept = [i for i in self.instances if i.address in addresses]
+        removed = [i for i in self.instances if i.address not in addresses]
+        added = [self._connect(a) for a in addresses if a not in self._addresses]
+        self._addresses = list(addresses)
+        self.instances = kept + added
+        self._retired += removed
+        for instance in removed:
+            log.info("attention instance %s removed", instance.address)
+            if self.on_instance is not None:
+                self.on_instance(instance, False)
+        for instance in added:
+            log.info("attention instance %s added", instance.address)
+            if self.on_instance is not None:
+                self.on_instance(instance, True)
+        await self.poll()
 
     async def close(self) -> None:
         if self._poller is not None:
             self._poller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._poller
-        for instance in self.instances:
+        for instance in self.instances + self._retired:
             if instance.channel is not None:
                 await instance.channel.close()
+
+    def _connect(self, address: str) -> Instance:
+        channel = grpc.aio.insecure_channel(address)
+        return Instance(
+            address,
+            AsyncAttentionClient(channel, self._secret),
+            ConcurrencyLimit(self._limits, time.monotonic()),
+            channel=channel,
+        )
 
     @property
     def num_waiting(self) -> int:
@@ -114,10 +142,11 @@ class Router:
     async def poll(self) -> None:
         """Refresh every instance's load at once; an instance that does not answer within a
         second counts as unreachable until it does."""
+        instances = list(self.instances)  # `set_addresses` may change the list meanwhile
         loads = await asyncio.gather(
-            *(i.client.load(timeout_s=1.0) for i in self.instances), return_exceptions=True
+            *(i.client.load(timeout_s=1.0) for i in instances), return_exceptions=True
         )
-        for instance, load in zip(self.instances, loads, strict=True):
+        for instance, load in zip(instances, loads, strict=True):
             if isinstance(load, BaseException):
                 if instance.load is not None:
                     log.warning("attention instance %s unreachable: %s", instance.address, load)
@@ -125,6 +154,7 @@ class Router:
             else:
                 instance.load = load
             instance.dispatched_since_poll = 0
+        await self._close_retired()
         self._wake()
         if not any(i.load is not None for i in self.instances):
             self._fail_waiters()
@@ -197,7 +227,18 @@ class Router:
             if not waiter.done():
                 waiter.set_exception(self._no_instance())
 
+    async def _close_retired(self) -> None:
+        idle = [i for i in self._retired if i.in_flight == 0]
+        self._retired = [i for i in self._retired if i.in_flight > 0]
+        for instance in idle:
+            if instance.channel is not None:
+                await instance.channel.close()
+
     def _no_instance(self) -> Exception:
+        if not self._addresses:
+            return unavailable(
+                "no attention instance is in the cluster yet: retry once it has formed"
+            )
         return unavailable(
             "no attention instance is reachable ("
             + ", ".join(self._addresses)

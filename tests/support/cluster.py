@@ -25,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CLUSTER_SECRET = "the-tests-cluster-secret"
 
 
-def afd(*args: str, **kwargs) -> subprocess.Popen:
-    """`afd ARGS` as a child process, one thread per child so several start in parallel."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+def afd(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.Popen:
+    """`afd ARGS` as a child process, one thread per child so several start in parallel;
+    `env`: variables to set besides this one's."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
     env[cluster_secret.ENV] = CLUSTER_SECRET
     return subprocess.Popen(
         [sys.executable, "-m", "services.cli", *args], cwd=ROOT, env=env, text=True, **kwargs

@@ -246,6 +246,101 @@ def test_a_live_holder_keeps_its_place_and_a_leaving_member_is_not_waited_for():
         Registry(registry.spec, "h", 1, silent_after_s=1.0)
 
 
+# ---- resizing: a StatefulSet scaled ---------------------------------------------------------
+
+
+def rejoin(registry, slots, last_epoch):
+    for role, index in slots:
+        registry.register(role, index, f"{role}{index}:1", FP, last_epoch=last_epoch)
+
+
+def test_scaling_attention_up_serves_on_until_the_new_member_registers_then_reforms():
+    now = [0.0]
+    registry = formed_cluster(now, num_attention=1, num_ffn=1)
+    with pytest.raises(Refused, match="expects 1 attention instance"):
+        registry.register("attention", 1, "early:1", FP)
+    registry.resize(2, 1)
+    assert registry.epoch == 1, "the cluster serves on while the new pod loads"
+    assert registry.wait("attention", 0, "attention0:1", 0).epoch == 1
+    registry.register("attention", 1, "attention1:1", FP)
+    assert registry.epoch == 0
+    rejoin(registry, [("attention", 0), ("ffn", 0)], last_epoch=1)
+    membership = registry.wait("attention", 1, "attention1:1", 0)
+    assert membership.epoch == 2 and membership.attention_indices == [0, 1]
+
+
+def test_scaling_attention_down_lets_the_removed_member_drain_then_reforms_without_it():
+    now = [0.0]
+    registry = formed_cluster(now, num_attention=2, num_ffn=1)
+    registry.resize(1, 1)
+    assert registry.epoch == 1, "attention 1 finishes its requests first"
+    assert registry.heartbeat("attention", 1) == (True, 1)
+    # Another member's group breaks meanwhile: the draining member is still part of epoch 2.
+    registry.register("ffn", 0, "ffn0:1", FP, last_epoch=1)
+    rejoin(registry, [("attention", 0), ("attention", 1)], last_epoch=1)
+    assert registry.wait("attention", 1, "attention1:1", 0).attention_indices == [0, 1]
+    registry.leave("attention", 1)  # drained
+    rejoin(registry, [("attention", 0), ("ffn", 0)], last_epoch=2)
+    membership = registry.wait("attention", 0, "attention0:1", 0)
+    assert membership.epoch == 3 and membership.attention_indices == [0]
+    with pytest.raises(Refused, match="out of range"):
+        registry.register("attention", 1, "attention1:1", FP)
+
+
+def test_scaling_ffn_up_reforms_with_every_ffn_place_once_the_new_one_registers():
+    now = [0.0]
+    registry = formed_cluster(now, num_attention=1, num_ffn=1)
+    registry.resize(1, 3)
+    registry.register("ffn", 2, "ffn2:1", FP)  # before ffn 1: the experts need 0..n-1
+    assert registry.epoch == 1, "an FFN place past a gap does not end the epoch"
+    assert registry.wait("ffn", 2, "ffn2:1", 0) == RegistrationPending(missing=(("ffn", 1),))
+    registry.register("ffn", 1, "ffn1:1", FP)
+    rejoin(registry, [("attention", 0), ("ffn", 0), ("ffn", 2)], last_epoch=1)
+    membership = registry.wait("ffn", 1, "ffn1:1", 0)
+    assert membership.epoch == 2 and len(membership.ffn_ranks) == 3
+
+
+def test_scaling_ffn_down_reforms_when_the_removed_member_leaves_or_goes_silent():
+    now = [0.0]
+    registry = formed_cluster(now, num_attention=1, num_ffn=3)
+    registry.resize(1, 2)
+    assert registry.epoch == 1, "ffn 2 still holds its experts"
+    registry.leave("ffn", 2)
+    rejoin(registry, [("attention", 0), ("ffn", 0), ("ffn", 1)], last_epoch=1)
+    membership = registry.wait("ffn", 1, "ffn1:1", 0)
+    assert membership.epoch == 2 and len(membership.ffn_ranks) == 2
+    # A pod lost with its node never leaves: silence above the size forgets its place.
+    registry.resize(1, 1)
+    now[0] = 2.0
+    for role, index in [("attention", 0), ("ffn", 0)]:
+        registry.heartbeat(role, index)
+    now[0] = 3.5
+    registry.tick()
+    rejoin(registry, [("attention", 0), ("ffn", 0)], last_epoch=2)
+    membership = registry.wait("ffn", 0, "ffn0:1", 0)
+    assert membership.epoch == 3 and len(membership.ffn_ranks) == 1
+    assert registry.membership() == (3, membership)
+
+
+def test_an_ffn_member_that_leaves_within_the_size_is_waited_for_not_resharded_away():
+    now = [0.0]
+    registry = formed_cluster(now, num_attention=1, num_ffn=2)
+    registry.leave("ffn", 1)  # a rolling restart or an evicted pod: it comes back
+    rejoin(registry, [("attention", 0), ("ffn", 0)], last_epoch=1)
+    pending = registry.wait("ffn", 0, "ffn0:1", 0)
+    assert pending == RegistrationPending(missing=(("ffn", 1),)), "ffn 0 cannot hold it all"
+
+
+def test_a_deleted_pod_takes_its_member_out_at_once_but_not_its_replacement():
+    now = [0.0]
+    registry = formed_cluster(now, num_attention=2, num_ffn=1)
+    registry.gone("attention", 1, "elsewhere")  # another pod's address: not this member
+    assert registry.epoch == 1
+    registry.gone("attention", 1, "attention1")  # killed without leaving; pod deleted
+    rejoin(registry, [("attention", 0), ("ffn", 0)], last_epoch=1)
+    assert registry.wait("attention", 0, "attention0:1", 0).attention_indices == [0]
+
+
 def test_the_plan_desk_serves_the_current_epoch_and_wakes_the_old_ones_waiters():
     desk = PlanDesk(num_micro_batches=1)
     members = (Member("attention", 1, 0, "a:1"), Member("ffn", 0, 1, "f:1"))

@@ -182,3 +182,20 @@ def shutdown_request() -> pb.ShutdownRequest:
 
 def shutdown_response() -> pb.ShutdownResponse:
     return pb.ShutdownResponse()
+
+
+def get_membership_request() -> pb.GetMembershipRequest:
+    return pb.GetMembershipRequest()
+
+
+def get_membership_response(epoch: int, membership: Membership | None) -> pb.GetMembershipResponse:
+    response = pb.GetMembershipResponse(epoch=epoch)
+    if membership is not None:
+        response.membership.CopyFrom(membership_to_proto(membership))
+    return response
+
+
+def get_membership_result(response: pb.GetMembershipResponse) -> tuple[int, Membership | None]:
+    """The cluster's current epoch and its newest formed membership (None: none yet)."""
+    formed = response.HasField("membership")
+    return response.epoch, membership_from_proto(response.membership) if formed else None
