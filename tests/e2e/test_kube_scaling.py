@@ -122,9 +122,7 @@ def answers(client: openai.OpenAI) -> list[str]:
         return list(pool.map(one, PROMPTS))
 
 
-def test_scaling_attention_and_ffn_reforms_the_cluster_and_keeps_every_answer(
-    checkpoint, tmp_path
-):
+def test_scaling_attention_and_ffn_reforms_the_cluster_and_keeps_every_answer(checkpoint, tmp_path):
     with KubeAPI() as api:
         api.statefulset("attention", 1)
         api.statefulset("ffn", 1)
