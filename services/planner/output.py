@@ -8,11 +8,12 @@ printing them needs no YAML library. This module computes nothing new.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from services.planner.cost import CostReport
 from services.planner.deploy import Plan
-from services.planner.stages import StageFit
+from services.planner.stages import StageFit, attention_memory
 
 STAGE_LABELS = {"attention": "attention", "ffn": "FFN", "a2f": "A2F", "f2a": "F2A"}
 
@@ -106,6 +107,9 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
         "batch_per_attention_gpu": plan.batch_per_attention_gpu,
         "total_batch": plan.batch_per_attention_gpu * plan.attention_gpus,
         "kv_capacity_sequences": plan.kv_capacity,
+        "kv_bytes_per_element": cluster.kv_bytes_per_element,
+        "kv_cache_bytes_per_attention_gpu": attention_memory(cluster)[1]
+        * plan.batch_per_attention_gpu,
         "ffn_layout": shape.layout,
         "predicted_tpot_ms": plan.tpot_s * 1e3,
         "tokens_per_gpu_s": plan.tokens_per_gpu_s,
@@ -177,6 +181,10 @@ def helm_values(plan: Plan) -> str:
         f"  replicas: {d['attention_gpus']}",
         f"  maxNumSeqs: {d['batch_per_attention_gpu']}",
         f"  maxModelLen: {d['context']}",
+        # The planned batch's KV cache, in the 8-bit cache the plan assumes (or the model's
+        # dtype when planned with 2 bytes per element).
+        f"  kvCacheDtype: {'fp8' if d['kv_bytes_per_element'] == 1 else 'auto'}",
+        f"  kvCacheGiB: {max(1, math.ceil(d['kv_cache_bytes_per_attention_gpu'] / 2**30))}",
         *gpu_limit,
         "ffn:",
         f"  replicas: {d['ffn_gpus']}",

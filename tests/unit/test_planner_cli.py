@@ -70,7 +70,15 @@ def test_helm_values_have_exactly_the_charts_shape(capsys):
     gpu = {"resources": {"limits": {"nvidia.com/gpu": 1}}}
     assert yaml.safe_load(out) == {
         "controller": {"microBatches": 3},
-        "attention": {"replicas": 16, "maxNumSeqs": 390, "maxModelLen": 4096, **gpu},
+        "attention": {
+            "replicas": 16,
+            "maxNumSeqs": 390,
+            "maxModelLen": 4096,
+            # 390 sequences x 4096 tokens x 512 B (FP8 K and V) x 61 layers = 46.5 GiB
+            "kvCacheDtype": "fp8",
+            "kvCacheGiB": 47,
+            **gpu,
+        },  # fmt: skip
         "ffn": {"replicas": 16, "layout": "split", **gpu},
         "gateway": {"tpotSlaMs": 50},
     }
