@@ -78,7 +78,7 @@ def test_helm_values_have_exactly_the_charts_shape(capsys):
             "kvCacheDtype": "fp8",
             "kvCacheGiB": 47,
             **gpu,
-        },  # fmt: skip
+        },
         "ffn": {"replicas": 16, "layout": "split", **gpu},
         "gateway": {"tpotSlaMs": 50},
     }
