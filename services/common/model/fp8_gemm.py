@@ -15,11 +15,15 @@ side), so a 16-token batch wastes no tensor-core rows. Tiles come in by TMA (`_g
 the default); `_gemm_kernel`, the same loop with per-thread async copies, stays for comparison
 (`benchmarks/gpu_fp8_gemm.py --ablation`): TMA was 2-5% faster.
 
-Where it stands (one H200): 55-64% of the copy bandwidth at 16-64 tokens, against cuBLASLt's
-17-55%. A tiled Triton loop keeps only a few K steps in flight per program and waits for each
-step's MMA before scaling it; DeepGEMM's warp-specialised pipeline (a producer warp feeding
-consumer warpgroups) is what would take it to ~85%. Triton's own `warp_specialize` (the
-`warp_specialize` flag here) compiles on Hopper but ran 1.3-1.6x slower on q|k|v.
+Where it stands (one H200, 64 tokens): o_proj's kernel streams 117 MB in 34-36 us, 77% of the
+copy bandwidth (Nsight Compute: DRAM 72% of its peak, L2 77% of its own, since every program
+re-reads an x tile from L2 as large as its weight tile); the small q|k|v and wq GEMMs reach
+45-60%, their programs too short to fill the pipeline. A tiled Triton loop keeps only a few K
+steps in flight per program and waits for each step's MMA before scaling it; DeepGEMM's
+warp-specialised pipeline (a producer warp feeding consumer warpgroups) is what would take it
+further. Measured and not kept (docs/benchmarks.md): Triton's own `warp_specialize` (the flag
+here; 1.3-1.6x slower on q|k|v), stream-K, the last split summing the partials, L2 prefetches
+of the next GEMM's weights, programmatic dependent launch.
 
 What this module does not know: checkpoints, layers, or when it beats cuBLASLt (`Fp8Linear`
 decides from its measured rule). `gemm_reference` is the plain-torch oracle.
