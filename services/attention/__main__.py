@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     # Cancel, GetLoad and health checks.
     instance = Instance(options, ERROR_CODES, max_workers=2 * config.scheduler.max_num_seqs + 16)
     try:
-        membership, transport = instance.join()
+        # Loaded before joining: the cluster re-forms around a member only once it can serve
+        # (the others would otherwise wait in the rendezvous while a real checkpoint loads).
         names = [n for n in checkpoint_tensors(cfg) if not is_ffn_tensor(n)]
         tensors = load_weights(
             args.model, cfg, dtype=dtype, device=options.device, names=names,
@@ -118,6 +119,8 @@ def run(args: argparse.Namespace) -> int:
         cache = KVCache(
             cfg, num_blocks, config.block_size, dtype, options.device, config.kv_dtype(dtype)
         )
+
+        membership, transport = instance.join()
 
         def submit_plan(step: int, counts: list[int]) -> None:
             # Then wait for everyone's: attention instances stay in lockstep even when idle

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 from services.planner import output
@@ -119,6 +120,13 @@ def run_deploy(args: argparse.Namespace) -> int:
                 f"plan with --gpu {calibration.gpu} or leave out --calibration"
             )
         efficiency = calibration.efficiency
+    if args.format == "helm-values" and args.gpus_per_instance != 1:
+        # The prediction depends on it: every attention GPU exchanges activations with every
+        # FFN instance, so 8-GPU instances are not 8 of this system's instances.
+        raise ValueError(
+            "--format helm-values plans for this system's instances (one GPU each, as the "
+            "chart runs them): leave out --gpus-per-instance"
+        )
     cluster = Cluster(
         model=load_model(args.model),
         accelerator=accelerator,
@@ -195,6 +203,6 @@ def _positive_float(text: str) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be a positive, finite number, got {text}")
     return value

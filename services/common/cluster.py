@@ -96,3 +96,13 @@ class Membership:
     @property
     def ffn_ranks(self) -> list[int]:
         return [member.rank for member in self.members if member.role == FFN]
+
+
+@dataclass(frozen=True)
+class ClusterState:
+    """What the controller says of the cluster as a whole (GetMembership)."""
+
+    epoch: int  # the current epoch, formed or forming
+    membership: Membership | None  # the newest formed one; None before the first forms
+    num_attention_places: int  # the cluster's size: places, filled or not
+    num_ffn_places: int

@@ -22,7 +22,7 @@ from typing import Any
 
 import grpc
 
-from services.common.cluster import Member, Membership
+from services.common.cluster import ClusterState, Member, Membership
 from services.common.cluster_secret import SendSecret
 from services.common.wire import control as wire
 
@@ -133,9 +133,11 @@ class ControlClient:
         """Leave the cluster for good (a drained instance); it re-forms without this one."""
         self._call(self._stub.Leave, wire.leave_request(role, index))
 
-    def membership(self) -> tuple[int, Membership | None]:
-        """The cluster's current epoch and its newest formed membership (None: none yet)."""
-        response = self._call(self._stub.GetMembership, wire.get_membership_request())
+    def state(self) -> ClusterState:
+        """The cluster's current epoch, its newest formed membership and its size."""
+        request = wire.get_membership_request()
+        # wait_for_ready: a member may start before the controller does.
+        response = self._call(self._stub.GetMembership, request, wait_for_ready=True)
         return wire.get_membership_result(response)
 
     def shutdown(self) -> None:

@@ -11,6 +11,7 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,8 +27,9 @@ from services.common.transport import Transport, channel_groups
 
 log = logging.getLogger(__name__)
 
-READY_TIMEOUT_S = 3600.0  # loading a real checkpoint's share can take many minutes
-JOIN_TIMEOUT_S = 120.0
+# Members load their weights before they register, so the first epoch forms only once the
+# slowest has read its share of a real checkpoint: many minutes.
+READY_TIMEOUT_S = 3600.0
 # A replacement may start before the controller has noticed that the process it replaces
 # died: it waits this long for the place to be freed before it gives up.
 PLACE_TAKEN_WAIT_S = 3 * SILENT_AFTER_S
@@ -145,10 +147,13 @@ class Instance:
     @property
     def address(self) -> str:
         """Where peers and the gateway reach this instance: registered with the controller."""
-        return f"{self.options.advertise_host or self.options.host}:{self.port}"
+        host = self.options.advertise_host or self.options.host
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"  # an IPv6 address (a pod's IP on an IPv6 cluster)
+        return f"{host}:{self.port}"
 
     def join(
-        self, timeout_s: float = JOIN_TIMEOUT_S, interruptible: bool = True
+        self, timeout_s: float = READY_TIMEOUT_S, interruptible: bool = True
     ) -> tuple[Membership, Transport]:
         """Register (blocks until the epoch's membership forms) and join its data-plane
         group. Called again after a failure, it joins the next epoch. `interruptible`: a
@@ -190,9 +195,15 @@ class Instance:
                 log.info("%s; waiting for the controller to notice that it is gone", err)
                 time.sleep(HEARTBEAT_INTERVAL_S)
 
-    def rejoin(self, why: str, interruptible: bool = True) -> tuple[Membership, Transport]:
+    def rejoin(
+        self,
+        why: str,
+        interruptible: bool = True,
+        prepare: Callable[[Membership], None] | None = None,
+    ) -> tuple[Membership, Transport]:
         """Leave the broken epoch's group and join the next epoch (within the recovery
-        timeout): the same weights, a new membership and group."""
+        timeout): a new membership and group. `prepare(membership)` runs before this member
+        says it is ready (an FFN instance re-shards there when the FFN count changed)."""
         old = self.membership.epoch if self.membership else 0
         log.warning("%s leaves epoch %d: %s", self.options.name, old, why)
         try:
@@ -200,6 +211,8 @@ class Instance:
         except RuntimeError as err:  # a broken group may fail to close; it is dropped anyway
             log.warning("closing epoch %d's group: %s", old, err)
         membership, transport = self.join(self.options.recovery_timeout_s, interruptible)
+        if prepare is not None:
+            prepare(membership)
         self.wait_for_peers(self.options.recovery_timeout_s)
         log.info("%s joined epoch %d as rank %d", self.options.name, membership.epoch, self.rank)
         return membership, transport

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import urllib3
 from kubernetes import client, config, watch
 
 from services.common.cluster import ATTENTION, FFN, ROLES
@@ -118,20 +119,24 @@ class KubernetesDiscovery:
         timer.start()
         try:
             while True:
+                why = (
+                    f"no attention and FFN StatefulSets (label {COMPONENT_LABEL}) match "
+                    f"{self.target.selector} in namespace {self.target.namespace}: check "
+                    "--kube-selector and --kube-namespace"
+                )
                 try:
                     items, _ = self._list(self._apps.list_namespaced_stateful_set)
                     self._sync_replicas(items)
                 except client.ApiException as err:
                     raise ValueError(self._refused("statefulsets", err)) from err
+                except (urllib3.exceptions.HTTPError, OSError) as err:  # not up yet, or wrong
+                    why = f"the Kubernetes API at {self._apps.api_client.configuration.host} "
+                    why += f"did not answer ({type(err).__name__})"
                 size = self._size()
                 if size is not None:
                     return size
                 if deadline.wait(RETRY_S):
-                    raise ValueError(
-                        f"no attention and FFN StatefulSets (label {COMPONENT_LABEL}) match "
-                        f"{self.target.selector} in namespace {self.target.namespace} after "
-                        f"{timeout_s:g} s: check --kube-selector and --kube-namespace"
-                    )
+                    raise ValueError(f"after {timeout_s:g} s, {why}")
         finally:
             timer.cancel()
 

@@ -40,6 +40,7 @@ from services.common.cluster import (
     HEARTBEAT_INTERVAL_S,
     ROLES,
     SILENT_AFTER_S,
+    ClusterState,
     Member,
     Membership,
     Slot,
@@ -132,7 +133,6 @@ class Registry:
         """Take the place (role, index) in the current epoch. `last_epoch`: the epoch the
         member last belonged to (0: none). Taking it again from the same address while the
         epoch forms, or after it formed with this member in it, is a no-op (a retry)."""
-        self._check_slot(role, index)
         if not address:
             raise ValueError(f"{role} instance {index} registered without an address")
         if fingerprint != self.spec.fingerprint:
@@ -143,6 +143,7 @@ class Registry:
             )
         slot = (role, index)
         with self._cond:
+            self._check_slot(role, index)
             if self._shutting_down:
                 raise ShuttingDown("the cluster is shutting down")
             formed = self._membership
@@ -192,8 +193,8 @@ class Registry:
     def heartbeat(self, role: str, index: int) -> tuple[bool, int]:
         """Record that (role, index) is alive. Returns whether it should keep running (False:
         shut down), and the current epoch (a member of an older one must register again)."""
-        self._check_slot(role, index)
         with self._cond:
+            self._check_slot(role, index)
             if self._shutting_down:
                 return False, self._epoch
             if (role, index) not in self._last_seen:
@@ -206,9 +207,9 @@ class Registry:
 
     def leave(self, role: str, index: int) -> None:
         """(role, index) leaves for good: the cluster re-forms without it."""
-        self._check_slot(role, index)
         slot = (role, index)
         with self._cond:
+            self._check_slot(role, index)
             if self._shutting_down:
                 return
             self._last_seen.pop(slot, None)
@@ -248,7 +249,7 @@ class Registry:
         with self._cond:
             formed = self._membership
             address = (formed.address_of(*slot) if formed else None) or self._addresses.get(slot)
-            if address is None or address.rsplit(":", 1)[0] != host:
+            if address is None or address.rsplit(":", 1)[0].strip("[]") != host:
                 return
             log.info("%s instance %d: its pod at %s is gone", role, index, host)
             self.leave(role, index)
@@ -272,11 +273,16 @@ class Registry:
             self._try_form()
             self._cond.notify_all()  # a waiter's missing places may have changed
 
-    def membership(self) -> tuple[int, Membership | None]:
-        """The current epoch (formed or forming) and the newest formed membership (the
-        previous one while an epoch forms; None before the first forms)."""
+    def state(self) -> ClusterState:
+        """The current epoch (formed or forming), the newest formed membership (the previous
+        one while an epoch forms; None before the first forms) and the size."""
         with self._cond:
-            return self._epoch, self._membership or self._previous
+            return ClusterState(
+                self._epoch,
+                self._membership or self._previous,
+                self.spec.num_attention_instances,
+                self.spec.num_ffn_instances,
+            )
 
     def last_seen(self, role: str, index: int) -> float | None:
         """When (role, index) last registered or sent a heartbeat, on this registry's clock."""
@@ -307,12 +313,12 @@ class Registry:
             self._cond.notify_all()
 
     def _check_slot(self, role: str, index: int) -> None:
+        """Refuse a place outside the cluster. Called with the lock held: a place above the
+        size is valid only while its member is known (scaled down, still draining)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
         expected = self.spec.num_instances(role)
-        with self._cond:
-            removed_but_alive = (role, index) in self._last_seen  # scaled down, draining
-        if not 0 <= index < expected and not removed_but_alive:
+        if not 0 <= index < expected and (role, index) not in self._last_seen:
             raise Refused(
                 f"{role} index {index} is out of range: the cluster expects {expected} "
                 f"{role} instance(s), indices 0..{expected - 1}"

@@ -85,7 +85,7 @@ class ControllerServicer(wire.ControllerServicer):
     def GetMembership(
         self, request: pb.GetMembershipRequest, context: grpc.ServicerContext
     ) -> pb.GetMembershipResponse:
-        return wire.get_membership_response(*self._registry.membership())
+        return wire.get_membership_response(self._registry.state())
 
     def shut_down(self) -> None:
         """Wake every waiter with ShuttingDown; heartbeats answer keep_running=false from now."""

@@ -1,11 +1,12 @@
 """`afd ffn --index I --controller HOST:PORT --model DIR`: one FFN instance.
 
-It holds its share of every layer's feed-forward weights, joins the cluster, and then runs
+It reads its share of every layer's feed-forward weights, joins the cluster, and then runs
 one step per plan from the controller until the cluster shuts down. The next step's plan is
 fetched while the current step computes, so it is there before that step's first transfer.
-When the epoch ends (a peer died mid-step, or the controller says the cluster moved on), it
-joins the next one with the same weights and goes on. SIGTERM: it leaves the cluster (which
-waits for a replacement to hold these experts) and exits.
+When the epoch ends (a peer died mid-step, the controller says the cluster moved on, or the
+cluster was scaled), it joins the next one and goes on, with the same weights or, when the
+FFN count changed, its new share (loader.py). SIGTERM: it leaves the cluster (which waits for
+a replacement to hold these experts, unless the FFN side was scaled down) and exits.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-import torch
 from prometheus_client import CollectorRegistry
 
-from services.common.config import ModelConfig, load_config
+from services.common.cluster import ClusterState
+from services.common.config import load_config
 from services.common.control_client import (
     ClusterShutdown,
     ControlError,
@@ -27,11 +29,9 @@ from services.common.control_client import (
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
 from services.common.metrics import FFNMetrics, sampler_for, serve_metrics
 from services.common.model.build import resolve_dtype
-from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
-from services.common.model.weights import load_weights, stored_fp8
 from services.common.transport import PeerFailure, Transport
 from services.ffn.layouts import LAYOUTS, SPLIT
-from services.ffn.shard import FFNShard, ShardSpec
+from services.ffn.loader import ShardLoader, expected_ffn_count
 from services.ffn.worker import FFNMonitor, FFNWorker
 
 log = logging.getLogger("services.ffn")
@@ -62,12 +62,13 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, cfg)
     instance = Instance(options)
     try:
-        membership, transport = instance.join()
-        shard = load_shard(args, cfg, dtype, options, len(membership.ffn_ranks))
+        loader = ShardLoader(args.model, cfg, dtype, options.device, options.index, args.layout)
+        shard = loader.load(expected_ffn_count(cluster_state(instance), options.index))
         registry = CollectorRegistry()
         monitor = FFNMonitor(
             FFNMetrics(registry), sampler_for(options.device.type), shard.expert_range
         )
+        membership, transport = instance.join()
         worker = FFNWorker(
             cfg,
             shard,
@@ -80,21 +81,18 @@ def run(args: argparse.Namespace) -> int:
             args.fp8_dispatch,
             monitor,
         )
+        del shard  # the worker's from now on: a re-shard must be able to free it
+        loader.refit(worker, membership)
         serve_metrics(registry, options.host, args.metrics_port)
         instance.wait_for_peers()
         instance.server.set_serving(True)
         print(f"{options.name} serving on {instance.address}", flush=True)
         while (why := serve(worker, instance)) is not None:
             instance.server.set_serving(False)
-            joined = rejoin(instance, why)
+            joined = rejoin(instance, why, lambda m: loader.refit(worker, m))
             if joined is None:
                 break
             membership, transport = joined
-            num_ffn = len(membership.ffn_ranks)
-            if num_ffn != worker.shard.spec.num_shards:  # the FFN side was scaled
-                log.info("re-sharding for %d FFN instances", num_ffn)
-                worker.reshard(None)  # the old share's memory is free before the new loads
-                worker.reshard(load_shard(args, cfg, dtype, options, num_ffn))
             worker.rebind(transport, membership.attention_ranks)
             instance.server.set_serving(True)
         instance.leave()
@@ -103,30 +101,26 @@ def run(args: argparse.Namespace) -> int:
         instance.close()
 
 
-def load_shard(
-    args: argparse.Namespace,
-    cfg: ModelConfig,
-    dtype: torch.dtype,
-    options: InstanceOptions,
-    num_ffn: int,
-) -> FFNShard:
-    """This instance's share of the feed-forward weights when there are `num_ffn`."""
-    spec = ShardSpec(options.index, num_ffn, args.layout)
-    names = [n for n in checkpoint_tensors(cfg) if is_ffn_tensor(n)]
-    tensors = load_weights(args.model, cfg, dtype=dtype, device=options.device, names=names)
-    # A block-FP8 checkpoint's experts stay FP8 on a GPU (requantised to per-row scales).
-    fp8_experts = options.device.type == "cuda" and any(
-        ".moe." in name for name in stored_fp8(args.model, cfg)
-    )
-    return FFNShard(cfg, spec, tensors, fp8_experts)
+def cluster_state(instance: Instance) -> ClusterState:
+    """The controller's view of the cluster, once it answers (pods start in any order)."""
+    while True:
+        try:
+            return instance.control.state()
+        except (TimeoutError, ConnectionError) as err:
+            if instance.stopping.is_set():
+                raise InterruptedError(f"{instance.options.name} is stopping") from err
+            log.info("waiting for the controller: %s", err)
 
 
-def rejoin(instance: Instance, why: str) -> tuple[Membership, Transport] | None:
+def rejoin(
+    instance: Instance, why: str, prepare: Callable[[Membership], None]
+) -> tuple[Membership, Transport] | None:
     """Join the next epoch, trying again until it forms (the cluster cannot serve without
-    these experts, so giving up helps nobody); None if told to stop meanwhile."""
+    these experts, so giving up helps nobody); None if told to stop meanwhile. `prepare`
+    runs once the epoch formed, before this instance says it is ready."""
     while not instance.stopping.is_set():
         try:
-            return instance.rejoin(why)
+            return instance.rejoin(why, prepare=prepare)
         except (ClusterShutdown, InterruptedError):
             return None
         except (TimeoutError, ConnectionError, ControlError, RuntimeError) as err:

@@ -10,6 +10,7 @@ Summed over instances, the partial outputs equal the layer's feed-forward output
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -63,12 +64,17 @@ class LayerShard:
     first_expert: int
 
 
+# The whole checkpoint's FFN tensors, or a reader of one layer's (so that only one layer's
+# whole tensors are in memory at a time: a real model's experts do not fit on one device).
+FFNTensors = Mapping[str, Tensor] | Callable[[int], Mapping[str, Tensor]]
+
+
 class FFNShard:
     def __init__(
         self,
         cfg: ModelConfig,
         spec: ShardSpec,
-        tensors: dict[str, Tensor],
+        tensors: FFNTensors,
         fp8_experts: bool = False,
     ) -> None:
         """`fp8_experts`: hold the routed experts in e4m3 with per-row scales (a GPU serving a
@@ -81,9 +87,12 @@ class FFNShard:
         self.spec = spec
         self.num_experts = cfg.moe_num_experts
         self.fp8_experts = fp8_experts
-        self.layers = [self._layer(cfg, i, tensors) for i in range(cfg.num_hidden_layers)]
+        self.layers = [
+            self._layer(cfg, i, tensors(i) if callable(tensors) else tensors)
+            for i in range(cfg.num_hidden_layers)
+        ]
 
-    def _layer(self, cfg: ModelConfig, layer: int, tensors: dict[str, Tensor]) -> LayerShard:
+    def _layer(self, cfg: ModelConfig, layer: int, tensors: Mapping[str, Tensor]) -> LayerShard:
         p = f"model.layers.{layer}."
         mlp = p + ("share_expert." if cfg.is_moe_layer(layer) else "mlp.")
         gate, up, down = (tensors[f"{mlp}{n}_proj.weight"] for n in ("gate", "up", "down"))

@@ -35,7 +35,7 @@ class MembershipWatch:
         self._poll_s = poll_s
         self._channel: grpc.aio.Channel | None = None
         self._task: asyncio.Task[None] | None = None
-        self._epoch = -1  # the last epoch whose membership was applied
+        self._answered = False  # the controller has answered once
 
     async def start(self) -> None:
         self._channel = grpc.aio.insecure_channel(self.controller)
@@ -60,13 +60,14 @@ class MembershipWatch:
                 wire.get_membership_request(), timeout=self._poll_s, metadata=self._metadata
             )
         except grpc.RpcError as err:
-            if self._epoch >= 0:
+            if self._answered:
                 log.warning("the controller %s did not answer: %s", self.controller, err.code())
             return
-        _, membership = wire.get_membership_result(response)
-        if membership is None or membership.epoch == self._epoch:
+        self._answered = True
+        membership = wire.get_membership_result(response).membership
+        if membership is None:
             return
-        self._epoch = membership.epoch
+        # By address, not epoch: a restarted controller counts epochs from 1 again.
         addresses = [m.address for m in membership.members if m.role == ATTENTION]
         await self._router.set_addresses(addresses)
 

@@ -77,6 +77,7 @@ class Router:
         self._poll_interval_s = poll_interval_s
         self._secret = secret
         self.on_instance = on_instance
+        self.discovered = not addresses  # the instances come from the cluster's membership
         self.instances: list[Instance] = []
         self._retired: list[Instance] = []  # removed, closed once their requests end
         self._waiters: deque[asyncio.Future[Instance]] = deque()
@@ -238,6 +239,12 @@ class Router:
         if not self._addresses:
             return unavailable(
                 "no attention instance is in the cluster yet: retry once it has formed"
+            )
+        if self.discovered:
+            return unavailable(
+                "no attention instance of the cluster is reachable ("
+                + ", ".join(self._addresses)
+                + "): they may be re-forming; retry in a few seconds"
             )
         return unavailable(
             "no attention instance is reachable ("

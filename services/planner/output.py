@@ -159,8 +159,8 @@ def plan_table(plan: Plan) -> str:
 
 
 def helm_values(plan: Plan) -> str:
-    """Values for deploy/helm/afd: one pod (one GPU) per attention or FFN instance of ours,
-    so the plan's GPUs become replicas whatever its instance size."""
+    """Values for deploy/helm/afd: one pod (one GPU) per attention or FFN instance, as the
+    plan was made (`afd plan` refuses another instance size for these values)."""
     d = plan_dict(plan)
     header = [
         f"# afd plan: {d['model']}, {d['context']} tokens of context, TPOT SLA "
@@ -168,11 +168,6 @@ def helm_values(plan: Plan) -> str:
         f"# predicted {d['tokens_per_gpu_s']:.0f} tokens/GPU/s at TPOT "
         f"{d['predicted_tpot_ms']:.1f} ms; binding: {d['binding']}",
     ]
-    if d["gpus_per_instance"] > 1:
-        header.append(
-            f"# planned with instances of {d['gpus_per_instance']} GPUs; the chart runs one "
-            "GPU per instance, so each became that many replicas"
-        )
     gpu_limit = ["  resources:", "    limits:", "      nvidia.com/gpu: 1"]
     body = [
         "controller:",

@@ -77,12 +77,13 @@ class Scene:
     def wait_for_epoch(self, num_attention: int, num_ffn: int, timeout_s: float = 120) -> int:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            epoch, m = self.control.membership()
-            if m is not None and m.epoch == epoch:
+            state = self.control.state()
+            m = state.membership
+            if m is not None and m.epoch == state.epoch:
                 if (len(m.attention_ranks), len(m.ffn_ranks)) == (num_attention, num_ffn):
-                    return epoch
+                    return state.epoch
             time.sleep(0.2)
-        raise AssertionError(f"no epoch of {num_attention}A{num_ffn}F: {self.control.membership()}")
+        raise AssertionError(f"no epoch of {num_attention}A{num_ffn}F: {self.control.state()}")
 
     def close(self) -> None:
         for child in self.members.values():

@@ -55,8 +55,7 @@ def test_helm_values_validate_against_the_charts_schema():
     if not (chart / "values.schema.json").is_file():
         pytest.skip("the Helm chart is not in this tree")
     result = afd("plan", "deploy", "--model", "step3", "--context", "4K", "--gpu", "H800",
-                 "--gpus-per-instance", "8", "--tpot-ms", "37.5",
-                 "--format", "helm-values")  # fmt: skip
+                 "--tpot-ms", "37.5", "--format", "helm-values")  # fmt: skip
     assert result.returncode == 0, result.stderr
     values = merge(
         yaml.safe_load((chart / "values.yaml").read_text()), yaml.safe_load(result.stdout)

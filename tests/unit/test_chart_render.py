@@ -9,6 +9,8 @@ PrometheusRule, ScaledObject), which it has no schema for, are checked by hand h
 from __future__ import annotations
 
 import copy
+import shutil
+import subprocess
 
 import helm_python
 import pytest
@@ -267,6 +269,7 @@ def test_keda_scales_each_statefulset_on_its_own_metrics(gpu):
         for n, o in scaled.items()
     }
     assert "afd_attention_requests_waiting" in queries["afd-attention"]
+    assert "afd_gateway_requests_waiting" in queries["afd-attention"], "the gateways' queue"
     assert "afd_attention_kv_blocks_used" in queries["afd-attention"]
     assert "afd_attention_kv_blocks_total" in queries["afd-attention"]
     assert "afd_ffn_micro_batch_tokens_sum" in queries["afd-ffn"]
@@ -322,3 +325,23 @@ def test_the_packaged_chart_carries_the_alerts_and_dashboards(tmp_path):
     for template in ("prometheusrule.yaml", "dashboards-configmap.yaml"):
         path = f"afd/templates/{template}"
         assert from_archive[path] == from_folder[path] and "kind:" in from_archive[path]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool (make prometheus)")
+def test_every_autoscaling_query_is_promql_prometheus_accepts(tmp_path):
+    rendered = render({
+        "attention": {"autoscaling": {"enabled": True}},
+        "ffn": {"autoscaling": {"enabled": True}},
+    })  # fmt: skip
+    queries = [
+        trigger["metadata"]["query"]
+        for obj in rendered.of_kind("ScaledObject")
+        for trigger in obj["spec"]["triggers"]
+    ]
+    rules = {"groups": [{"name": "keda", "rules": [
+        {"record": f"keda_query_{i}", "expr": query} for i, query in enumerate(queries)
+    ]}]}  # fmt: skip
+    path = tmp_path / "keda.yml"
+    path.write_text(yaml.safe_dump(rules))
+    check = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True)
+    assert len(queries) >= 3 and check.returncode == 0, check.stdout + check.stderr

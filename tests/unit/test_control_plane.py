@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from services.common.cluster import Member, Membership
+from services.common.cluster import ClusterState, Member, Membership
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import ErrorInterceptor, GrpcServer
 from services.controller.errors import Conflict, Refused, ShuttingDown, StaleEpoch
@@ -319,7 +319,7 @@ def test_scaling_ffn_down_reforms_when_the_removed_member_leaves_or_goes_silent(
     rejoin(registry, [("attention", 0), ("ffn", 0)], last_epoch=2)
     membership = registry.wait("ffn", 0, "ffn0:1", 0)
     assert membership.epoch == 3 and len(membership.ffn_ranks) == 1
-    assert registry.membership() == (3, membership)
+    assert registry.state() == ClusterState(3, membership, 1, 1)
 
 
 def test_an_ffn_member_that_leaves_within_the_size_is_waited_for_not_resharded_away():

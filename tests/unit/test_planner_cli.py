@@ -2,6 +2,7 @@
 chart takes, plots, and one-line errors for a user's mistakes."""
 
 import json
+import math
 
 import pytest
 import yaml
@@ -63,25 +64,35 @@ def test_deploy_json_keys(capsys):
 
 
 def test_helm_values_have_exactly_the_charts_shape(capsys):
-    code, out, _ = run(capsys, *PAPER_4K, "--format", "helm-values")
+    code, out, _ = run(capsys, *PAPER_4K[:-2], "--format", "helm-values")
     assert code == 0
     comments = [line for line in out.splitlines() if line.startswith("#")]
     assert "step3" in comments[0] and "H800" in comments[0] and "tokens/GPU/s" in comments[1]
     gpu = {"resources": {"limits": {"nvidia.com/gpu": 1}}}
+    code, plan_json, _ = run(capsys, *PAPER_4K[:-2], "--json")
+    planned = json.loads(plan_json)
+    batch = planned["batch_per_attention_gpu"]
+    # batch sequences x 4096 tokens x 512 B (FP8 K and V) x 61 layers, in whole GiB
+    kv_gib = math.ceil(batch * 4096 * 512 * 61 / 2**30)
     assert yaml.safe_load(out) == {
-        "controller": {"microBatches": 3},
+        "controller": {"microBatches": planned["micro_batches"]},
         "attention": {
-            "replicas": 16,
-            "maxNumSeqs": 390,
+            "replicas": planned["attention_gpus"],
+            "maxNumSeqs": batch,
             "maxModelLen": 4096,
-            # 390 sequences x 4096 tokens x 512 B (FP8 K and V) x 61 layers = 46.5 GiB
             "kvCacheDtype": "fp8",
-            "kvCacheGiB": 47,
+            "kvCacheGiB": kv_gib,
             **gpu,
         },
-        "ffn": {"replicas": 16, "layout": "split", **gpu},
+        "ffn": {"replicas": planned["ffn_gpus"], "layout": planned["ffn_layout"], **gpu},
         "gateway": {"tpotSlaMs": 50},
     }
+
+
+def test_helm_values_are_refused_for_instances_the_chart_does_not_run(capsys):
+    code, _, err = run(capsys, *PAPER_4K, "--format", "helm-values")
+    assert code == 2
+    assert "one GPU each" in err and "leave out --gpus-per-instance" in err
 
 
 def test_deploy_table_shows_the_plan_and_its_stages(capsys):

@@ -11,7 +11,7 @@ from typing import Protocol
 
 import grpc
 
-from services.common.cluster import ATTENTION, FFN, Member, Membership, Slot
+from services.common.cluster import ATTENTION, FFN, ClusterState, Member, Membership, Slot
 from services.common.wire.gen.afd.v1 import control_pb2 as pb
 from services.common.wire.gen.afd.v1 import control_pb2_grpc as pb_grpc
 
@@ -188,14 +188,22 @@ def get_membership_request() -> pb.GetMembershipRequest:
     return pb.GetMembershipRequest()
 
 
-def get_membership_response(epoch: int, membership: Membership | None) -> pb.GetMembershipResponse:
-    response = pb.GetMembershipResponse(epoch=epoch)
-    if membership is not None:
-        response.membership.CopyFrom(membership_to_proto(membership))
+def get_membership_response(state: ClusterState) -> pb.GetMembershipResponse:
+    response = pb.GetMembershipResponse(
+        epoch=state.epoch,
+        num_attention_places=state.num_attention_places,
+        num_ffn_places=state.num_ffn_places,
+    )
+    if state.membership is not None:
+        response.membership.CopyFrom(membership_to_proto(state.membership))
     return response
 
 
-def get_membership_result(response: pb.GetMembershipResponse) -> tuple[int, Membership | None]:
-    """The cluster's current epoch and its newest formed membership (None: none yet)."""
+def get_membership_result(response: pb.GetMembershipResponse) -> ClusterState:
     formed = response.HasField("membership")
-    return response.epoch, membership_from_proto(response.membership) if formed else None
+    return ClusterState(
+        response.epoch,
+        membership_from_proto(response.membership) if formed else None,
+        response.num_attention_places,
+        response.num_ffn_places,
+    )

@@ -283,3 +283,12 @@ Prometheus. */}}
   ports:
     - {port: 9400, protocol: TCP}
 {{- end -}}
+
+{{/* The controller's gRPC threads: a member may hold two (a plan wait and a heartbeat), at
+the most members the release can have; as `afd controller` sizes it, at least 64. */}}
+{{- define "afd.controllerWorkers" -}}
+{{- $a := .Values.attention -}}
+{{- $f := .Values.ffn -}}
+{{- $members := add (max $a.replicas $a.autoscaling.maxReplicas) (max $f.replicas $f.autoscaling.maxReplicas) -}}
+{{- max 64 (add 16 (mul 2 $members)) -}}
+{{- end }}
