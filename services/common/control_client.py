@@ -81,6 +81,7 @@ class ControlClient:
         fingerprint: str,
         timeout_s: float = 120.0,
         last_epoch: int = 0,
+        incarnation: str = "",
     ) -> Membership:
         """Join as `role` instance `index`, serving at `address`; block until the epoch's
         membership forms and return it. `last_epoch`: the epoch this member last belonged
@@ -88,7 +89,9 @@ class ControlClient:
         deadline = time.monotonic() + timeout_s
         while True:
             wait = max(0.0, deadline - time.monotonic())
-            request = wire.register_request(role, index, address, fingerprint, wait, last_epoch)
+            request = wire.register_request(
+                role, index, address, fingerprint, wait, last_epoch, incarnation
+            )
             # wait_for_ready: a member may start before the controller does.
             response = self._call(self._stub.Register, request, wait, wait_for_ready=True)
             membership, missing = wire.register_result(response)

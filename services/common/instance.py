@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import signal
 import socket
 import threading
@@ -129,6 +130,7 @@ class Instance:
     ) -> None:
         self.options = options
         self.stopping = threading.Event()
+        self.incarnation = secrets.token_hex(8)  # this process, as the controller tells them apart
         self._closed = threading.Event()  # heartbeats go on while a stopping member drains
         self._cluster_epoch = 0  # the newest epoch a heartbeat reported
         self._unknown = False  # the controller did not know this member (it restarted)
@@ -165,9 +167,11 @@ class Instance:
         self.rank = membership.rank_of(o.role, o.index)
         self.membership = membership
         self._cluster_epoch, self._unknown = membership.epoch, False
+        # Every member registered once loaded, so the rendezvous itself is quick.
         self._store = join_group(
-            membership, self.rank, o.device, o.step_timeout_s, o.cluster_secret, timeout_s
-        )
+            membership, self.rank, o.device, o.step_timeout_s, o.cluster_secret,
+            min(timeout_s, o.recovery_timeout_s),
+        )  # fmt: skip
         groups = channel_groups() if o.device.type == "cuda" else None
         return membership, Transport(peer_names(membership), o.step_timeout_s, groups)
 
@@ -184,8 +188,9 @@ class Instance:
             left = timeout_s - (time.monotonic() - start)
             try:
                 return self.control.register(
-                    o.role, o.index, self.address, fingerprint, min(POLL_S, left), last_epoch
-                )
+                    o.role, o.index, self.address, fingerprint, min(POLL_S, left), last_epoch,
+                    self.incarnation,
+                )  # fmt: skip
             except TimeoutError as err:
                 if left <= POLL_S:
                     raise TimeoutError(f"{err} (waited {timeout_s:g} s in all)") from err

@@ -123,16 +123,24 @@ class Registry:
         self._epoch = FIRST_EPOCH  # the current epoch, formed or forming
         self._addresses: dict[Slot, str] = {}  # registered for the current epoch
         self._last_seen: dict[Slot, float] = {}  # every member ever heard from (until it leaves)
+        self._incarnations: dict[Slot, str] = {}  # the process that last registered each place
         self._membership: Membership | None = None  # the current epoch's, once formed
         self._previous: Membership | None = None  # the last formed one
         self._shutting_down = False
 
     def register(
-        self, role: str, index: int, address: str, fingerprint: str, last_epoch: int = 0
+        self,
+        role: str,
+        index: int,
+        address: str,
+        fingerprint: str,
+        last_epoch: int = 0,
+        incarnation: str = "",
     ) -> None:
         """Take the place (role, index) in the current epoch. `last_epoch`: the epoch the
-        member last belonged to (0: none). Taking it again from the same address while the
-        epoch forms, or after it formed with this member in it, is a no-op (a retry)."""
+        member last belonged to (0: none); `incarnation`: its process's own id. The same
+        process taking it again while the epoch forms, or after it formed with this member
+        in it, is a no-op (a retry); a new process at the same address is a new member."""
         if not address:
             raise ValueError(f"{role} instance {index} registered without an address")
         if fingerprint != self.spec.fingerprint:
@@ -154,16 +162,19 @@ class Registry:
                     f"{address} cannot take it too: give each {role} instance its own index"
                 )
             self._last_seen[slot] = self._clock()
+            same_process = self._incarnations.get(slot, incarnation) == incarnation
+            self._incarnations[slot] = incarnation
             if formed is not None:
-                if holder == address and last_epoch < formed.epoch:
+                if holder == address and last_epoch < formed.epoch and same_process:
                     return  # a retry of the registration that formed this epoch
                 if holder is None and slot not in self._expected():
                     return  # an FFN place past a gap: it waits for the places below it
-                why = (
-                    "its data-plane group broke"
-                    if last_epoch == formed.epoch
-                    else f"{address} takes the place"
-                )
+                if last_epoch == formed.epoch:
+                    why = "its data-plane group broke"
+                elif holder == address:
+                    why = "its process restarted"
+                else:
+                    why = f"{address} takes the place"
                 self._open_next(f"{role} instance {index} registered: {why}")
             self._addresses[slot] = address
             self._try_form()
@@ -214,6 +225,7 @@ class Registry:
                 return
             self._last_seen.pop(slot, None)
             self._addresses.pop(slot, None)
+            self._incarnations.pop(slot, None)
             formed = self._membership
             if formed is not None and formed.address_of(*slot) is not None:
                 self._open_next(f"{role} instance {index} left")
@@ -358,6 +370,7 @@ class Registry:
         for slot in removed:
             del self._last_seen[slot]
             self._addresses.pop(slot, None)
+            self._incarnations.pop(slot, None)
         formed = self._membership
         gone = [s for s in removed if formed is not None and formed.address_of(*s) is not None]
         if gone:

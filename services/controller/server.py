@@ -47,7 +47,9 @@ class ControllerServicer(wire.ControllerServicer):
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
     ) -> pb.RegisterResponse:
         role, index, address = wire.role_from_proto(request.role), request.index, request.address
-        self._registry.register(role, index, address, request.fingerprint, request.last_epoch)
+        self._registry.register(
+            role, index, address, request.fingerprint, request.last_epoch, request.incarnation
+        )
         wait_s = long_poll_s(request.wait_ms, context)
         return wire.register_response(self._registry.wait(role, index, address, wait_s))
 

@@ -331,6 +331,23 @@ def test_an_ffn_member_that_leaves_within_the_size_is_waited_for_not_resharded_a
     assert pending == RegistrationPending(missing=(("ffn", 1),)), "ffn 0 cannot hold it all"
 
 
+def test_a_process_restarted_at_the_same_address_is_a_new_member_not_a_retry():
+    now = [0.0]
+    spec = ClusterSpec(1, 1, num_micro_batches=1, fingerprint=FP)
+    registry = Registry(spec, "h", 1, clock=lambda: now[0])
+    for role in ("attention", "ffn"):
+        registry.register(role, 0, f"{role}:1", FP, incarnation=f"{role}-first")
+    assert registry.wait("ffn", 0, "ffn:1", 0).epoch == 1
+    registry.register("ffn", 0, "ffn:1", FP, incarnation="ffn-first")  # a retry
+    assert registry.epoch == 1
+    registry.register("ffn", 0, "ffn:1", FP, incarnation="ffn-second")  # container restarted
+    assert registry.epoch == 0, "the old process's group is gone with it"
+    registry.register(
+        "attention", 0, "attention:1", FP, last_epoch=1, incarnation="attention-first"
+    )
+    assert registry.wait("ffn", 0, "ffn:1", 0).epoch == 2
+
+
 def test_a_deleted_pod_takes_its_member_out_at_once_but_not_its_replacement():
     now = [0.0]
     registry = formed_cluster(now, num_attention=2, num_ffn=1)

@@ -90,7 +90,13 @@ def membership_from_proto(message: pb.Membership) -> Membership:
 
 
 def register_request(
-    role: str, index: int, address: str, fingerprint: str, wait_s: float, last_epoch: int = 0
+    role: str,
+    index: int,
+    address: str,
+    fingerprint: str,
+    wait_s: float,
+    last_epoch: int = 0,
+    incarnation: str = "",
 ) -> pb.RegisterRequest:
     return pb.RegisterRequest(
         role=role_to_proto(role),
@@ -99,6 +105,7 @@ def register_request(
         fingerprint=fingerprint,
         wait_ms=_wait_ms(wait_s),
         last_epoch=last_epoch,
+        incarnation=incarnation,
     )
 
 
