@@ -56,11 +56,13 @@ class LocalCluster:
         return child
 
     def restart(self, child: Child) -> None:
-        """Start a child that exited again, with the same arguments but the port it had, so
-        whoever knew its address still reaches it."""
+        """Start a child that exited again, with the same arguments but the ports it had, so
+        whoever knew its address (or scrapes its metrics) still reaches it."""
         assert child.process.poll() is not None, f"{child.name} is still running"
         if child.address is not None:
             child.args = pin_port(child.args, child.address)
+        if child.metrics is not None:
+            child.args = pin_port(child.args, child.metrics, "--metrics-port")
         child.process = self._spawn(child.args)
         child.ready = threading.Event()
         child.started = time.monotonic()
@@ -114,11 +116,11 @@ class LocalCluster:
                     child.process.wait()
 
 
-def pin_port(args: list[str], address: str) -> list[str]:
-    """`args` with `--port 0` (any free port) replaced by the port of `address`."""
+def pin_port(args: list[str], address: str, flag: str = "--port") -> list[str]:
+    """`args` with `FLAG 0` (any free port) replaced by the port of `address`."""
     port = address.rstrip("/").rsplit(":", 1)[1]
     pinned = list(args)
     for i, arg in enumerate(pinned[:-1]):
-        if arg == "--port" and pinned[i + 1] == "0":
+        if arg == flag and pinned[i + 1] == "0":
             pinned[i + 1] = port
     return pinned

@@ -6,6 +6,7 @@ every surviving request must end with exactly the text it would have had anyway.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import threading
@@ -163,8 +164,9 @@ def test_killing_an_attention_instance_ends_its_requests_clearly_and_the_rest_go
         assert any("attention instance 1 exited with code -9" in x for x in cluster.lines)
 
 
-def test_restarting_the_controller_or_the_gateway_loses_nothing_admitted(checkpoint):
-    with serving(checkpoint, 1, 1) as cluster:
+def test_restarting_the_controller_or_the_gateway_loses_nothing_admitted(checkpoint, tmp_path):
+    targets = tmp_path / "targets.json"
+    with serving(checkpoint, 1, 1, "--prometheus-targets", str(targets)) as cluster:
         # The controller: steps stop at the next plan; every member joins the restarted
         # controller's first epoch, and the requests go on from where they were.
         prompts = PROMPTS[:8]
@@ -172,6 +174,10 @@ def test_restarting_the_controller_or_the_gateway_loses_nothing_admitted(checkpo
         assert [o.error for o in outs] == [None] * len(prompts)
         assert [o.text for o in outs] == [r.text for r in reference]
         assert any("controller exited with code -9; restarting it" in x for x in cluster.lines)
+        # Restarted on its metrics port too: the targets written at start still hold.
+        for target in json.loads(targets.read_text()):
+            url = f"http://{target['targets'][0]}/metrics"
+            assert httpx.get(url, timeout=10).status_code == 200, target["labels"]
         # The gateway: its clients lose their connections, so the attention instance ends
         # their requests (no KV block stays taken), and the restarted gateway, on the same
         # address, serves new ones.

@@ -97,3 +97,7 @@ def test_a_restarted_process_keeps_the_port_it_had():
         "--port",
         "8123",
     ]
+    # and the metrics port: a Prometheus targets file written at start stays true
+    assert pin_port(args, "127.0.0.1:9400", "--metrics-port") == [
+        "controller", "--host", "127.0.0.1", "--port", "0", "--metrics-port", "9400",
+    ]  # fmt: skip
