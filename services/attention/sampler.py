@@ -34,7 +34,9 @@ def filter_rows(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     drop = (top_k[:, None] > 0) & (positions[None, :] >= top_k[:, None])
     sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
     probs = torch.softmax(sorted_logits, dim=-1)
-    drop |= probs.cumsum(dim=-1) - probs >= top_p[:, None]
+    # A top_p below float32's smallest normal reads as 0, which would drop the first token too.
+    nucleus = top_p.clamp(min=torch.finfo(torch.float32).tiny)
+    drop |= probs.cumsum(dim=-1) - probs >= nucleus[:, None]
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
 
 

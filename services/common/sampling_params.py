@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+MIN_TEMPERATURE = 1e-5  # lower temperatures sample greedily
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_tokens: int = 16
@@ -70,7 +73,9 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
+        # Below MIN_TEMPERATURE, logits / temperature overflow to infinities whose softmax is
+        # NaN; the limit of such a distribution is the argmax anyway.
+        return self.temperature < MIN_TEMPERATURE or self.top_k == 1
 
     @property
     def has_penalties(self) -> bool:

@@ -69,3 +69,11 @@ def test_greedy_rows_take_the_argmax_beside_sampled_ones():
     tokens = sample(logits, params, gens)
     assert tokens[0] == logits[0].argmax() and tokens[2] == logits[2].argmax()
     assert all(0 <= t < 100 for t in tokens)
+
+
+def test_vanishing_temperature_or_top_p_pick_the_argmax_not_nothing():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 100, generator=g) * 3
+    params = [SamplingParams(temperature=5e-324), SamplingParams(top_p=1e-300)]
+    gens = [new_generator(i, torch.device("cpu")) for i in range(2)]
+    assert sample(logits, params, gens) == logits.argmax(dim=-1).tolist()
