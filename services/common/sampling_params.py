@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 MIN_TEMPERATURE = 1e-5  # lower temperatures sample greedily
 
 
