@@ -10,6 +10,7 @@ Plain values; knows nothing of gRPC or torch. `services.common.control_client` r
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 ATTENTION = "attention"
@@ -22,6 +23,12 @@ HEARTBEAT_INTERVAL_S = 1.0  # how often a member tells the controller it is aliv
 SILENT_AFTER_S = 3 * HEARTBEAT_INTERVAL_S  # not heard from this long: presumed dead
 MEMBER_STATES = ("missing", "alive", "silent")  # not registered / heard from / not lately
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")  # bind addresses that name no one host
+
+
+def reachable_host(bind_host: str) -> str:
+    """The host peers reach a server bound to `bind_host` at: itself, or this machine's name
+    for a wildcard (which names no one host)."""
+    return socket.gethostname() if bind_host in WILDCARD_HOSTS else bind_host
 
 
 @dataclass(frozen=True)

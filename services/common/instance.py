@@ -9,7 +9,6 @@ import argparse
 import logging
 import secrets
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from services.common import cluster_secret
-from services.common.cluster import HEARTBEAT_INTERVAL_S, SILENT_AFTER_S, WILDCARD_HOSTS
+from services.common.cluster import HEARTBEAT_INTERVAL_S, SILENT_AFTER_S, reachable_host
 from services.common.control_client import ControlClient, ControlError, Membership, PlaceTaken
 from services.common.dist import join_group, leave_group, peer_names, wait_for_all
 from services.common.fingerprint import model_fingerprint
@@ -69,11 +68,6 @@ def add_instance_arguments(parser: argparse.ArgumentParser) -> None:
     cluster_secret.add_argument(parser)
 
 
-def _reachable(host: str) -> str:
-    """A wildcard bind address is no address to give peers: this machine's name is."""
-    return socket.gethostname() if host in WILDCARD_HOSTS else host
-
-
 @dataclass(frozen=True)
 class InstanceOptions:
     role: str
@@ -110,7 +104,7 @@ class InstanceOptions:
             args.step_timeout,
             args.recovery_timeout,
             cluster_secret.load(args.cluster_secret_file),
-            args.advertise_host or _reachable(args.host),
+            args.advertise_host or reachable_host(args.host),
         )
 
     @property

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
-import socket
 import sys
 import threading
 
@@ -17,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from torch.distributed import TCPStore
 
 from services.common import cluster_secret
-from services.common.cluster import MEMBER_STATES, ROLES, SILENT_AFTER_S, WILDCARD_HOSTS
+from services.common.cluster import MEMBER_STATES, ROLES, SILENT_AFTER_S, reachable_host
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, GrpcServer
 from services.common.metrics import ControllerMetrics, add_metrics_argument, serve_metrics
@@ -131,9 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         fingerprint = args.fingerprint or model_fingerprint(args.model)
         (num_attention, num_ffn), discovery = cluster_size(args)
         spec = ClusterSpec(num_attention, num_ffn, args.micro_batches, fingerprint)
-        store_host = args.advertise_host or (
-            socket.gethostname() if args.host in WILDCARD_HOSTS else args.host
-        )
+        store_host = args.advertise_host or reachable_host(args.host)
         # Members wrap it in a PrefixStore per epoch; nobody waits for workers here.
         store = TCPStore(args.host, args.store_port, is_master=True, wait_for_workers=False)
         metrics = ControllerMetrics(prometheus)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,31 +115,28 @@ class KubernetesDiscovery:
     def size(self, timeout_s: float) -> tuple[int, int]:
         """(attention, FFN) replicas of the release's StatefulSets, listed now; waits (at
         most `timeout_s`) for both to exist."""
-        deadline = threading.Event()
-        timer = threading.Timer(timeout_s, deadline.set)
-        timer.start()
-        try:
-            while True:
-                why = (
-                    f"no attention and FFN StatefulSets (label {COMPONENT_LABEL}) match "
-                    f"{self.target.selector} in namespace {self.target.namespace}: check "
-                    "--kube-selector and --kube-namespace"
-                )
-                try:
-                    items, _ = self._list(self._apps.list_namespaced_stateful_set)
-                    self._sync_replicas(items)
-                except client.ApiException as err:
-                    raise ValueError(self._refused("statefulsets", err)) from err
-                except (urllib3.exceptions.HTTPError, OSError) as err:  # not up yet, or wrong
-                    why = f"the Kubernetes API at {self._apps.api_client.configuration.host} "
-                    why += f"did not answer ({type(err).__name__})"
-                size = self._size()
-                if size is not None:
-                    return size
-                if deadline.wait(RETRY_S):
-                    raise ValueError(f"after {timeout_s:g} s, {why}")
-        finally:
-            timer.cancel()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            why = (
+                f"no attention and FFN StatefulSets (label {COMPONENT_LABEL}) match "
+                f"{self.target.selector} in namespace {self.target.namespace}: check "
+                "--kube-selector and --kube-namespace"
+            )
+            try:
+                items, _ = self._list(self._apps.list_namespaced_stateful_set)
+                self._sync_replicas(items)
+            except client.ApiException as err:
+                raise ValueError(self._refused("statefulsets", err)) from err
+            except (urllib3.exceptions.HTTPError, OSError) as err:  # not up yet, or wrong
+                why = f"the Kubernetes API at {self._apps.api_client.configuration.host} "
+                why += f"did not answer ({type(err).__name__})"
+            size = self._size()
+            if size is not None:
+                return size
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ValueError(f"after {timeout_s:g} s, {why}")
+            time.sleep(min(RETRY_S, left))
 
     def start(self, view: ClusterView) -> None:
         """Follow the StatefulSets and pods in the background, telling `view` of changes."""

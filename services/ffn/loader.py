@@ -20,8 +20,8 @@ import torch
 
 from services.common.cluster import ClusterState, Membership
 from services.common.config import ModelConfig
-from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
-from services.common.model.weights import load_weights, stored_fp8
+from services.common.model.schema import is_ffn_tensor
+from services.common.model.weights import Checkpoint
 from services.ffn.shard import FFNShard, ShardSpec
 from services.ffn.worker import FFNWorker
 
@@ -50,18 +50,19 @@ class ShardLoader:
     def load(self, num_ffn: int) -> FFNShard:
         """This instance's share when there are `num_ffn` FFN instances."""
         spec = ShardSpec(self.index, num_ffn, self.layout)
-        names = [n for n in checkpoint_tensors(self.cfg) if is_ffn_tensor(n)]
+        checkpoint = Checkpoint(self.model_dir, self.cfg)  # headers read and checked once
+        names = [n for n in checkpoint.schema if is_ffn_tensor(n)]
 
         def layer(i: int) -> dict[str, torch.Tensor]:
             prefix = f"model.layers.{i}."
-            return load_weights(
-                self.model_dir, self.cfg, dtype=self.dtype, device=self.device, progress=False,
+            return checkpoint.load(
+                dtype=self.dtype, device=self.device, progress=False,
                 names=[name for name in names if name.startswith(prefix)],
             )  # fmt: skip
 
         # A block-FP8 checkpoint's experts stay FP8 on a GPU (requantised to per-row scales).
         fp8_experts = self.device.type == "cuda" and any(
-            ".moe." in name for name in stored_fp8(self.model_dir, self.cfg)
+            ".moe." in name for name in checkpoint.fp8_names
         )
         return FFNShard(self.cfg, spec, layer, fp8_experts)
 

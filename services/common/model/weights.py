@@ -76,48 +76,73 @@ def load_weights(
     progress: bool = True,
     keep_fp8: Callable[[str], bool] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Read the text model's tensors, named as in `checkpoint_tensors(cfg)`.
+    """Read the text model's tensors, named as in `checkpoint_tensors(cfg)`: `Checkpoint`'s
+    `load`, for a caller that reads once."""
+    return Checkpoint(checkpoint_dir, cfg).load(
+        dtype=dtype, device=device, names=names, progress=progress, keep_fp8=keep_fp8
+    )
 
-    Every tensor comes back in `dtype` on `device` (block FP8 is dequantised). `names` picks a
-    subset (default: all); the whole checkpoint is validated either way. A block-FP8 weight
-    (128 x 128 blocks) whose name `keep_fp8` accepts comes back as stored instead, e4m3, with
-    its float32 scales beside it as `NAME_scale_inv`, for an FP8 GEMM to use as they are.
-    """
-    root = Path(checkpoint_dir)
-    schema = checkpoint_tensors(cfg)
-    chosen = set(schema if names is None else names)
-    wanted = [name for name in schema if name in chosen]
-    unknown = sorted(chosen - set(schema))
-    if unknown:
-        raise ValueError(f"names not in the model: {', '.join(unknown[:MAX_PROBLEMS_SHOWN])}")
 
-    entries = _read_headers(*_find_files(root))
-    tensors, scales = _text_tensors(entries, _choose_layout(entries, schema))
-    has_fp8 = any(entry.is_fp8 for entry in tensors.values())
-    block = _block_size(root) if has_fp8 else DEFAULT_BLOCK
-    _validate(root, tensors, scales, schema, block)
+class Checkpoint:
+    """A checkpoint folder whose headers were read and checked against the config once: its
+    tensors can then be read in as many parts as a caller wants (an FFN instance reads its
+    share layer by layer) without reading and checking the headers again."""
 
-    loaded: dict[str, torch.Tensor] = {}
-    with ExitStack() as stack:
-        handles: dict[Path, Any] = {}
+    def __init__(self, checkpoint_dir: str | Path, cfg: ModelConfig) -> None:
+        root = Path(checkpoint_dir)
+        self.schema = checkpoint_tensors(cfg)
+        entries = _read_headers(*_find_files(root))
+        self._tensors, self._scales = _text_tensors(entries, _choose_layout(entries, self.schema))
+        has_fp8 = any(entry.is_fp8 for entry in self._tensors.values())
+        self._block = _block_size(root) if has_fp8 else DEFAULT_BLOCK
+        _validate(root, self._tensors, self._scales, self.schema, self._block)
 
-        def read(entry: _Entry) -> torch.Tensor:
-            if entry.file not in handles:
-                handles[entry.file] = stack.enter_context(safe_open(entry.file, framework="pt"))
-            return handles[entry.file].get_tensor(entry.key)
+    @property
+    def fp8_names(self) -> set[str]:
+        """The text model's tensors stored in FP8."""
+        return {name for name, entry in self._tensors.items() if entry.is_fp8}
 
-        # Tensor by tensor: at most one tensor exists in two dtypes at any moment.
-        for name in tqdm(wanted, desc="loading weights", unit="tensor", disable=not progress):
-            entry = tensors[name]
-            if entry.is_fp8:
-                q, scale_inv = read(entry).to(device), read(scales[name]).to(device)
-                if keep_fp8 is not None and keep_fp8(name) and block == DEFAULT_BLOCK:
-                    loaded[name], loaded[name + SCALE_SUFFIX] = q, scale_inv.float()
+    def load(
+        self,
+        *,
+        dtype: torch.dtype,
+        device: str | torch.device = "cpu",
+        names: Collection[str] | None = None,
+        progress: bool = True,
+        keep_fp8: Callable[[str], bool] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Every tensor comes back in `dtype` on `device` (block FP8 is dequantised). `names`
+        picks a subset (default: all). A block-FP8 weight (128 x 128 blocks) whose name
+        `keep_fp8` accepts comes back as stored instead, e4m3, with its float32 scales beside
+        it as `NAME_scale_inv`, for an FP8 GEMM to use as they are."""
+        schema, tensors, scales, block = self.schema, self._tensors, self._scales, self._block
+        chosen = set(schema if names is None else names)
+        wanted = [name for name in schema if name in chosen]
+        unknown = sorted(chosen - set(schema))
+        if unknown:
+            raise ValueError(f"names not in the model: {', '.join(unknown[:MAX_PROBLEMS_SHOWN])}")
+
+        loaded: dict[str, torch.Tensor] = {}
+        with ExitStack() as stack:
+            handles: dict[Path, Any] = {}
+
+            def read(entry: _Entry) -> torch.Tensor:
+                if entry.file not in handles:
+                    handles[entry.file] = stack.enter_context(safe_open(entry.file, framework="pt"))
+                return handles[entry.file].get_tensor(entry.key)
+
+            # Tensor by tensor: at most one tensor exists in two dtypes at any moment.
+            for name in tqdm(wanted, desc="loading weights", unit="tensor", disable=not progress):
+                entry = tensors[name]
+                if entry.is_fp8:
+                    q, scale_inv = read(entry).to(device), read(scales[name]).to(device)
+                    if keep_fp8 is not None and keep_fp8(name) and block == DEFAULT_BLOCK:
+                        loaded[name], loaded[name + SCALE_SUFFIX] = q, scale_inv.float()
+                    else:
+                        loaded[name] = dequantize_block_fp8(q, scale_inv, block, dtype)
                 else:
-                    loaded[name] = dequantize_block_fp8(q, scale_inv, block, dtype)
-            else:
-                loaded[name] = read(entry).to(device=device, dtype=dtype)
-    return loaded
+                    loaded[name] = read(entry).to(device=device, dtype=dtype)
+        return loaded
 
 
 def stored_fp8(checkpoint_dir: str | Path, cfg: ModelConfig) -> set[str]:
