@@ -112,14 +112,18 @@ def generation_tokens(child: Child) -> float:
     return float(match.group(1)) if match else 0.0
 
 
-def answers(client: openai.OpenAI) -> list[str]:
+def answers(gateway_url: str) -> list[str]:
+    """Every prompt's greedy answer, asked at once. A new client each round: a connection kept
+    alive through a long scale would race the server closing it (a reset, not an answer)."""
+    client = openai.OpenAI(base_url=gateway_url + "/v1", api_key="-", max_retries=0)
+
     def one(prompt: str) -> str:
         reply = client.completions.create(
             model="tiny", prompt=prompt, max_tokens=MAX_TOKENS, temperature=0
         )
         return reply.choices[0].text
 
-    with ThreadPoolExecutor(len(PROMPTS)) as pool:
+    with client, ThreadPoolExecutor(len(PROMPTS)) as pool:
         return list(pool.map(one, PROMPTS))
 
 
@@ -140,8 +144,7 @@ def test_scaling_attention_and_ffn_reforms_the_cluster_and_keeps_every_answer(ch
                 "--tpot-sla-ms", "1000000",
             )  # fmt: skip
             wait_until(lambda: routed_instances(gateway.url) == 1, what="the gateway's instance")
-            client = openai.OpenAI(base_url=gateway.url + "/v1", api_key="-", max_retries=0)
-            first = answers(client)
+            first = answers(gateway.url)
             assert all(first)
 
             # Attention 1 -> 2: the gateway routes to the new instance too.
@@ -149,7 +152,7 @@ def test_scaling_attention_and_ffn_reforms_the_cluster_and_keeps_every_answer(ch
             scene.add("attention", 1).wait_for(r"serving on")
             scene.wait_for_epoch(2, 1)
             wait_until(lambda: routed_instances(gateway.url) == 2, what="the gateway's 2")
-            assert answers(client) == first
+            assert answers(gateway.url) == first
             assert generation_tokens(scene.members[("attention", 1)]) > 0, "never routed to"
 
             # FFN 1 -> 2: ffn 0 re-shards its experts (half of them now).
@@ -157,7 +160,7 @@ def test_scaling_attention_and_ffn_reforms_the_cluster_and_keeps_every_answer(ch
             scene.add("ffn", 1).wait_for(r"serving on")
             scene.wait_for_epoch(2, 2)
             scene.members[("ffn", 0)].wait_for(r"re-sharding for 2 FFN instances")
-            assert answers(client) == first
+            assert answers(gateway.url) == first
 
             # FFN 2 -> 1 and attention 2 -> 1: the removed pods drain, leave and go.
             api.scale("ffn", 1)
@@ -167,7 +170,7 @@ def test_scaling_attention_and_ffn_reforms_the_cluster_and_keeps_every_answer(ch
             scene.remove("attention", 1)
             scene.wait_for_epoch(1, 1)
             wait_until(lambda: routed_instances(gateway.url) == 1, what="the gateway's 1")
-            assert answers(client) == first
+            assert answers(gateway.url) == first
 
             for slot, pid in stayers.items():
                 child = scene.members[slot]
