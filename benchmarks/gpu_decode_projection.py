@@ -9,7 +9,7 @@ as a block-FP8 checkpoint is served) and an FP8 KV cache of 4096 positions per s
   write, the Triton decode kernel), then what an AFD attention instance adds per layer: the
   sum of the F FFN partials, the post-attention norm, the router and packing the FFN message
   (FP8 activations with per-token scales, expert ids and weights);
-- FFN stage, t_F(n, F): `FFNShard.forward` of FFN instance 0 of F (split layout: 48/F routed
+- FFN stage, t_F(n, F): `FFNHalf` of FFN instance 0 of F (split layout: 48/F routed
   experts, 1/F of the shared expert's or dense MLP's columns) for n tokens with uniformly
   random routing; MoE and dense layers separately.
 
@@ -49,11 +49,13 @@ from benchmarks.gpu_attention_layer import (  # noqa: E402
 )
 from benchmarks.gpu_timing import graph_us  # noqa: E402
 from services.common.activations import Layout  # noqa: E402
+from services.common.model.attention_half import FFNInput  # noqa: E402
+from services.common.model.build import build_ffn_half  # noqa: E402
+from services.common.model.ffn_half import FFNHalf, ShardSpec  # noqa: E402
 from services.common.model.fp8 import FP8_DTYPE  # noqa: E402
 from services.common.model.fp8_linear import pick_scaling  # noqa: E402
 from services.common.model.moe import route  # noqa: E402
 from services.common.presets import step3_config  # noqa: E402
-from services.ffn.shard import FFNShard, ShardSpec  # noqa: E402
 
 CONTEXT, MICRO_BATCHES, SLA_MS, PAPER_TOKENS_PER_GPU_S = 4096, 3, 50.0, 4039
 FULL = step3_config(61)
@@ -121,21 +123,20 @@ class FFNStage:
 
     def __init__(self) -> None:
         self.tensors = ffn_checkpoint()
-        self.shards: dict[int, FFNShard] = {}
+        self.shards: dict[int, FFNHalf] = {}
 
     def time_us(self, tokens: int, num_ffn: int) -> tuple[float, float]:
         if num_ffn not in self.shards:
             self.shards.clear()
             torch.cuda.empty_cache()
             spec = ShardSpec(0, num_ffn)
-            self.shards[num_ffn] = FFNShard(TWO_LAYERS, spec, self.tensors, fp8_experts=True)
+            self.shards[num_ffn] = build_ffn_half(TWO_LAYERS, self.tensors, spec, fp8_experts=True)
         shard = self.shards[num_ffn]
         h = torch.randn(tokens, CFG.hidden_size, device="cuda", dtype=torch.bfloat16)
         logits = torch.randn(tokens, CFG.moe_num_experts, device="cuda")
         weights, ids = route(logits, CFG.moe_top_k, renormalize=False)
-        rows = torch.arange(tokens, device="cuda")
-        dense = graph_us(lambda: shard.forward(0, h, None, None, rows))
-        moe = graph_us(lambda: shard.forward(1, h, ids, weights, rows))
+        dense = graph_us(lambda: shard(0, FFNInput(h)))
+        moe = graph_us(lambda: shard(1, FFNInput(h, ids, weights)))
         return dense, moe
 
 

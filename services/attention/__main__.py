@@ -16,7 +16,6 @@ import sys
 
 from prometheus_client import CollectorRegistry
 
-from services.attention.afd_runner import DisaggregatedRunner, PipelineConfig, PipelineMonitor
 from services.attention.api import ERROR_CODES, add_attention_service
 from services.attention.colocated import serve_colocated
 from services.attention.driver import EngineDriver
@@ -27,13 +26,15 @@ from services.attention.engine import (
     default_num_kv_blocks,
 )
 from services.attention.kv_cache import KVCache
-from services.attention.monitor import EngineMonitor
+from services.attention.model_runner import ModelRunner
+from services.attention.monitor import EngineMonitor, PipelineMonitor
 from services.attention.recovery import ClusterRecovery
+from services.attention.remote_ffn import PipelineConfig, RemoteFFN
 from services.attention.scheduler import SchedulerConfig
 from services.common.config import load_config
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
 from services.common.metrics import AttentionMetrics, sampler_for, serve_metrics
-from services.common.model.build import build_partial_model, fp8_linears_on, resolve_dtype
+from services.common.model.build import build_attention_half, fp8_weights_on, resolve_dtype
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.model.weights import load_weights
 from services.common.tokenizer import Tokenizer
@@ -112,9 +113,9 @@ def run(args: argparse.Namespace) -> int:
         names = [n for n in checkpoint_tensors(cfg) if not is_ffn_tensor(n)]
         tensors = load_weights(
             args.model, cfg, dtype=dtype, device=options.device, names=names,
-            keep_fp8=fp8_linears_on(options.device),
+            keep_fp8=fp8_weights_on(options.device),
         )  # fmt: skip
-        model = build_partial_model(cfg, tensors)
+        attention = build_attention_half(cfg, tensors)
         num_blocks = default_num_kv_blocks(cfg, config, dtype)
         cache = KVCache(
             cfg, num_blocks, config.block_size, dtype, options.device, config.kv_dtype(dtype)
@@ -132,18 +133,21 @@ def run(args: argparse.Namespace) -> int:
 
         registry = CollectorRegistry()
         metrics = AttentionMetrics(registry)
-        runner = DisaggregatedRunner(
-            model,
-            cache,
+        pipeline = PipelineConfig(membership.num_micro_batches, args.fp8_dispatch)
+        ffn = RemoteFFN(
+            cfg,
+            dtype,
+            options.device,
             transport,
             membership.ffn_ranks,
             submit_plan,
-            PipelineConfig(membership.num_micro_batches, args.fp8_dispatch),
+            pipeline,
             config.scheduler.max_num_batched_tokens,
-            PipelineMonitor(metrics, sampler_for(options.device.type)),
         )
+        monitor = PipelineMonitor(metrics, sampler_for(options.device.type))
+        runner = ModelRunner(attention, ffn, cache, pipeline.num_micro_batches, monitor)
         engine = Engine(runner, num_blocks, config, tokenizer)
-        recovery = ClusterRecovery(instance, runner)
+        recovery = ClusterRecovery(instance, ffn)
         # Several attention instances step in lockstep, so an idle one still takes empty steps
         # lest its peers wait for its plan; a lone one has no peer to hold up and sleeps.
         driver = EngineDriver(

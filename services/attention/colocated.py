@@ -23,7 +23,7 @@ from services.attention.monitor import EngineMonitor
 from services.common import cluster_secret
 from services.common.grpc_server import GrpcServer
 from services.common.metrics import AttentionMetrics, serve_metrics
-from services.common.model.build import fp8_linears_on, load_model
+from services.common.model.build import load_model
 from services.common.tokenizer import Tokenizer
 from services.common.wire.attention import SERVICE_NAME
 
@@ -45,7 +45,7 @@ def serve_colocated(args: argparse.Namespace, config: EngineConfig) -> int:
     port = server.bind(args.host, args.port)
     server.start()
     try:
-        model = load_model(args.model, args.dtype, str(device), keep_fp8=fp8_linears_on(device))
+        model = load_model(args.model, args.dtype, str(device))
         engine = local_engine(model, config, Tokenizer.from_dir(args.model))
         registry = CollectorRegistry()
         monitor = EngineMonitor(engine, AttentionMetrics(registry))

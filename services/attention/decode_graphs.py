@@ -11,22 +11,27 @@ them in one launch. Graphs are captured on first use, one per (batch bucket, con
   the longest allowed context would leave a short batch's GPU mostly idle.
 Every input lives in a static buffer that each step refills before replaying.
 
-What this module does not know: scheduling, sampling, or when a step is decode-only
-(`ModelRunner` asks `fits` and falls back to eager execution for everything else).
+What this module does not know: the model (it captures the runner's `decode_logits`),
+scheduling or sampling; `run` answers None for a step it does not serve (not decode-only,
+too large, or a capture failed), which the runner then computes eagerly.
 """
 
 from __future__ import annotations
 
 import logging
 from bisect import bisect_left
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from services.attention.kernels import mfa_decode
 from services.attention.kv_cache import DecodeBatch, KVCache, PagedAttention
+from services.attention.step_inputs import StepInputs
 from services.common.model.moe import GROUPED_DTYPES
-from services.common.model.step3 import Step3ForCausalLM
+
+# (token ids [B], positions [B], attention over the cache) -> logits [B, V]
+DecodeForward = Callable[[Tensor, Tensor, PagedAttention], Tensor]
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +39,25 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 38
 MIN_CONTEXT_BLOCKS = 64  # the smallest context bucket: 1024 positions at block size 16
 
 
-def capturable(model: Step3ForCausalLM, cache: KVCache) -> bool:
-    """Whether a decode step can be captured: the decode kernel serves the cache and the
-    experts take the grouped GEMMs (the exact loop reads counts back to the host)."""
-    return cache.decode_kernel and model.lm_head.weight.dtype in GROUPED_DTYPES
+def capturable(dtype: torch.dtype, cache: KVCache) -> bool:
+    """Whether a decode step of a `dtype` model can be captured: the decode kernel serves the
+    cache and the experts take the grouped GEMMs (the exact loop reads counts to the host)."""
+    return cache.decode_kernel and dtype in GROUPED_DTYPES
 
 
 class DecodeGraphs:
     def __init__(
-        self, model: Step3ForCausalLM, cache: KVCache, max_batch: int, max_context: int
+        self,
+        forward: DecodeForward,
+        cache: KVCache,
+        scale: float,
+        max_batch: int,
+        max_context: int,
     ) -> None:
-        self.model = model
+        """`scale`: attention's softmax scale (head_dim ** -0.5)."""
+        self.forward = forward
         self.cache = cache
-        self.scale = model.cfg.head_dim**-0.5
+        self.scale = scale
         self.batch_buckets = [b for b in BATCH_BUCKETS if b < max_batch] + [max_batch]
         self.max_blocks = -(-max_context // cache.block_size)
         device = cache.k.device
@@ -64,9 +75,14 @@ class DecodeGraphs:
     def fits(self, batch: int) -> bool:
         return self.enabled and batch <= self.batch_buckets[-1]
 
-    def run(self, token_ids: Tensor, positions: Tensor, decode: DecodeBatch, new_slots: Tensor):
-        """Logits [B, V] of a decode-only step (rows in order), or None when the step could
-        not be captured (then graphs stay off and the caller runs it eagerly)."""
+    def run(self, inputs: StepInputs) -> Tensor | None:
+        """Logits [B, V] of a decode-only step (rows in order), or None for a step these
+        graphs do not serve (a capture that failed turns them off for good)."""
+        backend = inputs.backend
+        decode = backend.decode
+        if decode is None or backend.spans or not self.fits(inputs.num_tokens):
+            return None
+        token_ids, positions, new_slots = inputs.token_ids, inputs.positions, backend.new_slots
         n, width = token_ids.numel(), decode.block_tables.shape[1]
         batch = self.batch_buckets[bisect_left(self.batch_buckets, n)]
         blocks = min(max(MIN_CONTEXT_BLOCKS, 1 << (width - 1).bit_length()), self.max_blocks)
@@ -105,8 +121,7 @@ class DecodeGraphs:
         decode = DecodeBatch(self.rows[:batch], self.tables[:batch, :blocks], self.lens[:batch],
                              splits)  # fmt: skip
         backend = PagedAttention(cache, self.new_slots[:batch], [], self.scale, decode)
-        hidden = self.model(self.token_ids[:batch], self.positions[:batch], backend)
-        return self.model.compute_logits(hidden)
+        return self.forward(self.token_ids[:batch], self.positions[:batch], backend)
 
     def _capture(self, batch: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         # One eager run first, on a side stream as capture wants: it compiles the Triton

@@ -1,5 +1,19 @@
-"""Turns scheduled chunks into model inputs, and runs the whole model over the paged KV cache
-in this process. Knows nothing of requests' sampling parameters or stopping rules."""
+"""The engine's runner: the attention half here, the FFN half behind an executor.
+
+One step runs K micro-batches through the layers in a pipeline:
+
+    for layer:  for micro-batch i:
+        x_i += ffn output of (layer - 1, i)             # waits only for micro-batch i
+        x_i, ffn_input = attention_layer(x_i)           # the KV cache lives here
+        executor.dispatch(layer, i, ffn_input)
+
+With `RemoteFFN` (AFD) the FFN instances work on micro-batch i while this process computes
+attention for i + 1; with `LocalFFN` (colocated) dispatch computes at once and a decode-only
+step replays from a CUDA graph (decode_graphs.py) as one micro-batch, there being nothing to
+overlap. The same pipeline serves both, so their tokens are the same.
+
+Knows nothing of requests' sampling parameters or stopping rules (engine.py).
+"""
 
 from __future__ import annotations
 
@@ -9,95 +23,105 @@ import torch
 from torch import Tensor
 
 from services.attention.decode_graphs import DecodeGraphs
-from services.attention.kv_cache import DecodeBatch, KVCache, PagedAttention, SequenceSpan
+from services.attention.ffn_executor import FFNExecutor
+from services.attention.kv_cache import KVCache, PagedAttention
+from services.attention.micro_batches import split_micro_batches
+from services.attention.monitor import PipelineMonitor
 from services.attention.scheduler import ScheduledChunk
-from services.common.model.step3 import Step3ForCausalLM
+from services.attention.step_inputs import prepare_inputs
+from services.common.model.attention_half import AttentionHalf
+from services.common.pipeline_timer import PipelineTimer
 
 
-@dataclass(frozen=True)
-class StepInputs:
-    """The flat token batch of some chunks and how to attend over the cache for it."""
-
-    token_ids: Tensor  # [T]
-    positions: Tensor  # [T]
+@dataclass
+class _MicroBatch:
+    slot: int
     backend: PagedAttention
-    sample_rows: Tensor  # [S] rows whose logits pick a token, in chunk order
-
-    @property
-    def num_tokens(self) -> int:
-        return self.token_ids.numel()
-
-
-def prepare_inputs(chunks: list[ScheduledChunk], cache: KVCache, scale: float) -> StepInputs:
-    device = cache.k.device
-    token_ids: list[int] = []
-    positions: list[Tensor] = []
-    new_slots: list[Tensor] = []
-    context_slots: list[Tensor] = []  # of the chunks plain attention takes, [end] each
-    span_rows: list[tuple[int, int]] = []  # their (first row, queries)
-    sample_rows: list[int] = []
-    decode_rows: list[int] = []
-    decode_tables: list[list[int]] = []
-    decode_lens: list[int] = []
-    for chunk in chunks:
-        seq, end = chunk.seq, chunk.start + chunk.num_tokens
-        if cache.decode_kernel and chunk.num_tokens == 1:
-            decode_rows.append(len(token_ids))
-            decode_tables.append(seq.block_table[: -(-end // cache.block_size)])
-            decode_lens.append(end)
-            new_slots.append(cache.slots(seq.block_table, chunk.start, end))
-        else:
-            context_slots.append(cache.slots(seq.block_table, 0, end))
-            span_rows.append((len(token_ids), chunk.num_tokens))
-            new_slots.append(context_slots[-1][chunk.start :])
-        positions.append(torch.arange(chunk.start, end))
-        token_ids.extend(seq.token_ids[chunk.start : end])
-        if chunk.samples:
-            sample_rows.append(len(token_ids) - 1)
-    decode = (
-        DecodeBatch.build(cache, decode_rows, decode_tables, decode_lens) if decode_rows else None
-    )
-    # One host-to-device copy for every slot of the step: each copy from pageable memory
-    # waits for the GPU, so one per sequence would cost a wait per sequence.
-    slots = torch.cat(new_slots + context_slots).to(device)
-    num_new = sum(s.numel() for s in new_slots)
-    spans, start = [], num_new
-    for (row, queries), context in zip(span_rows, context_slots, strict=True):
-        spans.append(SequenceSpan(row, queries, slots[start : start + context.numel()]))
-        start += context.numel()
-    return StepInputs(
-        token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
-        positions=torch.cat(positions).to(device),
-        backend=PagedAttention(cache, slots[:num_new], spans, scale, decode),
-        sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
-    )
+    x: Tensor  # [n, H] residual stream
+    cos: Tensor
+    sin: Tensor
 
 
 class ModelRunner:
+    """A `Runner` for the engine (engine.py)."""
+
     def __init__(
-        self, model: Step3ForCausalLM, cache: KVCache, graphs: DecodeGraphs | None = None
+        self,
+        attention: AttentionHalf,
+        ffn: FFNExecutor,
+        cache: KVCache,
+        num_micro_batches: int = 1,
+        monitor: PipelineMonitor | None = None,
     ) -> None:
-        """`graphs`: replay decode-only steps from CUDA graphs (None: every step eagerly)."""
-        self.model = model
-        self.model_config = model.cfg
+        """`monitor`: where sampled steps' stage times go (None: nothing is timed)."""
+        self.attention = attention
+        self.ffn = ffn
         self.cache = cache
-        self.graphs = graphs
-        self.device = model.lm_head.weight.device
-        self.scale = model.cfg.head_dim**-0.5
+        self.num_micro_batches = num_micro_batches
+        self.monitor = monitor
+        self.model_config = attention.cfg
+        self.device = attention.device
+        self.scale = attention.cfg.head_dim**-0.5
+        self.graphs: DecodeGraphs | None = None
+
+    def use_graphs(self, max_batch: int, max_context: int) -> None:
+        """Replay decode-only steps of up to `max_batch` sequences from CUDA graphs."""
+        if not self.ffn.capturable:
+            raise ValueError("a step with transfers to FFN instances cannot be one CUDA graph")
+        self.graphs = DecodeGraphs(
+            self.decode_logits, self.cache, self.scale, max_batch, max_context
+        )
 
     @torch.inference_mode()
     def execute(self, chunks: list[ScheduledChunk]) -> Tensor:
-        """Compute every chunk; logits [num sampling chunks, V] in chunk order."""
+        """Compute every chunk; logits [sampling chunks, V] in chunk order. A step with no
+        chunks still begins and ends (AFD's FFN instances step with every attention one)."""
+        groups = split_micro_batches(chunks, self.num_micro_batches)
+        self.ffn.begin([sum(c.num_tokens for c in group) for group in groups])
         if not chunks:
+            self.ffn.end()
             return torch.empty(0, self.model_config.vocab_size, device=self.device)
-        inputs = prepare_inputs(chunks, self.cache, self.scale)
-        backend = inputs.backend
-        decode_only = backend.decode is not None and not backend.spans
-        if decode_only and self.graphs is not None and self.graphs.fits(inputs.num_tokens):
-            logits = self.graphs.run(
-                inputs.token_ids, inputs.positions, backend.decode, backend.new_slots
-            )
+        whole = prepare_inputs(chunks, self.cache, self.scale) if len(groups) == 1 else None
+        if self.graphs is not None:
+            whole = whole or prepare_inputs(chunks, self.cache, self.scale)
+            logits = self.graphs.run(whole)
             if logits is not None:
-                return logits[inputs.sample_rows]
-        hidden = self.model(inputs.token_ids, inputs.positions, backend)  # [T, H]
-        return self.model.compute_logits(hidden[inputs.sample_rows])
+                self.ffn.end()
+                return logits[whole.sample_rows]
+        timer = PipelineTimer(self.device, self.monitor is not None and self.monitor.sampled())
+        batches, rows = [], []
+        for slot, group in enumerate(groups):
+            if group:
+                inputs = (
+                    whole if len(groups) == 1 else prepare_inputs(group, self.cache, self.scale)
+                )
+                x, cos, sin = self.attention.embed(inputs.token_ids, inputs.positions)
+                batches.append(_MicroBatch(slot, inputs.backend, x, cos, sin))
+                rows.append(inputs.sample_rows)
+        self._pipeline(batches, timer)
+        if timer.active:
+            self.monitor.record(timer)
+        hidden = torch.cat([mb.x[r] for mb, r in zip(batches, rows, strict=True)])
+        return self.attention.logits(hidden)
+
+    def decode_logits(self, token_ids: Tensor, positions: Tensor, backend: PagedAttention):
+        """One micro-batch through every layer, logits [T, V] for every row: what a decode
+        step's CUDA graph captures."""
+        x, cos, sin = self.attention.embed(token_ids, positions)
+        batch = _MicroBatch(0, backend, x, cos, sin)
+        self.ffn.begin([token_ids.numel()])
+        self._pipeline([batch], PipelineTimer(self.device, False))
+        return self.attention.logits(batch.x)
+
+    def _pipeline(self, batches: list[_MicroBatch], timer: PipelineTimer) -> None:
+        ffn = self.ffn
+        for index, layer in enumerate(self.attention.layers):
+            for mb in batches:
+                if index > 0:
+                    mb.x = mb.x + timer.waited("f2a", ffn.combine, mb.slot)
+                timer.waited("a2f", ffn.wait_sent, mb.slot)  # the slot's buffer is free
+                mb.x, ffn_input = timer.computed(layer, mb.x, mb.cos, mb.sin, mb.backend)
+                ffn.dispatch(index, mb.slot, ffn_input)
+        for mb in batches:
+            mb.x = mb.x + timer.waited("f2a", ffn.combine, mb.slot)
+        timer.waited("a2f", ffn.end)

@@ -1,4 +1,4 @@
-"""An attention instance's engine, read into its Prometheus metrics.
+"""An attention instance's engine and AFD pipeline, read into its Prometheus metrics.
 
 Gauges (KV blocks, running and waiting sequences) are read when Prometheus scrapes; the
 per-step histograms and the counters are fed by `after_step`, which the engine driver calls
@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import replace
 
 from services.attention.engine import Engine, EngineStats
-from services.common.metrics import AttentionMetrics
+from services.common.metrics import DIRECTIONS, AttentionMetrics, StepSampler
+from services.common.pipeline_timer import PipelineTimer
 
 
 class EngineMonitor:
@@ -39,3 +40,25 @@ class EngineMonitor:
         m.prefix_hit_tokens.inc(now.num_prefix_hit_tokens - before.num_prefix_hit_tokens)
         m.preemptions.inc(now.num_preemptions - before.num_preemptions)
         self._counted = replace(now)
+
+
+class PipelineMonitor:
+    """Sampled steps' stage times into the attention instance's pipeline metrics."""
+
+    def __init__(self, metrics: AttentionMetrics, sampler: StepSampler) -> None:
+        self.metrics = metrics
+        self.sampler = sampler
+
+    def sampled(self) -> bool:
+        """Whether the step about to run is one to time."""
+        return self.sampler.next()
+
+    def record(self, timer: PipelineTimer) -> None:
+        m, step = self.metrics, timer.elapsed()
+        for seconds in timer.computes:
+            m.layer_attention_time.observe(seconds)
+        for direction in DIRECTIONS:
+            m.transfer_wait.labels(direction).observe(timer.waits.get(direction, 0.0))
+        ffn_wait = timer.waits.get("f2a", 0.0)
+        m.ffn_wait.observe(ffn_wait)
+        m.bubble_ratio.set(ffn_wait / step if step > 0 else 0.0)

@@ -9,8 +9,8 @@ cache and every request's state stay as they were.
 
 from __future__ import annotations
 
-from services.attention.afd_runner import DisaggregatedRunner
 from services.attention.driver import DriverStopped, EngineDriver
+from services.attention.remote_ffn import RemoteFFN
 from services.common.control_client import ClusterShutdown, ControlError
 from services.common.instance import Instance
 from services.common.transport import PeerFailure
@@ -22,9 +22,9 @@ BROKEN_EPOCH = (PeerFailure, ControlError, ConnectionError, TimeoutError)
 
 
 class ClusterRecovery:
-    def __init__(self, instance: Instance, runner: DisaggregatedRunner) -> None:
+    def __init__(self, instance: Instance, ffn: RemoteFFN) -> None:
         self.instance = instance
-        self.runner = runner
+        self.ffn = ffn
         self.driver: EngineDriver | None = None  # set once built: its lockstep follows the epoch
 
     def needed(self) -> bool:
@@ -41,7 +41,7 @@ class ClusterRecovery:
             membership, transport = self.instance.rejoin(why, interruptible=False)
         except ClusterShutdown as err:
             raise DriverStopped(f"the cluster is shutting down: {err}") from err
-        self.runner.rebind(transport, membership.ffn_ranks)
+        self.ffn.rebind(transport, membership.ffn_ranks)
         if self.driver is not None:
             self.driver.always_step = len(membership.attention_ranks) > 1
         server.set_serving(True, ("", SERVICE_NAME))

@@ -64,11 +64,9 @@ def run(args: argparse.Namespace) -> int:
     # The engine and the model load torch: imported only when a completion is generated.
     from services.attention.builder import local_engine
     from services.attention.engine import EngineConfig
-    from services.common.model.build import fp8_linears_on, load_model
+    from services.common.model.build import load_model
 
-    model = load_model(
-        args.model, dtype=args.dtype, device=args.device, keep_fp8=fp8_linears_on(args.device)
-    )
+    model = load_model(args.model, dtype=args.dtype, device=args.device)
     engine = local_engine(model, EngineConfig(), tokenizer)
     engine.add_request("generate", prompt, params)
 

@@ -20,9 +20,11 @@ import torch
 
 from services.common.cluster import ClusterState, Membership
 from services.common.config import ModelConfig
+from services.common.model.build import build_ffn_half, fp8_experts_for, fp8_weights_on
+from services.common.model.ffn_half import FFNHalf, ShardSpec
 from services.common.model.schema import is_ffn_tensor
 from services.common.model.weights import Checkpoint
-from services.ffn.shard import FFNShard, ShardSpec
+from services.ffn.layouts import SPLIT
 from services.ffn.worker import FFNWorker
 
 log = logging.getLogger(__name__)
@@ -47,9 +49,9 @@ class ShardLoader:
     index: int
     layout: str
 
-    def load(self, num_ffn: int) -> FFNShard:
+    def load(self, num_ffn: int) -> FFNHalf:
         """This instance's share when there are `num_ffn` FFN instances."""
-        spec = ShardSpec(self.index, num_ffn, self.layout)
+        spec = ShardSpec(self.index, num_ffn, split_mlp=self.layout == SPLIT)
         checkpoint = Checkpoint(self.model_dir, self.cfg)  # headers read and checked once
         names = [n for n in checkpoint.schema if is_ffn_tensor(n)]
 
@@ -58,13 +60,11 @@ class ShardLoader:
             return checkpoint.load(
                 dtype=self.dtype, device=self.device, progress=False,
                 names=[name for name in names if name.startswith(prefix)],
+                keep_fp8=fp8_weights_on(self.device),
             )  # fmt: skip
 
-        # A block-FP8 checkpoint's experts stay FP8 on a GPU (requantised to per-row scales).
-        fp8_experts = self.device.type == "cuda" and any(
-            ".moe." in name for name in checkpoint.fp8_names
-        )
-        return FFNShard(self.cfg, spec, layer, fp8_experts)
+        fp8_experts = fp8_experts_for(checkpoint, self.device)
+        return build_ffn_half(self.cfg, layer, spec, fp8_experts, self.dtype)
 
     def refit(self, worker: FFNWorker, membership: Membership) -> None:
         """Give `worker` the share for the epoch's FFN count, if it holds another: the old

@@ -15,9 +15,10 @@ from torch import Tensor
 from services.common.activations import Layout
 from services.common.config import ModelConfig
 from services.common.metrics import FFNMetrics, StepSampler
+from services.common.model.attention_half import FFNInput
+from services.common.model.ffn_half import FFNHalf
 from services.common.pipeline_timer import PipelineTimer
 from services.common.transport import A2F, F2A, Pending, Transport, channel
-from services.ffn.shard import FFNShard
 
 
 class FFNMonitor:
@@ -54,7 +55,7 @@ class FFNWorker:
     def __init__(
         self,
         cfg: ModelConfig,
-        shard: FFNShard,
+        shard: FFNHalf,
         transport: Transport,
         attention_ranks: list[int],
         num_micro_batches: int,
@@ -80,7 +81,7 @@ class FFNWorker:
         self._expert_counts: Tensor | None = None  # a sampled step's, on the device
         self.rebind(transport, attention_ranks)
 
-    def reshard(self, shard: FFNShard | None) -> None:
+    def reshard(self, shard: FFNHalf | None) -> None:
         """Hold another share of the weights (the FFN side was scaled); None drops this one
         first, so two shares are never in memory at once."""
         self.shard = shard
@@ -160,7 +161,7 @@ class FFNWorker:
         h = torch.cat([p[0] for p in parts])  # [n_total, H], attention instances in order
         ids = torch.cat([p[1] for p in parts]) if layout.top_k else None
         weights = torch.cat([p[2] for p in parts]) if layout.top_k else None
-        out = timer.computed(self.shard.forward, layer, h, ids, weights, mlp_rows)
+        out = timer.computed(self.shard, layer, FFNInput(h, ids, weights), mlp_rows)
         if timer.active and ids is not None:
             self._count_experts(ids)
         self.num_tokens_computed += h.shape[0]
@@ -190,11 +191,16 @@ class FFNWorker:
         """(attention index, tokens) of the attention instances with tokens in a micro-batch."""
         return [(a, n) for a, n in enumerate(sizes) if n]
 
-    def _mlp_rows(self, sources: list[tuple[int, int]]) -> Tensor:
-        """Rows whose dense / shared-expert work is done here (see `ShardSpec.serves`)."""
+    def _mlp_rows(self, sources: list[tuple[int, int]]) -> Tensor | None:
+        """Rows whose dense / shared-expert work is done here (None: all of them). Split
+        MLPs serve every row; whole (replicated) ones the rows of the attention instances
+        this one serves, a % N == f, so each row is computed by exactly one instance."""
+        spec = self.shard.spec
+        if spec.split_mlp:
+            return None
         rows, start = [], 0
         for a, n in sources:
-            if self.shard.spec.layout == "split" or self.shard.spec.serves(a):
+            if a % spec.num_shards == spec.index:
                 rows.append(torch.arange(start, start + n, device=self.device))
             start += n
         if not rows:

@@ -1,7 +1,7 @@
 """The micro-batch pipeline overlaps attention and FFN for real, on CPU over gloo.
 
 Two spawned processes, one attention rank and one FFN rank, form a real gloo group through a
-TCPStore on 127.0.0.1 and run the production `DisaggregatedRunner` and `FFNWorker`. Both
+TCPStore on 127.0.0.1 and run the production `ModelRunner` with `RemoteFFN`, and `FFNWorker`. Both
 stages are slowed by the same sleep D per layer and micro-batch (test-only wrappers defined
 here), so a step with no overlap takes layers * K * 2D. With K = 3 the pipeline keeps both
 processes busy at once and the step takes about (layers * K + 1) * D, roughly half of that;
@@ -21,18 +21,18 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from services.attention.afd_runner import DisaggregatedRunner, PipelineConfig
 from services.attention.builder import local_engine
 from services.attention.engine import Engine, EngineConfig
 from services.attention.kv_cache import KVCache
+from services.attention.model_runner import ModelRunner
+from services.attention.remote_ffn import PipelineConfig, RemoteFFN
 from services.attention.scheduler import SchedulerConfig
 from services.common.config import ModelConfig
-from services.common.model.build import build_partial_model
+from services.common.model.build import build_attention_half, build_ffn_half
 from services.common.model.checkpoint_writer import random_tensor
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.sampling_params import SamplingParams
 from services.common.transport import Transport
-from services.ffn.shard import FFNShard, ShardSpec
 from services.ffn.worker import FFNWorker
 from tests.support.models import random_model, small_config
 
@@ -57,28 +57,18 @@ CPU = torch.device("cpu")
 RESULT_KEY = "result"
 
 
-class SlowFFNShard(FFNShard):
-    """An FFN shard whose every forward (one layer, one micro-batch) first sleeps."""
+class Slowed:
+    """Wraps modules' `forward` (one layer, one micro-batch) with a sleep of `delay_s`."""
 
-    delay_s = 0.0
-
-    def forward(self, layer, h, ids, weights, mlp_rows):
-        time.sleep(self.delay_s)
-        return super().forward(layer, h, ids, weights, mlp_rows)
-
-
-class SlowAttention:
-    """Wraps every decoder layer's `attend` (one layer, one micro-batch) with a sleep."""
-
-    def __init__(self, model) -> None:
+    def __init__(self, *modules: torch.nn.Module) -> None:
         self.delay_s = 0.0
-        for layer in model.model.layers:
-            layer.attend = self._slowed(layer.attend)
+        for module in modules:
+            module.forward = self._slowed(module.forward)
 
-    def _slowed(self, attend):
+    def _slowed(self, forward):
         def slowed(*args):
             time.sleep(self.delay_s)
-            return attend(*args)
+            return forward(*args)
 
         return slowed
 
@@ -107,8 +97,8 @@ def _join(port: int, rank: int) -> tuple[dist.Store, Transport]:
 def attention_process(port: int) -> None:
     store, transport = _join(port, ATTENTION_RANK)
     cfg = small_config()
-    model = build_partial_model(cfg, _tensors(cfg, ffn_side=False))
-    slow = SlowAttention(model)
+    attention = build_attention_half(cfg, _tensors(cfg, ffn_side=False))
+    slow = Slowed(*attention.layers)
     # The control plane normally carries the plan (gRPC controller); here it travels through
     # the TCPStore, with the FFN side's delay: the data plane is what is under test.
     steps = itertools.count()
@@ -123,9 +113,8 @@ def attention_process(port: int) -> None:
         for k in (3, 1):
             cache = KVCache(cfg, ENGINE.num_kv_blocks, ENGINE.block_size, DTYPE, CPU)
             pipeline = PipelineConfig(num_micro_batches=k)
-            runner = DisaggregatedRunner(
-                model, cache, transport, [FFN_RANK], send_plan, pipeline, BUDGET
-            )
+            ffn = RemoteFFN(cfg, DTYPE, CPU, transport, [FFN_RANK], send_plan, pipeline, BUDGET)
+            runner = ModelRunner(attention, ffn, cache, k)
             engine = Engine(runner, ENGINE.num_kv_blocks, ENGINE)
             times = []
             for repeat in range(REPEATS + 1):  # the first one, not slowed, warms up
@@ -147,12 +136,13 @@ def attention_process(port: int) -> None:
 def ffn_process(port: int) -> None:
     store, transport = _join(port, FFN_RANK)
     cfg = small_config()
-    shard = SlowFFNShard(cfg, ShardSpec(0, 1), _tensors(cfg, ffn_side=True))
+    shard = build_ffn_half(cfg, _tensors(cfg, ffn_side=True), dtype=DTYPE)
+    slow = Slowed(shard)
     worker = FFNWorker(cfg, shard, transport, [ATTENTION_RANK], 3, BUDGET, DTYPE, CPU)
     try:
         step = 0
         while (plan := json.loads(store.get(f"plan/{step}"))) is not None:
-            shard.delay_s = plan["delay_s"]
+            slow.delay_s = plan["delay_s"]
             worker.run_step([plan["counts"]])
             step += 1
     finally:

@@ -9,7 +9,7 @@ import torch
 from services.attention.builder import local_engine
 from services.attention.engine import EngineConfig
 from services.attention.scheduler import SchedulerConfig
-from services.common.model.build import build_model, fp8_linears_on
+from services.common.model.build import build_model, fp8_weights_on
 from services.common.model.checkpoint_writer import random_tensor, write_random_weights
 from services.common.model.fp8_linear import Fp8Linear
 from services.common.model.reference import reference_greedy, reference_logits
@@ -104,11 +104,11 @@ def test_a_block_fp8_checkpoint_serves_with_fp8_attention_linears_on_the_gpu(tmp
     # Widths of whole 512-column block rows, as cuBLASLt's 128 x 128 block scaling wants.
     cfg = small_config(hidden_size=512, share_q_dim=512, num_attention_heads=16, head_dim=32)
     write_random_weights(tmp_path, cfg, dtype=torch.bfloat16, fp8=True, seed=2, progress=False)
-    keep = fp8_linears_on("cuda")
+    keep = fp8_weights_on("cuda")
     fp8_tensors = load_weights(tmp_path, cfg, dtype=torch.bfloat16, device="cuda", keep_fp8=keep)
     fp8 = build_model(cfg, fp8_tensors)
     wide = build_model(cfg, load_weights(tmp_path, cfg, dtype=torch.bfloat16, device="cuda"))
-    o_proj = fp8.model.layers[1].self_attn.o_proj
+    o_proj = fp8.attention.layers[1].self_attn.o_proj
     assert isinstance(o_proj, Fp8Linear) and o_proj.scaling == "blockwise"
     assert o_proj.weight.dtype == torch.float8_e4m3fn  # half the bytes of the bf16 weight
     prompt = list(range(5, 80, 5))

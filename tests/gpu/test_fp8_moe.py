@@ -11,11 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.common.model.attention_half import FFNInput
+from services.common.model.build import build_ffn_half
 from services.common.model.checkpoint_writer import random_tensor
+from services.common.model.ffn_half import Fp8RoutedExperts, ShardSpec
 from services.common.model.fp8_moe import Fp8Experts, fp8_grouped_expert_forward
 from services.common.model.moe import looped_expert_forward, route
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
-from services.ffn.shard import FFNShard, ShardSpec
 from tests.support.models import small_config
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -60,11 +62,11 @@ def test_an_ffn_shard_with_fp8_experts_tracks_its_wide_twin():
         if is_ffn_tensor(name)
     }
     spec = ShardSpec(1, 2)  # the second half of the experts
-    wide, fp8 = FFNShard(cfg, spec, tensors), FFNShard(cfg, spec, tensors, fp8_experts=True)
-    assert isinstance(fp8.layers[1].experts, Fp8Experts)
+    wide = build_ffn_half(cfg, tensors, spec)
+    fp8 = build_ffn_half(cfg, tensors, spec, fp8_experts=True)
+    assert isinstance(fp8.layers[1].moe, Fp8RoutedExperts)
     h = torch.randn(40, 256, device="cuda", dtype=torch.bfloat16)
     weights, ids = route(torch.randn(40, cfg.moe_num_experts, device="cuda"), 3, False)
-    rows = torch.arange(40, device="cuda")
-    a = fp8.forward(1, h, ids, weights, rows).float()
-    b = wide.forward(1, h, ids, weights, rows).float()
+    a = fp8(1, FFNInput(h, ids, weights)).float()
+    b = wide(1, FFNInput(h, ids, weights)).float()
     assert ((a - b).norm() / b.norm()).item() < 8e-2  # weights and activations in e4m3

@@ -12,13 +12,15 @@ from pathlib import Path
 import torch
 
 from services.common.cluster import ClusterState, Member, Membership
+from services.common.model.attention_half import FFNInput
+from services.common.model.build import build_ffn_half
 from services.common.model.checkpoint_writer import write_random_weights
+from services.common.model.ffn_half import FFNHalf, ShardSpec
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.model.weights import load_weights
 from services.common.presets import tiny_config
 from services.ffn.layouts import SPLIT
 from services.ffn.loader import ShardLoader, expected_ffn_count
-from services.ffn.shard import FFNShard, ShardSpec
 from services.ffn.worker import FFNWorker
 
 CFG = replace(tiny_config(), vocab_size=1000, eos_token_ids=(999,))
@@ -42,16 +44,15 @@ def test_a_share_read_layer_by_layer_equals_the_slice_of_the_whole_checkpoint(tm
     by_layer = ShardLoader(str(path), CFG, torch.float32, CPU, 1, SPLIT).load(2)
     names = [n for n in checkpoint_tensors(CFG) if is_ffn_tensor(n)]
     whole = load_weights(path, CFG, dtype=torch.float32, names=names, progress=False)
-    sliced = FFNShard(CFG, ShardSpec(1, 2, SPLIT), whole)
+    sliced = build_ffn_half(CFG, whole, ShardSpec(1, 2), dtype=torch.float32)
     moe = CFG.moe_layers[0]
     h = torch.randn(5, CFG.hidden_size)  # T = 5 tokens
     ids = torch.randint(0, CFG.moe_num_experts, (5, CFG.moe_top_k))
     weights = torch.rand(5, CFG.moe_top_k)
-    rows = torch.arange(5)
     for layer in (0, moe):  # a dense layer and a MoE layer
         torch.testing.assert_close(
-            by_layer.forward(layer, h, ids, weights, rows),
-            sliced.forward(layer, h, ids, weights, rows),
+            by_layer(layer, FFNInput(h, ids, weights)),
+            sliced(layer, FFNInput(h, ids, weights)),
             rtol=0,
             atol=0,
         )
@@ -63,7 +64,7 @@ def test_resharding_frees_the_old_share_before_reading_the_new_one(tmp_path):
     reads: list[bool] = []  # per read: whether the old share was gone by then
 
     class Watched(ShardLoader):
-        def load(self, num_ffn: int) -> FFNShard:
+        def load(self, num_ffn: int) -> FFNHalf:
             gc.collect()
             reads.append(old() is None)
             return super().load(num_ffn)

@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from services.common.model.attention import causal_attention, causal_attention_sdpa
+from services.common.model.attention_half import FFNInput, Router
+from services.common.model.ffn_half import RoutedExperts
 from services.common.model.layers import RMSNorm, apply_rope, rope_cos_sin
 from services.common.model.moe import (
-    MoE,
     expert_forward,
     expert_forward_per_token,
     grouped_expert_forward,
@@ -77,16 +78,18 @@ def test_router_is_softmax_topk_without_renormalisation():
     torch.testing.assert_close(weights.sum(), torch.tensor(1.0))
 
 
-def test_moe_module_routes_then_combines():
-    moe = MoE(24, 8, 16, top_k=3, renormalize=False).double()
-    for p in moe.parameters():
-        torch.nn.init.normal_(p, std=0.2)
-    x = torch.randn(5, 24, dtype=torch.float64)
-    weights, ids = route(x @ moe.gate.weight.T, 3, False)
-    expected = expert_forward_per_token(
-        x, weights.double(), ids, moe.gate_proj.weight, moe.up_proj.weight, moe.down_proj.weight
-    )
-    torch.testing.assert_close(moe(x), expected)
+def test_the_attention_halfs_router_and_the_ffn_halfs_experts_make_the_moe():
+    cfg = small_config()
+    router = Router(cfg).double()
+    torch.nn.init.normal_(router.gate.weight, std=0.2)
+    e, f, h = cfg.moe_num_experts, cfg.moe_intermediate_size, cfg.hidden_size
+    gate, up, down = random_experts(e, f, h, torch.float64)
+    x = torch.randn(5, h, dtype=torch.float64)
+    weights, ids = router(x)
+    assert torch.equal(ids, route(x @ router.gate.weight.T, cfg.moe_top_k, False)[1])
+    expected = expert_forward_per_token(x, weights.double(), ids, gate, up, down)
+    ffn_input = FFNInput(x, ids, weights.double())
+    torch.testing.assert_close(RoutedExperts(gate, up, down, 0)(ffn_input), expected)
 
 
 def test_rms_norm():

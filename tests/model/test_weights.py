@@ -23,7 +23,7 @@ from services.common.model.checkpoint_writer import (
 from services.common.model.fp8 import dequantize_block_fp8, quantize_block_fp8
 from services.common.model.fp8_linear import Fp8Linear
 from services.common.model.reference import reference_logits
-from services.common.model.schema import checkpoint_tensors, is_attention_linear
+from services.common.model.schema import checkpoint_tensors, is_attention_linear, is_mlp_linear
 from services.common.model.weights import CheckpointError, load_weights, stored_fp8
 from services.common.presets import tiny_config
 
@@ -204,14 +204,22 @@ def test_fp8_attention_linears_can_stay_fp8_with_their_scales(tmp_path: Path):
     assert loaded[experts].dtype == torch.float32 and experts + "_scale_inv" not in loaded
 
 
-def test_a_model_with_fp8_attention_linears_tracks_the_dequantised_one(tmp_path: Path):
+def test_a_model_with_fp8_linears_tracks_the_dequantised_one(tmp_path: Path):
     # Widths that are whole 128-blocks, as FP8 GEMMs need; on CPU they run the torch path.
-    cfg = small_config(hidden_size=128, share_q_dim=128, num_attention_heads=4, head_dim=32)
+    cfg = small_config(
+        hidden_size=128, share_q_dim=128, num_attention_heads=4, head_dim=32,
+        intermediate_size=256, share_expert_dim=128,
+    )  # fmt: skip
     write(tmp_path, cfg, fp8=True, seed=5)
-    fp8 = build_model(cfg, load(tmp_path, cfg, dtype=torch.float32, keep_fp8=is_attention_linear))
+    keep = lambda name: is_attention_linear(name) or is_mlp_linear(name)  # noqa: E731
+    fp8 = build_model(cfg, load(tmp_path, cfg, dtype=torch.float32, keep_fp8=keep))
     wide = build_model(cfg, load(tmp_path, cfg, dtype=torch.float32))
-    assert isinstance(fp8.model.layers[3].self_attn.o_proj, Fp8Linear)
-    assert isinstance(wide.model.layers[3].self_attn.o_proj, torch.nn.Linear)
+    moe = cfg.moe_layers[0]
+    assert isinstance(fp8.attention.layers[3].self_attn.o_proj, Fp8Linear)
+    assert isinstance(fp8.ffn.layers[0].mlp.down_proj, Fp8Linear)  # a dense layer's MLP
+    assert isinstance(fp8.ffn.layers[moe].share_expert.gate_proj, Fp8Linear)
+    assert isinstance(wide.attention.layers[3].self_attn.o_proj, torch.nn.Linear)
+    assert isinstance(wide.ffn.layers[0].mlp.down_proj, torch.nn.Linear)
     prompt = list(range(3, 40, 3))
     a, b = reference_logits(fp8, prompt).float(), reference_logits(wide, prompt).float()
     # What is left is the activations' 1 x 128 e4m3 rounding (about 3% per value).

@@ -74,13 +74,17 @@ def apply_rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class SwiGLU(nn.Module):
-    """down(silu(gate(x)) * up(x)): the dense MLP and the shared expert."""
+    """down(silu(gate(x)) * up(x)): the dense MLP and the shared expert.
 
-    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+    The three projections are built by the caller (`build.py`): wide `nn.Linear`s or
+    `Fp8Linear`s over the checkpoint's block-FP8 weights, whole or a shard's columns.
+    """
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = gate_proj
+        self.up_proj = up_proj
+        self.down_proj = down_proj
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -1,10 +1,10 @@
-"""Step-3's mixture of experts: a softmax top-k router and stacked routed experts.
+"""Step-3's mixture of experts: softmax top-k routing and stacked routed experts.
 
-Routing (on the attention side in AFD) and expert compute (on the FFN side) are separate
-calls so each side runs only its half. Expert compute has two forms with one meaning: a loop
-over experts (any dtype and device; the exact one) and, for 16-bit weights on a GPU, grouped
-GEMMs over all experts at once (`torch._grouped_mm`) with no host synchronisation. The shared
-expert is a plain `SwiGLU` owned by the decoder layer, not by this module, matching the
+Routing (the attention half's `Router`) and expert compute (the FFN half's `RoutedExperts`)
+are separate functions so each side of AFD runs only its half. Expert compute has two forms
+with one meaning: a loop over experts (any dtype and device; the exact one) and, for 16-bit
+weights on a GPU, grouped GEMMs over all experts at once (`torch._grouped_mm`) with no host
+synchronisation. The shared expert is a plain `SwiGLU` of the FFN half, matching the
 checkpoint's `share_expert.*` names.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn import functional as F
 
 from services.common.model import moe_kernels
@@ -156,44 +156,3 @@ def expert_forward_per_token(
             act = F.silu(gate_proj[e] @ x[t]) * (up_proj[e] @ x[t])
             out[t] += weights[t, k].to(acc) * (down_proj[e] @ act).to(acc)
     return out.to(x.dtype)
-
-
-class StackedWeight(nn.Module):
-    """One projection of every expert, stacked: `weight` [E, out, in] (the checkpoint's form)."""
-
-    def __init__(self, num_experts: int, out_features: int, in_features: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(num_experts, out_features, in_features))
-
-
-class MoE(nn.Module):
-    """Router `gate` [E, H] and stacked experts: gate/up_proj [E, F, H], down_proj [E, H, F]."""
-
-    def __init__(
-        self,
-        hidden_size: int,
-        num_experts: int,
-        intermediate_size: int,
-        top_k: int,
-        renormalize: bool,
-    ) -> None:
-        super().__init__()
-        self.top_k = top_k
-        self.renormalize = renormalize
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.gate_proj = StackedWeight(num_experts, intermediate_size, hidden_size)
-        self.up_proj = StackedWeight(num_experts, intermediate_size, hidden_size)
-        self.down_proj = StackedWeight(num_experts, hidden_size, intermediate_size)
-
-    def route(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: [T, H] -> (weights [T, K] float32, expert ids [T, K])."""
-        return route(self.gate(x), self.top_k, self.renormalize)
-
-    def experts(self, x: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
-        return expert_forward(
-            x, weights, ids, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight
-        )
-
-    def forward(self, x: Tensor) -> Tensor:
-        weights, ids = self.route(x)
-        return self.experts(x, weights, ids)

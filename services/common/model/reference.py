@@ -28,7 +28,7 @@ def reference_logits(
     model: Step3ForCausalLM, token_ids: list[int], last_only: bool = False
 ) -> Tensor:
     """Logits [T, V] at every position of one sequence ([1, V] for the last with last_only)."""
-    device = model.lm_head.weight.device
+    device = model.device
     ids = torch.tensor(token_ids, dtype=torch.long, device=device)
     positions = torch.arange(len(token_ids), device=device)
     hidden = model(ids, positions, ContiguousAttention(model.cfg.head_dim**-0.5))  # [T, H]

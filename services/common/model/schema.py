@@ -73,6 +73,11 @@ def is_attention_linear(name: str) -> bool:
     return any(name.endswith(f".self_attn.{linear}.weight") for linear in _ATTENTION_LINEARS)
 
 
+def is_mlp_linear(name: str) -> bool:
+    """A dense MLP's or shared expert's projection (2-D, what `Fp8Linear` serves)."""
+    return (".mlp." in name or ".share_expert." in name) and name.endswith("_proj.weight")
+
+
 def is_ffn_tensor(name: str) -> bool:
     """Feed-forward weights (dense MLP, shared and routed experts): the FFN side's in AFD.
     Everything else, the router included, stays on the attention side."""

@@ -1,0 +1,124 @@
+"""The FFN executor of AFD: every layer's feed-forward goes to the FFN instances.
+
+Each dispatch sends a micro-batch's FFN input (normed activations, plus expert ids and
+weights in MoE layers) to every FFN instance, asynchronously, and posts the receives of their
+partial outputs; `combine` waits for those and sums them in FFN-instance order, so results do
+not depend on arrival order. The runner's pipeline (model_runner.py) computes attention for
+micro-batch i + 1 while the FFN instances work on micro-batch i.
+
+Buffers are allocated once per micro-batch slot and reused every layer and step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from services.common.activations import Layout
+from services.common.config import ModelConfig
+from services.common.model.attention_half import FFNInput
+from services.common.transport import A2F, F2A, Pending, Transport, channel
+
+PlanSink = Callable[[int, list[int]], None]  # (step, tokens per micro-batch) -> control plane
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    num_micro_batches: int = 3
+    fp8_dispatch: bool = False  # e4m3 with per-token scales on the attention-to-FFN direction
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.num_micro_batches <= 4:
+            raise ValueError(f"micro-batches must be 1 to 4, got {self.num_micro_batches}")
+
+
+class RemoteFFN:
+    capturable = False  # transfers cannot sit inside a CUDA graph
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        dtype: torch.dtype,
+        device: torch.device,
+        transport: Transport,
+        ffn_ranks: list[int],
+        plan_sink: PlanSink,
+        config: PipelineConfig,
+        max_tokens_per_step: int,
+    ) -> None:
+        self.cfg = cfg
+        self.dtype = dtype
+        self.device = device
+        self.transport = transport
+        self.ffn_ranks = ffn_ranks
+        self.plan_sink = plan_sink
+        self.config = config
+        self.step = 0
+        self.layouts = {
+            False: Layout(cfg.hidden_size, 0, dtype, config.fp8_dispatch),
+            True: Layout(cfg.hidden_size, cfg.moe_top_k, dtype, config.fp8_dispatch),
+        }
+        k, n = config.num_micro_batches, max_tokens_per_step
+        self._send_bufs = [self._bytes(n * self.layouts[True].bytes_per_token) for _ in range(k)]
+        self._partial_bytes = n * cfg.hidden_size * dtype.itemsize
+        self._recv_bufs = self._partial_buffers(len(ffn_ranks))
+        self._sends: list[list[Pending]] = [[] for _ in range(k)]
+        self._recvs: list[list[tuple[Tensor, Pending]]] = [[] for _ in range(k)]
+
+    def rebind(self, transport: Transport, ffn_ranks: list[int]) -> None:
+        """Serve a new membership epoch: its group, its FFN ranks (as many as before, or
+        another number when the FFN side was scaled), its step numbers from 0."""
+        if len(ffn_ranks) != len(self.ffn_ranks):
+            self._recv_bufs = self._partial_buffers(len(ffn_ranks))
+        self.transport = transport
+        self.ffn_ranks = ffn_ranks
+        self.step = 0
+        k = self.config.num_micro_batches
+        self._sends, self._recvs = [[] for _ in range(k)], [[] for _ in range(k)]
+
+    def _partial_buffers(self, num_ffn: int) -> list[list[Tensor]]:
+        """Per micro-batch slot, a receive buffer for each FFN instance's partial sum."""
+        k = self.config.num_micro_batches
+        return [[self._bytes(self._partial_bytes) for _ in range(num_ffn)] for _ in range(k)]
+
+    def _bytes(self, size: int) -> Tensor:
+        return torch.empty(size, dtype=torch.uint8, device=self.device)
+
+    def begin(self, tokens_per_slot: list[int]) -> None:
+        step, self.step = self.step, self.step + 1
+        self.plan_sink(step, tokens_per_slot)
+
+    def dispatch(self, layer: int, slot: int, x: FFNInput) -> None:
+        self.wait_sent(slot)
+        layout = self.layouts[x.ids is not None]
+        message = layout.pack(self._send_bufs[slot], x.h, x.ids, x.weights)
+        what = f"layer {layer}, micro-batch {slot}"
+        n, hidden = x.h.shape
+        out, back = channel(A2F, slot), channel(F2A, slot)
+        self._sends[slot] = [self.transport.send(message, r, out, what) for r in self.ffn_ranks]
+        self._recvs[slot] = [
+            (view, self.transport.recv(view, rank, back, what))
+            for rank, buf in zip(self.ffn_ranks, self._recv_bufs[slot], strict=True)
+            for view in (buf[: n * hidden * self.dtype.itemsize],)
+        ]
+
+    def combine(self, slot: int) -> Tensor:
+        """Sum the FFN instances' partial outputs, in instance order."""
+        recvs, self._recvs[slot] = self._recvs[slot], []
+        acc = torch.promote_types(self.dtype, torch.float32)
+        total = None
+        for view, pending in recvs:
+            self.transport.wait(pending)
+            part = view.view(self.dtype).view(-1, self.cfg.hidden_size).to(acc)
+            total = part if total is None else total + part
+        return total.to(self.dtype)
+
+    def wait_sent(self, slot: int) -> None:
+        self.transport.drain(self._sends[slot])
+
+    def end(self) -> None:
+        for slot in range(self.config.num_micro_batches):
+            self.wait_sent(slot)
