@@ -14,9 +14,12 @@ decode tokens/s is B / TPOT; end to end counts every token from the first submit
 token, prefill included. Each figure is the median of --repeats runs; every process runs
 torch with --threads intra-op threads (1 by default).
 
-Control plane: a real controller (`python -m services.controller`), an attention member and
-an FFN member registered from two threads; per step the attention member's submit_plan +
-get_plan round trip, while the FFN member long-polls the same plans as `afd ffn` does.
+Control plane: busy steps make no control-plane call (their sizes travel in the data plane's
+step headers); only a step after an idle one is opened through the controller. Measured: a
+real controller (`python -m services.controller`), an attention member and an FFN member
+registered from two threads; per opening, the time from the attention member's open_step
+(which `afd attention` sends asynchronously, never waiting for it) to the FFN member's
+await_step returning, the wake-up latency an idle cluster pays once per busy period.
 
 Data plane: one layer's A2F message and F2A answer between two processes through the
 production `Transport` on gloo, in the wire layout (`Layout`) of the tiny model and of Step-3.
@@ -368,25 +371,26 @@ def bench_control_plane(args: argparse.Namespace, logs: Path) -> list[str]:
             epoch = joined["attention"].epoch
             steps = args.plan_steps
 
-            def follow() -> None:  # the FFN member, as `afd ffn` does
-                for step in range(steps):
-                    ffn.get_plan(epoch, step, 30)
-
-            follower = threading.Thread(target=follow)
-            follower.start()
             times = []
             for step in range(steps):
+                woken = threading.Event()
+                waiter = threading.Thread(  # the FFN member, idle, as `afd ffn` waits
+                    target=lambda s=step, w=woken: ffn.await_step(epoch, s, 30) and w.set()
+                )
+                waiter.start()
+                time.sleep(0.002)  # the waiter is in its long-poll
                 start = time.perf_counter()
-                attention.submit_plan(epoch, step, 0, [step % 7, 1, 2])
-                attention.get_plan(epoch, step, 30)
+                attention.open_step(epoch, step, 0)
+                woken.wait(30)
                 times.append(time.perf_counter() - start)
-            follower.join(60)
+                waiter.join(30)
     finally:
         child.stop()
     times = times[len(times) // 10 :]  # the first tenth warms the channel up
     p50, p90, p99 = (percentile(times, q) for q in (0.5, 0.9, 0.99))
     return [
-        "| steps | median us | p90 us | p99 us | median / 50 ms TPOT | median / 272 us |",
+        "| idle-to-busy openings | median us | p90 us | p99 us | median / 50 ms TPOT | "
+        "median / 272 us |",
         "|---|---|---|---|---|---|",
         f"| {len(times)} | {p50 * 1e6:.0f} | {p90 * 1e6:.0f} | {p99 * 1e6:.0f} "
         f"| {p50 / PAPER_TPOT_S:.2%} | {p50 / PAPER_LAYER_STAGE_S:.2f}x |",

@@ -31,6 +31,7 @@ from services.attention.monitor import EngineMonitor, PipelineMonitor
 from services.attention.recovery import ClusterRecovery
 from services.attention.remote_ffn import PipelineConfig, RemoteFFN
 from services.attention.scheduler import SchedulerConfig
+from services.attention.step_bell import StepBell
 from services.common.config import load_config
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
 from services.common.metrics import AttentionMetrics, sampler_for, serve_metrics
@@ -123,14 +124,8 @@ def run(args: argparse.Namespace) -> int:
 
         membership, transport = instance.join()
 
-        def submit_plan(step: int, counts: list[int]) -> None:
-            # Then wait for everyone's: attention instances stay in lockstep even when idle
-            # (an idle step moves no tensors, so nothing else would hold them together).
-            epoch = instance.membership  # the current epoch's, after any re-forming
-            instance.control.submit_plan(epoch.epoch, step, options.index, counts)
-            if len(epoch.attention_ranks) > 1:
-                instance.control.get_plan(epoch.epoch, step, options.step_timeout_s)
-
+        bell = StepBell(instance.control, options.index)
+        bell.rebind(membership.epoch)
         registry = CollectorRegistry()
         metrics = AttentionMetrics(registry)
         pipeline = PipelineConfig(membership.num_micro_batches, args.fp8_dispatch)
@@ -140,7 +135,8 @@ def run(args: argparse.Namespace) -> int:
             options.device,
             transport,
             membership.ffn_ranks,
-            submit_plan,
+            len(membership.attention_ranks),
+            bell,
             pipeline,
             config.scheduler.max_num_batched_tokens,
         )
@@ -148,16 +144,17 @@ def run(args: argparse.Namespace) -> int:
         runner = ModelRunner(attention, ffn, cache, pipeline.num_micro_batches, monitor)
         engine = Engine(runner, num_blocks, config, tokenizer)
         recovery = ClusterRecovery(instance, ffn)
-        # Several attention instances step in lockstep, so an idle one still takes empty steps
-        # lest its peers wait for its plan; a lone one has no peer to hold up and sleeps.
+        # While any attention instance is busy every one takes each step (an idle one with
+        # no tokens), so the FFN instances hear from all; an idle cluster sleeps.
         driver = EngineDriver(
             engine,
-            always_step=len(membership.attention_ranks) > 1,
+            must_step=ffn.must_step,
             idle_wait_s=0.01,
             on_step=EngineMonitor(engine, metrics).after_step,
             recovery=recovery,
         )
         recovery.driver = driver
+        bell.on_ring = driver.wake  # a peer opened a step: take part at once
         serve_metrics(registry, options.host, args.metrics_port)
         add_attention_service(instance.server.server, driver)
         instance.wait_for_peers()
@@ -177,6 +174,7 @@ def run(args: argparse.Namespace) -> int:
                 args.drain_timeout,
             )
         driver.stop()
+        bell.close()
         instance.leave()
         return 0
     finally:

@@ -150,20 +150,22 @@ class EngineDriver:
         self,
         engine: Engine,
         *,
-        always_step: bool = False,
+        must_step: Callable[[], bool] | None = None,
         idle_wait_s: float = 0.005,
         on_step: Callable[[], None] | None = None,
         recovery: Recovery | None = None,
     ) -> None:
-        """`on_step`: called on the engine thread after every step (metrics); `recovery`:
-        how to rejoin the cluster when a step fails on a broken epoch (None: fail)."""
+        """`must_step`: whether the engine takes a step even with nothing of its own to
+        compute (a disaggregated instance whose peers are busy, remote_ffn.py); `on_step`:
+        called on the engine thread after every step (metrics); `recovery`: how to rejoin
+        the cluster when a step fails on a broken epoch (None: fail)."""
         self._engine = engine
         self._on_step = on_step
         self._recovery = recovery
         self._recovering: str | None = None  # why, while the engine thread rejoins
-        # A disaggregated engine must join every lockstep step, so it steps even when idle;
-        # the step's collectives then pace the loop and it never sleeps.
-        self.always_step = always_step
+        # While its peers are busy a disaggregated engine joins every step, even idle; the
+        # step's transfers then pace the loop and it never sleeps.
+        self._must_step = must_step or (lambda: False)
         self._idle_wait_s = idle_wait_s
         self._lock = threading.Lock()  # guards the command queue and the lifecycle flags
         self._commands: deque[_Submit | _Cancel] = deque()
@@ -257,6 +259,10 @@ class EngineDriver:
         self._wake.set()
         return accepted
 
+    def wake(self) -> None:
+        """Look again now (a peer opened a step this idle instance must take part in)."""
+        self._wake.set()
+
     def cancel(self, request_id: str) -> None:
         """Abort the request on the engine thread before its next step, freeing its KV
         blocks. Returns at once; unknown or finished ids are ignored."""
@@ -304,7 +310,8 @@ class EngineDriver:
         if recovery is not None and recovery.needed():
             self._recover("the cluster re-formed without this instance")
         busy = self._engine.has_unfinished_requests()
-        if busy or self.always_step:
+        stepping = busy or self._must_step()
+        if stepping:
             try:
                 outputs = self._engine.step()
             except Exception as exc:
@@ -316,10 +323,8 @@ class EngineDriver:
             if self._on_step is not None:
                 self._on_step()
         self._load = self._snapshot()
-        if not busy:
-            # Idle: wait for work. A lockstep engine still takes an (empty) step after the
-            # wait, so its peers never stall on it, but it does not spin.
-            self._wake.wait(self._idle_wait_s)
+        if not stepping:
+            self._wake.wait(self._idle_wait_s)  # idle: until work comes or a peer wakes us
         return True
 
     def _recover(self, why: str) -> None:

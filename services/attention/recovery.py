@@ -25,7 +25,7 @@ class ClusterRecovery:
     def __init__(self, instance: Instance, ffn: RemoteFFN) -> None:
         self.instance = instance
         self.ffn = ffn
-        self.driver: EngineDriver | None = None  # set once built: its lockstep follows the epoch
+        self.driver: EngineDriver | None = None  # set once built
 
     def needed(self) -> bool:
         return self.instance.needs_rejoin()
@@ -41,7 +41,6 @@ class ClusterRecovery:
             membership, transport = self.instance.rejoin(why, interruptible=False)
         except ClusterShutdown as err:
             raise DriverStopped(f"the cluster is shutting down: {err}") from err
-        self.ffn.rebind(transport, membership.ffn_ranks)
-        if self.driver is not None:
-            self.driver.always_step = len(membership.attention_ranks) > 1
+        num_attention = len(membership.attention_ranks)
+        self.ffn.rebind(transport, membership.epoch, membership.ffn_ranks, num_attention)
         server.set_serving(True, ("", SERVICE_NAME))

@@ -1,5 +1,14 @@
 """The FFN executor of AFD: every layer's feed-forward goes to the FFN instances.
 
+A step begins with a header to every FFN instance (the step number and its tokens per
+micro-batch), so the FFN instances size their receives from the data plane itself and no
+step waits for the controller. Every member follows one rule, so they agree without asking:
+a step with tokens on any attention instance is always followed by another, in which every
+attention instance takes part (with no tokens, if it has none); after a step with none the
+cluster is idle until an attention instance with work opens the next step through the
+controller (step_bell.py), which wakes the others. Attention instances learn a step's total
+from the first FFN instance's summary (with one attention instance, its own count is it).
+
 Each dispatch sends a micro-batch's FFN input (normed activations, plus expert ids and
 weights in MoE layers) to every FFN instance, asynchronously, and posts the receives of their
 partial outputs; `combine` waits for those and sums them in FFN-instance order, so results do
@@ -11,18 +20,16 @@ Buffers are allocated once per micro-batch slot and reused every layer and step.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
+from services.attention.step_bell import StepBell
 from services.common.activations import Layout
 from services.common.config import ModelConfig
 from services.common.model.attention_half import FFNInput
-from services.common.transport import A2F, F2A, Pending, Transport, channel
-
-PlanSink = Callable[[int, list[int]], None]  # (step, tokens per micro-batch) -> control plane
+from services.common.transport import A2F, F2A, PeerFailure, Pending, Transport, channel
 
 
 @dataclass(frozen=True)
@@ -45,18 +52,28 @@ class RemoteFFN:
         device: torch.device,
         transport: Transport,
         ffn_ranks: list[int],
-        plan_sink: PlanSink,
+        num_attention: int,
+        bell: StepBell,
         config: PipelineConfig,
         max_tokens_per_step: int,
     ) -> None:
+        """`num_attention`: attention instances in the epoch; `bell`: opens steps after
+        idle ones and says when a peer opened one."""
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
         self.transport = transport
         self.ffn_ranks = ffn_ranks
-        self.plan_sink = plan_sink
+        self.num_attention = num_attention
+        self.bell = bell
         self.config = config
         self.step = 0
+        self.idle = True  # the last step had no tokens anywhere (an epoch starts idle)
+        self._own = 0
+        self._summary = torch.zeros(2, dtype=torch.int64)  # (step, its total tokens)
+        self._header_sends: list[Pending] = []
+        self._summary_recv: Pending | None = None
+        self._await_first_step()
         self.layouts = {
             False: Layout(cfg.hidden_size, 0, dtype, config.fp8_dispatch),
             True: Layout(cfg.hidden_size, cfg.moe_top_k, dtype, config.fp8_dispatch),
@@ -68,14 +85,25 @@ class RemoteFFN:
         self._sends: list[list[Pending]] = [[] for _ in range(k)]
         self._recvs: list[list[tuple[Tensor, Pending]]] = [[] for _ in range(k)]
 
-    def rebind(self, transport: Transport, ffn_ranks: list[int]) -> None:
+    def rebind(
+        self, transport: Transport, epoch: int, ffn_ranks: list[int], num_attention: int
+    ) -> None:
         """Serve a new membership epoch: its group, its FFN ranks (as many as before, or
         another number when the FFN side was scaled), its step numbers from 0."""
         if len(ffn_ranks) != len(self.ffn_ranks):
             self._recv_bufs = self._partial_buffers(len(ffn_ranks))
         self.transport = transport
         self.ffn_ranks = ffn_ranks
-        self.step = 0
+        self.num_attention = num_attention
+        self.bell.rebind(epoch)
+        self.step, self.idle = 0, True
+        self._header_sends, self._summary_recv = [], None
+        self._await_first_step()
+
+    def _await_first_step(self) -> None:
+        """An epoch starts idle: a peer with work will open its step 0."""
+        if self.num_attention > 1:
+            self.bell.watch(0)
         k = self.config.num_micro_batches
         self._sends, self._recvs = [[] for _ in range(k)], [[] for _ in range(k)]
 
@@ -87,9 +115,21 @@ class RemoteFFN:
     def _bytes(self, size: int) -> Tensor:
         return torch.empty(size, dtype=torch.uint8, device=self.device)
 
+    def must_step(self) -> bool:
+        """Whether this instance takes the next step even with nothing to compute."""
+        return not self.idle or self.bell.rang(self.step)
+
     def begin(self, tokens_per_slot: list[int]) -> None:
-        step, self.step = self.step, self.step + 1
-        self.plan_sink(step, tokens_per_slot)
+        step = self.step
+        if self.idle:
+            self.bell.open(step)  # asynchronous: wakes the members waiting for this step
+        what = f"step {step}'s header"
+        header = torch.tensor([step, *tokens_per_slot], dtype=torch.int64)
+        self._header_sends = [self.transport.send_header(header, r, what) for r in self.ffn_ranks]
+        self._own = sum(tokens_per_slot)
+        if self.num_attention > 1:
+            what = f"step {step}'s summary"
+            self._summary_recv = self.transport.recv_header(self._summary, self.ffn_ranks[0], what)
 
     def dispatch(self, layer: int, slot: int, x: FFNInput) -> None:
         self.wait_sent(slot)
@@ -122,3 +162,18 @@ class RemoteFFN:
     def end(self) -> None:
         for slot in range(self.config.num_micro_batches):
             self.wait_sent(slot)
+        self.transport.drain(self._header_sends)
+        total = self._own
+        if self._summary_recv is not None:
+            self.transport.wait(self._summary_recv)
+            self._summary_recv = None
+            if int(self._summary[0]) != self.step:
+                raise PeerFailure(
+                    f"{self.transport.peer_names[self.ffn_ranks[0]]} summarised step "
+                    f"{int(self._summary[0])} for step {self.step}: the members are out of step"
+                )
+            total = int(self._summary[1])
+        self.step += 1
+        self.idle = total == 0
+        if self.idle and self.num_attention > 1:
+            self.bell.watch(self.step)  # a peer with work will open it

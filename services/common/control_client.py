@@ -1,7 +1,8 @@
 """The client attention and FFN processes use to talk to the controller.
 
-Register once (it blocks until the whole cluster has), then every decode step: attention
-instances submit their micro-batch token counts, and every rank gets the step's plan.
+Register once (it blocks until the whole cluster has); when an idle cluster gets work, the
+attention instance that has it opens the next step and the other members, waiting for it,
+wake (busy steps never come here: their sizes travel with the data).
 Heartbeats say the member is alive and answer whether it should keep running.
 
 Long waits are long-polls: each call asks the controller to wait server-side, and asks again
@@ -103,28 +104,14 @@ class ControlClient:
                     f"the cluster did not form within {timeout_s:g} s: still missing {names}"
                 )
 
-    def submit_plan(self, epoch: int, step: int, attention_index: int, counts: list[int]) -> None:
-        """This attention instance's token count per micro-batch for `step`."""
-        request = wire.submit_plan_request(epoch, step, attention_index, counts)
-        self._call(self._stub.SubmitPlan, request)
+    def open_step(self, epoch: int, step: int, attention_index: int) -> None:
+        """This attention instance starts `step` after an idle one: wake who waits for it."""
+        self._call(self._stub.OpenStep, wire.open_step_request(epoch, step, attention_index))
 
-    def get_plan(self, epoch: int, step: int, timeout_s: float) -> list[list[int]]:
-        """counts[attention_index][micro_batch] of `step`, once every attention instance has
-        submitted it."""
-        deadline = time.monotonic() + timeout_s
-        while True:
-            wait = max(0.0, deadline - time.monotonic())
-            response = self._call(
-                self._stub.GetPlan, wire.get_plan_request(epoch, step, wait), wait
-            )
-            plan, missing = wire.get_plan_result(response)
-            if plan is not None:
-                return plan
-            if time.monotonic() >= deadline:
-                raise TimeoutError(
-                    f"no plan for step {step} (epoch {epoch}) within {timeout_s:g} s: "
-                    f"attention instance(s) {missing} have not submitted it"
-                )
+    def await_step(self, epoch: int, step: int, timeout_s: float) -> bool:
+        """Whether some attention instance opened `step`, waiting at most `timeout_s`."""
+        request = wire.await_step_request(epoch, step, timeout_s)
+        return self._call(self._stub.AwaitStep, request, timeout_s).open
 
     def heartbeat(self, role: str, index: int) -> tuple[bool, int]:
         """Say `role` instance `index` is alive. Returns whether it should keep running

@@ -23,7 +23,7 @@ from services.common.dist import join_group, leave_group, peer_names, wait_for_a
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, ErrorCodes, GrpcServer
 from services.common.metrics import add_metrics_argument
-from services.common.transport import Transport, channel_groups
+from services.common.transport import Transport, channel_groups, steps_group
 
 log = logging.getLogger(__name__)
 
@@ -166,8 +166,10 @@ class Instance:
             membership, self.rank, o.device, o.step_timeout_s, o.cluster_secret,
             min(timeout_s, o.recovery_timeout_s),
         )  # fmt: skip
-        groups = channel_groups() if o.device.type == "cuda" else None
-        return membership, Transport(peer_names(membership), o.step_timeout_s, groups)
+        groups, headers = (
+            (channel_groups(), steps_group()) if o.device.type == "cuda" else (None, None)
+        )
+        return membership, Transport(peer_names(membership), o.step_timeout_s, groups, headers)
 
     def _register(self, timeout_s: float, last_epoch: int, interruptible: bool) -> Membership:
         """Register and wait for the membership, in short polls so that SIGTERM interrupts

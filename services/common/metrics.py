@@ -206,7 +206,7 @@ class FFNMetrics:
 
 
 class ControllerMetrics:
-    """The control plane: membership and step plans."""
+    """The control plane: membership and the steps that wake an idle cluster."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
@@ -218,11 +218,12 @@ class ControllerMetrics:
         self.epoch = Gauge(
             "afd_controller_membership_epoch", "The current membership epoch.", registry=r
         )
-        self.plan_latency = Histogram(
-            "afd_controller_step_plan_seconds",
-            "From a step's first attention submission to its complete plan.",
-            buckets=STEP_BUCKETS, registry=r,
-        )  # fmt: skip
+        self.step_openings = Counter(
+            "afd_controller_step_openings_total",
+            "Steps opened after an idle one: the times the cluster woke up (busy steps never "
+            "reach the controller).",
+            registry=r,
+        )
 
 
 METRICS_LINE = "metrics on {host}:{port}"  # printed by each process; `afd serve` reads it

@@ -30,6 +30,7 @@ from torch import Tensor
 A2F, F2A = "attention to FFN", "FFN to attention"
 MAX_SLOTS = 4  # micro-batches a step may have (PipelineConfig)
 NUM_CHANNELS = 2 * MAX_SLOTS
+STEPS = NUM_CHANNELS  # step headers and summaries: the tag after the data channels
 
 
 def channel(direction: str, slot: int) -> int:
@@ -45,6 +46,11 @@ def channel_groups() -> list[dist.ProcessGroup]:
     return [dist.new_group(backend="nccl") for _ in range(NUM_CHANNELS)]
 
 
+def steps_group() -> dist.ProcessGroup:
+    """A gloo group of every rank for the step headers (collective, as `channel_groups`)."""
+    return dist.new_group(backend="gloo")
+
+
 class PeerFailure(RuntimeError):
     """A peer did not deliver within the step timeout, or its connection broke."""
 
@@ -56,6 +62,7 @@ class Pending:
     work: dist.Work
     peer: str
     what: str
+    host: bool = False  # a CPU tensor on gloo: its wait blocks, bounded by the step timeout
 
 
 class Transport:
@@ -64,11 +71,14 @@ class Transport:
         peer_names: dict[int, str],
         timeout_s: float,
         groups: list[dist.ProcessGroup] | None = None,
+        headers: dist.ProcessGroup | None = None,
     ) -> None:
-        """`groups`: NCCL, one group per channel (`channel_groups`); None: gloo, tags."""
+        """`groups`: NCCL, one group per channel (`channel_groups`), and `headers` the gloo
+        group of the step headers (`steps_group`); None: gloo throughout, tags."""
         self.peer_names = peer_names  # rank -> "ffn instance 1" etc.
         self.timeout = timedelta(seconds=timeout_s)
         self.groups = groups
+        self.headers = headers
         self.on_gpu = groups is not None  # NCCL: waits are stream dependencies
 
     def send(self, tensor: Tensor, dst: int, channel: int, what: str) -> Pending:
@@ -85,6 +95,21 @@ class Transport:
             raise self._failure(src, what, err) from err
         return Pending(work, self.peer_names[src], what)
 
+    def send_header(self, tensor: Tensor, dst: int, what: str) -> Pending:
+        """A step header or summary (a small CPU tensor) on the STEPS channel."""
+        try:
+            work = dist.isend(tensor, dst, group=self.headers, tag=STEPS)
+        except RuntimeError as err:
+            raise self._failure(dst, what, err) from err
+        return Pending(work, self.peer_names[dst], what, host=True)
+
+    def recv_header(self, tensor: Tensor, src: int, what: str) -> Pending:
+        try:
+            work = dist.irecv(tensor, src, group=self.headers, tag=STEPS)
+        except RuntimeError as err:
+            raise self._failure(src, what, err) from err
+        return Pending(work, self.peer_names[src], what, host=True)
+
     def _failure(self, rank: int, what: str, err: RuntimeError) -> PeerFailure:
         return PeerFailure(f"{self.peer_names[rank]} failed {what}: {str(err).splitlines()[0]}")
 
@@ -93,7 +118,10 @@ class Transport:
 
     def wait(self, pending: Pending) -> None:
         try:
-            completed = pending.work.wait() if self.on_gpu else pending.work.wait(self.timeout)
+            if self.on_gpu and not pending.host:
+                completed = pending.work.wait()
+            else:
+                completed = pending.work.wait(self.timeout)
         except RuntimeError as err:
             raise PeerFailure(
                 f"{pending.peer} failed {pending.what}: {str(err).splitlines()[0]}"

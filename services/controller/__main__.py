@@ -28,8 +28,8 @@ from services.controller.discovery import (
     kubernetes_apis,
 )
 from services.controller.membership import ClusterSpec, Registry
-from services.controller.plans import PlanDesk
 from services.controller.server import ERROR_CODES, ControllerServicer
+from services.controller.steps import StepDesk
 
 log = logging.getLogger("services.controller")
 
@@ -43,7 +43,7 @@ TICK_S = 0.25  # how often silent members are looked for
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m services.controller",
-        description="Forms the AFD cluster's membership and hands out each step's plan.",
+        description="Forms the AFD cluster's membership and wakes it when idle steps end.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on")
     parser.add_argument("--port", type=int, default=0, help="gRPC port; 0 picks a free one")
@@ -134,13 +134,13 @@ def main(argv: list[str] | None = None) -> int:
         # Members wrap it in a PrefixStore per epoch; nobody waits for workers here.
         store = TCPStore(args.host, args.store_port, is_master=True, wait_for_workers=False)
         metrics = ControllerMetrics(prometheus)
-        plans = PlanDesk(spec.num_micro_batches, on_plan=metrics.plan_latency.observe)
+        steps = StepDesk(on_open=metrics.step_openings.inc)
         registry = Registry(
-            spec, store_host, store.port, silent_after_s=args.member_timeout, on_change=plans.change
+            spec, store_host, store.port, silent_after_s=args.member_timeout, on_change=steps.change
         )
         watch_members(metrics, registry)
-        servicer = ControllerServicer(registry, plans)
-        # A long-poll holds a thread; a member may hold two (a plan wait and a heartbeat).
+        servicer = ControllerServicer(registry, steps)
+        # A long-poll holds a thread; a member may hold two (a step wait and a heartbeat).
         # A cluster that can be scaled gets room for four times its starting size.
         num_members = spec.num_attention_instances + spec.num_ffn_instances
         if discovery is not None:

@@ -12,7 +12,7 @@ from services.common.wire import control as wire
 from services.common.wire.gen.afd.v1 import control_pb2 as pb
 from services.controller.errors import Conflict, Refused, ShuttingDown, StaleEpoch
 from services.controller.membership import Registry
-from services.controller.plans import PlanDesk
+from services.controller.steps import StepDesk
 
 # The interceptor's table (services/common/grpc_server.py); the client maps them back.
 ERROR_CODES = {
@@ -39,9 +39,9 @@ def long_poll_s(wait_ms: int, context: grpc.ServicerContext) -> float:
 class ControllerServicer(wire.ControllerServicer):
     """Method names are the proto's; each converts, calls the domain and converts back."""
 
-    def __init__(self, registry: Registry, plans: PlanDesk) -> None:
+    def __init__(self, registry: Registry, steps: StepDesk) -> None:
         self._registry = registry
-        self._plans = plans
+        self._steps = steps
 
     def Register(
         self, request: pb.RegisterRequest, context: grpc.ServicerContext
@@ -53,20 +53,18 @@ class ControllerServicer(wire.ControllerServicer):
         wait_s = long_poll_s(request.wait_ms, context)
         return wire.register_response(self._registry.wait(role, index, address, wait_s))
 
-    def SubmitPlan(
-        self, request: pb.SubmitPlanRequest, context: grpc.ServicerContext
-    ) -> pb.SubmitPlanResponse:
-        self._plans.book(request.epoch).submit(
-            request.epoch, request.step, request.attention_index, request.micro_batch_tokens
-        )
-        return wire.submit_plan_response()
+    def OpenStep(
+        self, request: pb.OpenStepRequest, context: grpc.ServicerContext
+    ) -> pb.OpenStepResponse:
+        self._steps.open(request.epoch, request.step, request.attention_index)
+        return wire.open_step_response()
 
-    def GetPlan(
-        self, request: pb.GetPlanRequest, context: grpc.ServicerContext
-    ) -> pb.GetPlanResponse:
-        book = self._plans.book(request.epoch)
-        plan = book.wait(request.epoch, request.step, long_poll_s(request.wait_ms, context))
-        return wire.get_plan_response(plan)
+    def AwaitStep(
+        self, request: pb.AwaitStepRequest, context: grpc.ServicerContext
+    ) -> pb.AwaitStepResponse:
+        book = self._steps.book(request.epoch)
+        wait_s = long_poll_s(request.wait_ms, context)
+        return wire.await_step_response(book.wait(request.epoch, request.step, wait_s))
 
     def Heartbeat(
         self, request: pb.HeartbeatRequest, context: grpc.ServicerContext
@@ -92,4 +90,4 @@ class ControllerServicer(wire.ControllerServicer):
     def shut_down(self) -> None:
         """Wake every waiter with ShuttingDown; heartbeats answer keep_running=false from now."""
         self._registry.shut_down()
-        self._plans.shut_down()
+        self._steps.shut_down()

@@ -1,8 +1,9 @@
 """`afd ffn --index I --controller HOST:PORT --model DIR`: one FFN instance.
 
 It reads its share of every layer's feed-forward weights, joins the cluster, and then runs
-one step per plan from the controller until the cluster shuts down. The next step's plan is
-fetched while the current step computes, so it is there before that step's first transfer.
+steps until the cluster shuts down: while the cluster is busy one after another, each sized
+by the attention instances' headers; after an idle step it waits for the controller to say
+an attention instance opened the next one.
 When the epoch ends (a peer died mid-step, the controller says the cluster moved on, or the
 cluster was scaled), it joins the next one and goes on, with the same weights or, when the
 FFN count changed, its new share (loader.py). SIGTERM: it leaves the cluster (which waits for
@@ -15,7 +16,6 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 
 from prometheus_client import CollectorRegistry
 
@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
             options.device,
             args.fp8_dispatch,
             monitor,
+            summarises=first_ffn(instance, membership),
         )
         del shard  # the worker's from now on: a re-shard must be able to free it
         loader.refit(worker, membership)
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
             if joined is None:
                 break
             membership, transport = joined
-            worker.rebind(transport, membership.attention_ranks)
+            worker.rebind(transport, membership.attention_ranks, first_ffn(instance, membership))
             instance.server.set_serving(True)
         instance.leave()
         return 0
@@ -128,38 +129,40 @@ def rejoin(
     return None
 
 
+def first_ffn(instance: Instance, membership: Membership) -> bool:
+    """Whether this is the epoch's first FFN instance (it summarises every step)."""
+    return membership.ffn_ranks[0] == instance.rank
+
+
 def serve(worker: FFNWorker, instance: Instance) -> str | None:
     """Run the epoch's steps. Returns why the epoch is over for this instance, or None when
     it should stop (SIGTERM, or the cluster shuts down)."""
     epoch, timeout_s = instance.membership.epoch, instance.options.step_timeout_s
-    # Plans are long-polled in short rounds, so a stale epoch is noticed within one.
+    # Idle waits are long-polled in short rounds, so a stale epoch is noticed within one.
     poll_s = min(timeout_s, 1.0)
-    with ThreadPoolExecutor(1, thread_name_prefix="plan") as prefetch:
-
-        def fetch(step: int) -> Future:
-            return prefetch.submit(instance.control.get_plan, epoch, step, poll_s)
-
-        step, plan = 0, fetch(0)
-        while not instance.stopping.is_set():
+    step, idle = 0, True  # an epoch starts idle: its first step is opened by the controller
+    while not instance.stopping.is_set():
+        if idle:
             try:
-                counts = plan.result()
+                opened = instance.control.await_step(epoch, step, poll_s)
             except ClusterShutdown:
                 return None
             except (ControlError, ConnectionError) as err:  # the epoch is over, or the
                 return str(err)  # controller restarts: either way, join the next one
             except TimeoutError:
+                opened = False
+            if not opened:
                 # No step for a while: an idle cluster, not a fault (a peer that fails inside
                 # a step is caught by the data plane). Keep waiting, unless it moved on.
                 if instance.needs_rejoin():
                     return f"the cluster moved past epoch {epoch}"
-                plan = fetch(step)
                 continue
-            step, plan = step + 1, fetch(step + 1)
-            try:
-                worker.run_step(counts)
-            except PeerFailure as err:
-                return str(err)
-        return None
+        try:
+            idle = worker.run_step(step) == 0
+        except PeerFailure as err:
+            return str(err)
+        step += 1
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:

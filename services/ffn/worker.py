@@ -1,10 +1,11 @@
-"""An FFN instance's step loop: gather every attention instance's tokens for a micro-batch,
-compute this instance's share of the feed-forward, send each its partial output.
+"""An FFN instance's step: gather every attention instance's tokens for a micro-batch,
+compute this instance's share of the feed-forward (its FFN half), send each its partial output.
 
-The step plan (tokens per attention instance and micro-batch) comes from the control plane
-before the step's first transfer, so every receive has a known size and instances with no
-tokens are simply skipped. Layers and micro-batches go in the order the attention side
-sends them, so no message is ever ambiguous.
+A step starts with every attention instance's header (the step number and its tokens per
+micro-batch), so every receive has a known size and instances with no tokens are simply
+skipped; the first FFN instance answers each attention instance with the step's total, from
+which they agree on whether the cluster goes idle (remote_ffn.py). Layers and micro-batches
+go in the order the attention side sends them, so no message is ever ambiguous.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from services.common.metrics import FFNMetrics, StepSampler
 from services.common.model.attention_half import FFNInput
 from services.common.model.ffn_half import FFNHalf
 from services.common.pipeline_timer import PipelineTimer
-from services.common.transport import A2F, F2A, Pending, Transport, channel
+from services.common.transport import A2F, F2A, PeerFailure, Pending, Transport, channel
 
 
 class FFNMonitor:
@@ -64,8 +65,10 @@ class FFNWorker:
         device: torch.device,
         fp8_dispatch: bool = False,
         monitor: FFNMonitor | None = None,
+        summarises: bool = True,
     ) -> None:
-        """`monitor`: where tokens per micro-batch and sampled steps' times go."""
+        """`monitor`: where tokens per micro-batch and sampled steps' times go; `summarises`:
+        see `rebind`."""
         self.monitor = monitor
         self.cfg = cfg
         self.shard = shard
@@ -79,7 +82,7 @@ class FFNWorker:
         self.max_tokens_per_step = max_tokens_per_step
         self.num_tokens_computed = 0
         self._expert_counts: Tensor | None = None  # a sampled step's, on the device
-        self.rebind(transport, attention_ranks)
+        self.rebind(transport, attention_ranks, summarises)
 
     def reshard(self, shard: FFNHalf | None) -> None:
         """Hold another share of the weights (the FFN side was scaled); None drops this one
@@ -88,10 +91,14 @@ class FFNWorker:
         if shard is not None and self.monitor is not None:
             self.monitor.watch(shard.expert_range)
 
-    def rebind(self, transport: Transport, attention_ranks: list[int]) -> None:
-        """Serve a new membership epoch: its group, its attention members."""
+    def rebind(
+        self, transport: Transport, attention_ranks: list[int], summarises: bool = True
+    ) -> None:
+        """Serve a new membership epoch: its group, its attention members. `summarises`:
+        this is the first FFN instance, which sends every step's total to the attention side."""
         self.transport = transport
         self.attention_ranks = attention_ranks
+        self.summarises = summarises and len(attention_ranks) > 1
         # Per micro-batch slot: a receive buffer per attention instance, one send buffer.
         n, k, device = self.max_tokens_per_step, self.num_micro_batches, self.device
         in_bytes = n * self.layouts[True].bytes_per_token
@@ -106,8 +113,39 @@ class FFNWorker:
         self._sends: list[list[Pending]] = [[] for _ in range(k)]
 
     @torch.inference_mode()
-    def run_step(self, counts: list[list[int]]) -> None:
-        """counts[attention member, in rank order][micro-batch]: the step plan."""
+    def run_step(self, step: int) -> int:
+        """Receive `step`'s headers, compute it; its total tokens over every attention member."""
+        counts = self._headers(step)  # [attention member, in rank order][micro-batch]
+        total = sum(map(sum, counts))
+        summaries = []
+        if self.summarises:
+            summary = torch.tensor([step, total], dtype=torch.int64)
+            what = f"step {step}'s summary"
+            summaries = [self.transport.send_header(summary, r, what) for r in self.attention_ranks]
+        self._compute(counts)
+        self.transport.drain(summaries)
+        return total
+
+    def _headers(self, step: int) -> list[list[int]]:
+        what = f"step {step}'s header"
+        size = 1 + self.num_micro_batches  # the step, then tokens per micro-batch
+        headers = [torch.zeros(size, dtype=torch.int64) for _ in self.attention_ranks]
+        pending = [
+            self.transport.recv_header(header, rank, what)
+            for header, rank in zip(headers, self.attention_ranks, strict=True)
+        ]
+        counts = []
+        for header, wait in zip(headers, pending, strict=True):
+            self.transport.wait(wait)
+            if int(header[0]) != step:
+                raise PeerFailure(
+                    f"{wait.peer} sent the header of step {int(header[0])} for step {step}: "
+                    "the members are out of step"
+                )
+            counts.append(header[1:].tolist())
+        return counts
+
+    def _compute(self, counts: list[list[int]]) -> None:
         for a, row in enumerate(counts):
             if sum(row) > self.max_tokens_per_step:
                 raise ValueError(

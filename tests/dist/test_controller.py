@@ -1,5 +1,5 @@
 """The real controller process, driven by the real ControlClient from several threads, as
-attention and FFN processes will: membership, refusals, plan long-polls, shutdown, health,
+attention and FFN processes will: membership, refusals, step openings, shutdown, health,
 and a clean exit on SIGTERM."""
 
 import contextlib
@@ -138,28 +138,24 @@ def test_before_the_cluster_forms_a_wrong_model_is_refused_and_a_wait_times_out(
         assert time.monotonic() - start < 5
 
 
-def test_plans_long_poll_until_every_attention_instance_submits(tmp_path):
+def test_an_opened_step_wakes_every_member_waiting_for_it(tmp_path):
     with controller(tmp_path) as (_, address), ControlClient(address) as client:
         epoch = register_everyone(client)[0].epoch
-        # FFN instances and attention instances wait before anyone has submitted step 0.
-        join = in_threads(lambda: client.get_plan(epoch, 0, timeout_s=20), [()] * 4)
+        # FFN instances and idle attention instances wait for step 0 to be opened.
+        join = in_threads(lambda: client.await_step(epoch, 0, timeout_s=20), [()] * 3)
         time.sleep(0.2)
-        client.submit_plan(epoch, 0, 1, [4, 5, 6])
-        time.sleep(0.2)
-        client.submit_plan(epoch, 0, 0, [1, 2, 3])
+        client.open_step(epoch, 0, 1)  # attention instance 1 has work
         results, errors = join()
-        assert errors == [None] * 4
-        assert results == [[[1, 2, 3], [4, 5, 6]]] * 4
-
-        client.submit_plan(epoch, 1, 0, [1, 1, 1])
-        with pytest.raises(TimeoutError, match=r"step 1 .*attention instance\(s\) \[1\]"):
-            client.get_plan(epoch, 1, timeout_s=0.3)
+        assert errors == [None] * 3 and results == [True] * 3
+        client.open_step(epoch, 0, 0)  # the other one, woken for the same step: harmless
+        assert client.await_step(epoch, 0, timeout_s=0.1)  # an opened step stays open
+        start = time.monotonic()
+        assert not client.await_step(epoch, 5, timeout_s=0.3)  # not opened: the wait runs out
+        assert time.monotonic() - start >= 0.25
         with pytest.raises(EpochChanged, match="epoch 2 but the cluster is at epoch 1"):
-            client.submit_plan(2, 1, 1, [1, 1, 1])
-        with pytest.raises(ControlError, match="3 micro-batches"):
-            client.submit_plan(epoch, 1, 1, [1, 1])
-        with pytest.raises(ControlError, match="plan cannot change"):
-            client.submit_plan(epoch, 0, 0, [3, 2, 1])
+            client.open_step(2, 1, 1)
+        with pytest.raises(ControlError, match="attention instance 7 is not a member"):
+            client.open_step(epoch, 1, 7)
 
 
 def test_shutdown_wakes_waiters_health_serves_and_sigterm_exits_cleanly(tmp_path):
@@ -175,9 +171,9 @@ def test_shutdown_wakes_waiters_health_serves_and_sigterm_exits_cleanly(tmp_path
             lambda role, index: client.register(role, index, f"{role}-{index}:1", FP, 60),
             SLOTS[:3],
         )
-        # ... and a plan is asked for before the cluster formed: refused, not waited for.
+        # ... and a step is awaited before the cluster formed: refused, not waited for.
         with pytest.raises(ControlError, match="epoch 1 has not formed yet"):
-            client.get_plan(1, 0, timeout_s=60)
+            client.await_step(1, 0, timeout_s=60)
         time.sleep(0.3)
         assert client.heartbeat("attention", 0) == (True, 1)
         client.shutdown()
@@ -211,7 +207,7 @@ def test_a_controller_with_a_secret_refuses_strangers_and_answers_probes(tmp_pat
                 with pytest.raises(ControlError, match="this cluster requires its secret"):
                     stranger.register("attention", 0, "evil:1", FP, 5)
                 with pytest.raises(ControlError, match="requires its secret"):
-                    stranger.get_plan(1, 0, 0.1)
+                    stranger.await_step(1, 0, 0.1)
         with grpc.insecure_channel(address) as channel:  # probes carry no secret
             reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -237,10 +233,10 @@ def test_the_cluster_re_forms_over_grpc_and_refuses_stale_and_malformed_messages
         with pytest.raises(
             EpochChanged, match="for epoch 1 but the cluster is at epoch 2: register again"
         ):
-            client.submit_plan(1, 0, 0, [1, 1, 1])
+            client.open_step(1, 0, 0)
         with pytest.raises(EpochChanged, match="epoch 1 but the cluster is at epoch 2"):
-            client.get_plan(1, 0, 0.1)
-        client.submit_plan(2, 0, 0, [1, 0, 2])  # the current epoch's are served
+            client.await_step(1, 0, 0.1)
+        client.open_step(2, 0, 0)  # the current epoch's are served
         # Malformed messages get INVALID_ARGUMENT / FAILED_PRECONDITION with the reason.
         stub = wire.controller_stub(grpc.insecure_channel(address))
         with pytest.raises(grpc.RpcError) as bad:
@@ -248,12 +244,9 @@ def test_the_cluster_re_forms_over_grpc_and_refuses_stale_and_malformed_messages
         assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "names no known role" in bad.value.details()
         with pytest.raises(grpc.RpcError) as bad:
-            stub.SubmitPlan(
-                pb.SubmitPlanRequest(epoch=2, step=1, attention_index=0, micro_batch_tokens=[1]),
-                timeout=5,
-            )
+            stub.OpenStep(pb.OpenStepRequest(epoch=2, step=1, attention_index=9), timeout=5)
         assert bad.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-        assert "1 micro-batch counts" in bad.value.details()
+        assert "attention instance 9 is not a member of epoch 2" in bad.value.details()
         with pytest.raises(grpc.RpcError) as bad:
             stub.Heartbeat(pb.HeartbeatRequest(role=pb.ROLE_FFN, index=7), timeout=5)
         assert bad.value.code() == grpc.StatusCode.FAILED_PRECONDITION

@@ -6,12 +6,12 @@ stages are slowed by the same sleep D per layer and micro-batch (test-only wrapp
 here), so a step with no overlap takes layers * K * 2D. With K = 3 the pipeline keeps both
 processes busy at once and the step takes about (layers * K + 1) * D, roughly half of that;
 with K = 1 nothing can overlap and the step takes the full sum. The oracle for the tokens is
-the single-process engine.
+the single-process engine. Step headers travel on the data plane as in production; the
+controller's part (waking the FFN side after an idle step) is played by the TCPStore.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from datetime import timedelta
@@ -99,26 +99,19 @@ def attention_process(port: int) -> None:
     cfg = small_config()
     attention = build_attention_half(cfg, _tensors(cfg, ffn_side=False))
     slow = Slowed(*attention.layers)
-    # The control plane normally carries the plan (gRPC controller); here it travels through
-    # the TCPStore, with the FFN side's delay: the data plane is what is under test.
-    steps = itertools.count()
     result = {}
-
-    def send_plan(_step: int, counts: list[int]) -> None:
-        result[f"counts-{len(counts)}"] = counts
-        plan = {"counts": counts, "delay_s": slow.delay_s}
-        store.set(f"plan/{next(steps)}", json.dumps(plan))
-
     try:
         for k in (3, 1):
             cache = KVCache(cfg, ENGINE.num_kv_blocks, ENGINE.block_size, DTYPE, CPU)
             pipeline = PipelineConfig(num_micro_batches=k)
-            ffn = RemoteFFN(cfg, DTYPE, CPU, transport, [FFN_RANK], send_plan, pipeline, BUDGET)
+            bell = StoreBell(store, k)
+            ffn = CountingFFN(cfg, DTYPE, CPU, transport, [FFN_RANK], 1, bell, pipeline, BUDGET)
             runner = ModelRunner(attention, ffn, cache, k)
             engine = Engine(runner, ENGINE.num_kv_blocks, ENGINE)
             times = []
             for repeat in range(REPEATS + 1):  # the first one, not slowed, warms up
                 slow.delay_s = DELAY_S if repeat else 0.0
+                store.set(f"delay/{k}/{ffn.step}", str(slow.delay_s))  # the FFN side's
                 for i, prompt in enumerate(PROMPTS):
                     engine.add_request(f"k{k}-r{repeat}-p{i}", prompt, GREEDY)
                 start = time.perf_counter()
@@ -126,11 +119,39 @@ def attention_process(port: int) -> None:
                 times.append(time.perf_counter() - start)
                 assert all(out.finished for out in outputs)
                 result[f"tokens-{k}"] = [out.token_ids for out in outputs]
+                result[f"counts-{k}"] = ffn.counts
             result[f"seconds-{k}"] = min(times[1:])
+            store.set(f"delay/{k}/{ffn.step}", "0")
+            runner.execute([])  # a step with no tokens: the cluster goes idle
+            store.set(f"open/{k}/{ffn.step}", "stop")
     finally:
-        store.set(f"plan/{next(steps)}", json.dumps(None))  # the FFN process stops
         store.set(RESULT_KEY, json.dumps(result))
         dist.destroy_process_group()
+
+
+class CountingFFN(RemoteFFN):
+    """The production executor, keeping the last step's tokens per micro-batch."""
+
+    def begin(self, tokens_per_slot: list[int]) -> None:
+        self.counts = tokens_per_slot
+        super().begin(tokens_per_slot)
+
+
+class StoreBell:
+    """Stands in for the controller's step bell (step_bell.py, tested with a real controller
+    in tests/dist/test_afd_cluster.py): opened steps are announced through the TCPStore."""
+
+    def __init__(self, store: dist.Store, k: int) -> None:
+        self.store, self.k = store, k
+
+    def open(self, step: int) -> None:
+        self.store.set(f"open/{self.k}/{step}", "go")
+
+    def rang(self, step: int) -> bool:
+        return False  # no peer attention instance to open steps
+
+    def watch(self, step: int) -> None:
+        pass
 
 
 def ffn_process(port: int) -> None:
@@ -138,13 +159,14 @@ def ffn_process(port: int) -> None:
     cfg = small_config()
     shard = build_ffn_half(cfg, _tensors(cfg, ffn_side=True), dtype=DTYPE)
     slow = Slowed(shard)
-    worker = FFNWorker(cfg, shard, transport, [ATTENTION_RANK], 3, BUDGET, DTYPE, CPU)
     try:
-        step = 0
-        while (plan := json.loads(store.get(f"plan/{step}"))) is not None:
-            slow.delay_s = plan["delay_s"]
-            worker.run_step([plan["counts"]])
-            step += 1
+        for k in (3, 1):
+            worker = FFNWorker(cfg, shard, transport, [ATTENTION_RANK], k, BUDGET, DTYPE, CPU)
+            step, idle = 0, True
+            while not idle or store.get(f"open/{k}/{step}") != b"stop":
+                slow.delay_s = float(store.get(f"delay/{k}/{step}"))
+                idle = worker.run_step(step) == 0
+                step += 1
     finally:
         dist.destroy_process_group()
 

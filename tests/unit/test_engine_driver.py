@@ -161,9 +161,9 @@ def test_a_failing_step_fails_every_stream_and_later_submissions(tiny_model_f64)
     driver.stop(timeout_s=10)
 
 
-def test_always_step_steps_while_idle_and_still_serves(tiny_model_f64):
+def test_a_driver_steps_while_idle_when_peers_need_it_and_still_serves(tiny_model_f64):
     engine = make_engine(tiny_model_f64)
-    driver = EngineDriver(engine, always_step=True)
+    driver = EngineDriver(engine, must_step=lambda: True)
     driver.start()
     try:
         deadline = time.monotonic() + 5
@@ -173,6 +173,24 @@ def test_always_step_steps_while_idle_and_still_serves(tiny_model_f64):
         prompt = [7, 8, 9, 10]
         want = make_engine(tiny_model_f64).generate([prompt], GREEDY)[0].token_ids
         assert list(driver.submit("x", prompt, GREEDY))[-1].token_ids == want
+    finally:
+        driver.stop(timeout_s=10)
+
+
+def test_an_idle_driver_does_not_step_until_woken_to_join_its_peers(tiny_model_f64):
+    engine = make_engine(tiny_model_f64)
+    peers_busy = threading.Event()
+    driver = EngineDriver(engine, must_step=peers_busy.is_set, idle_wait_s=30)
+    driver.start()
+    try:
+        time.sleep(0.3)
+        assert engine.stats.num_steps == 0  # an idle cluster does not spin
+        peers_busy.set()
+        driver.wake()  # what the step bell does when a peer opened a step
+        deadline = time.monotonic() + 5
+        while engine.stats.num_steps < 3 and time.monotonic() < deadline:
+            time.sleep(0.001)
+        assert engine.stats.num_steps >= 3  # long before the 30 s idle wait ran out
     finally:
         driver.stop(timeout_s=10)
 

@@ -1,6 +1,6 @@
 """What the metrics say, from known inputs: a choice's timestamps into the gateway's
 latencies, an engine's steps into the attention instance's counters, membership states,
-plan latency, sampling, and the target list `afd serve` writes for Prometheus."""
+step openings, sampling, and the target list `afd serve` writes for Prometheus."""
 
 from __future__ import annotations
 
@@ -13,10 +13,11 @@ from services.attention.monitor import EngineMonitor
 from services.attention.scheduler import SchedulerConfig
 from services.cli.local_cluster import Child
 from services.cli.serve import metrics_targets
+from services.common.cluster import Member, Membership
 from services.common.metrics import AttentionMetrics, GatewayMetrics, StepSampler
 from services.common.sampling_params import SamplingParams
 from services.controller.membership import ClusterSpec, Registry
-from services.controller.plans import PlanBook
+from services.controller.steps import StepDesk
 from services.gateway.generation import ChoiceTiming
 
 
@@ -111,14 +112,16 @@ def test_members_are_missing_then_alive_then_silent():
     assert registry.epoch == 0  # not formed yet
 
 
-def test_plan_latency_is_reported_once_per_complete_step():
-    latencies = []
-    book = PlanBook(1, attention_indices=(0, 1), num_micro_batches=1, on_plan=latencies.append)
-    book.submit(1, 0, 0, [4])
-    assert latencies == []  # one of two attention instances so far
-    book.submit(1, 0, 1, [2])
-    book.submit(1, 0, 1, [2])  # a retry of a complete step is not a new plan
-    assert len(latencies) == 1 and latencies[0] >= 0
+def test_a_step_opening_is_counted_once_however_many_instances_open_it():
+    openings = []
+    desk = StepDesk(on_open=lambda: openings.append(1))
+    members = (Member("attention", 0, 0, "a:1"), Member("attention", 1, 1, "b:1"))
+    desk.change(Membership(1, 3, "h", 1, 1, (*members, Member("ffn", 0, 2, "f:1"))))
+    desk.open(1, 0, 0)
+    desk.open(1, 0, 1)  # the other attention instance woke for the same step
+    assert len(openings) == 1
+    desk.open(1, 5, 1)
+    assert len(openings) == 2
 
 
 def test_one_step_in_every_n_is_sampled():

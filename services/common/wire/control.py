@@ -22,19 +22,12 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Controller"].full_name
 _ROLE_TO_PROTO = {ATTENTION: pb.ROLE_ATTENTION, FFN: pb.ROLE_FFN}
 _ROLE_FROM_PROTO = {value: role for role, value in _ROLE_TO_PROTO.items()}
 
-Plan = tuple[tuple[int, ...], ...]  # counts[attention_index][micro_batch]
-
 
 # Common never imports a service: the controller's "still waiting" answers are known here only
 # by their shape.
 class RegistrationPendingLike(Protocol):
     @property
     def missing(self) -> Sequence[Slot]: ...
-
-
-class PlanPendingLike(Protocol):
-    @property
-    def missing_attention_indices(self) -> Sequence[int]: ...
 
 
 def controller_stub(channel: grpc.Channel) -> pb_grpc.ControllerStub:
@@ -123,40 +116,23 @@ def register_result(response: pb.RegisterResponse) -> tuple[Membership | None, l
     return None, [(role_from_proto(slot.role), slot.index) for slot in response.pending.missing]
 
 
-# ---- plans (every decode step: keep these lean) ----------------------------------------------
+# ---- steps (only a step after an idle one: keep these lean) ---------------------------------
 
 
-def submit_plan_request(
-    epoch: int, step: int, attention_index: int, counts: Sequence[int]
-) -> pb.SubmitPlanRequest:
-    return pb.SubmitPlanRequest(
-        epoch=epoch, step=step, attention_index=attention_index, micro_batch_tokens=counts
-    )
+def open_step_request(epoch: int, step: int, attention_index: int) -> pb.OpenStepRequest:
+    return pb.OpenStepRequest(epoch=epoch, step=step, attention_index=attention_index)
 
 
-def get_plan_request(epoch: int, step: int, wait_s: float) -> pb.GetPlanRequest:
-    return pb.GetPlanRequest(epoch=epoch, step=step, wait_ms=_wait_ms(wait_s))
+def open_step_response() -> pb.OpenStepResponse:
+    return pb.OpenStepResponse()
 
 
-def get_plan_response(outcome: Plan | PlanPendingLike) -> pb.GetPlanResponse:
-    if isinstance(outcome, tuple):
-        rows = [pb.GetPlanResponse.TokenCounts(micro_batch_tokens=row) for row in outcome]
-        return pb.GetPlanResponse(plan=pb.GetPlanResponse.Plan(attention=rows))
-    pending = pb.GetPlanResponse.Pending(
-        missing_attention_indices=outcome.missing_attention_indices
-    )
-    return pb.GetPlanResponse(pending=pending)
+def await_step_request(epoch: int, step: int, wait_s: float) -> pb.AwaitStepRequest:
+    return pb.AwaitStepRequest(epoch=epoch, step=step, wait_ms=_wait_ms(wait_s))
 
 
-def get_plan_result(response: pb.GetPlanResponse) -> tuple[list[list[int]] | None, list[int]]:
-    """(counts[attention_index][micro_batch], []) once complete, else (None, missing indices)."""
-    if response.HasField("plan"):
-        return [list(row.micro_batch_tokens) for row in response.plan.attention], []
-    return None, list(response.pending.missing_attention_indices)
-
-
-def submit_plan_response() -> pb.SubmitPlanResponse:
-    return pb.SubmitPlanResponse()
+def await_step_response(open_: bool) -> pb.AwaitStepResponse:
+    return pb.AwaitStepResponse(open=open_)
 
 
 # ---- liveness and shutdown -------------------------------------------------------------------
