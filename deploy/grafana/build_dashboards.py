@@ -274,9 +274,9 @@ def pipeline() -> dict:
             ),
             panel("Engine step time (attention)", quantiles("afd_attention_step_seconds"), "s"),
             panel(
-                "Step plan latency (control plane)",
-                quantiles("afd_controller_step_plan_seconds"),
-                "s",
+                "Idle-to-busy wake-ups (control plane; busy steps never reach it)",
+                [("sum(rate(afd_controller_step_openings_total[$__rate_interval]))", "openings/s")],
+                "short",
             ),
         ],
     )
