@@ -1,7 +1,8 @@
 """How the dense MLPs and shared experts are spread over the FFN instances (routed experts
-are always divided). Torch-free, so the command line offers the choices without loading the
-FFN service."""
+are always divided). The layout is one of the cluster's facts, declared once on the
+controller (services/common/cluster_config.py, where these names are defined); named here
+for the FFN service's own modules."""
 
-SPLIT = "split"  # each instance holds a slice of every MLP's columns: partial sums
-REPLICATED = "replicated"  # each holds whole MLPs, for the attention instances it serves
-LAYOUTS = (SPLIT, REPLICATED)
+from services.common.cluster_config import LAYOUTS, REPLICATED, SPLIT
+
+__all__ = ["LAYOUTS", "REPLICATED", "SPLIT"]

@@ -19,6 +19,7 @@ PLANNER_VALUES = """\
 # afd plan deploy --model step3 --context 8192 --tpot-sla-ms 50 --format helm-values
 controller:
   microBatches: 3
+  ffnLayout: split
 attention:
   replicas: 32
   maxNumSeqs: 96
@@ -28,7 +29,6 @@ attention:
       nvidia.com/gpu: 1
 ffn:
   replicas: 16
-  layout: split
   resources:
     limits:
       nvidia.com/gpu: 1
@@ -41,9 +41,17 @@ REFUSED = [
     ({"attention": {"replicas": -1}}, "/attention/replicas': minimum: got -1, want 1"),
     ({"ffn": {"replicas": 0}}, "/ffn/replicas': minimum: got 0, want 1"),
     ({"attention": {"replicas": "two"}}, "/attention/replicas': got string, want integer"),
-    ({"ffn": {"layout": "sharded"}}, "/ffn/layout': value must be one of 'split', 'replicated'"),
+    (
+        {"controller": {"ffnLayout": "sharded"}},
+        "/controller/ffnLayout': value must be one of 'split', 'replicated'",
+    ),
+    # The cluster's facts are the controller's values only: no role takes them.
+    ({"ffn": {"layout": "split"}}, "additional properties 'layout' not allowed"),
+    ({"fp8Dispatch": True}, "additional properties 'fp8Dispatch' not allowed"),
     ({"controller": {"microBatches": 0}}, "/controller/microBatches': minimum: got 0, want 1"),
+    ({"controller": {"microBatches": 5}}, "/controller/microBatches': maximum: got 5, want 4"),
     ({"controller": {"microBatches": 2.5}}, "/controller/microBatches': got number, want integer"),
+    ({"controller": {"maxNumBatchedTokens": 0}}, "/controller/maxNumBatchedTokens': minimum"),
     ({"attention": {"maxNumSeqs": 0}}, "/attention/maxNumSeqs': minimum"),
     ({"attention": {"kvCacheDtype": "int4"}}, "/attention/kvCacheDtype': value must be one of"),
     ({"gateway": {"tpotSlaMs": 0}}, "/gateway/tpotSlaMs'"),
@@ -106,8 +114,8 @@ def test_the_planner_s_values_file_installs_as_printed():
     assert "--max-num-seqs=96" in args and "--max-model-len=8192" in args
     assert "--device=cuda" in args
     assert rendered.container("attention")["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert "--layout=split" in rendered.container("ffn")["args"]
-    assert "--micro-batches=3" in rendered.container("controller")["args"]
+    controller = rendered.container("controller")["args"]
+    assert "--micro-batches=3" in controller and "--ffn-layout=split" in controller
     assert "--tpot-sla-ms=50" in rendered.container("gateway")["args"]
 
 

@@ -13,6 +13,7 @@ from services.attention.monitor import EngineMonitor
 from services.attention.scheduler import SchedulerConfig
 from services.cli.local_cluster import Child
 from services.cli.serve import metrics_targets
+from services.common.cluster_config import ClusterConfig
 from services.common.metrics import AttentionMetrics, GatewayMetrics, StepSampler
 from services.common.sampling_params import SamplingParams
 from services.controller.membership import ClusterSpec, Registry
@@ -101,7 +102,7 @@ def test_the_engine_monitor_counts_what_the_engine_did(tiny_model_f64):
 
 def test_members_are_missing_then_alive_then_silent():
     now = [0.0]
-    spec = ClusterSpec(1, 2, num_micro_batches=3, fingerprint="f" * 16)
+    spec = ClusterSpec(1, 2, ClusterConfig(), fingerprint="f" * 16)
     registry = Registry(spec, "store-host", 1234, clock=lambda: now[0])
     assert registry.count("ffn", "missing", 3.0) == 2
     registry.register("ffn", 0, "h:1", "f" * 16)

@@ -5,6 +5,7 @@ one's waiters, shutdown wakes every waiter."""
 import pytest
 
 from services.common.cluster import Member, Membership
+from services.common.cluster_config import ClusterConfig
 from services.controller.errors import Conflict, Refused, ShuttingDown, StaleEpoch
 from services.controller.plans import PlanBook, PlanDesk, PlanPending
 from tests.support.threads import run_in_threads
@@ -13,7 +14,7 @@ from tests.support.threads import run_in_threads
 def test_the_plan_desk_serves_the_current_epoch_and_wakes_the_old_ones_waiters():
     desk = PlanDesk(num_micro_batches=1)
     members = (Member("attention", 1, 0, "a:1"), Member("ffn", 0, 1, "f:1"))
-    desk.change(Membership(1, 2, "h", 1, 1, members))
+    desk.change(Membership(1, 2, "h", 1, ClusterConfig(num_micro_batches=1), members))
     book = desk.book(1)
     threads, _, errors = run_in_threads(lambda i: book.wait(1, 0, 30), 2)
     desk.change(None)  # the epoch ended
@@ -23,7 +24,7 @@ def test_the_plan_desk_serves_the_current_epoch_and_wakes_the_old_ones_waiters()
     assert len(errors) == 2 and all(isinstance(err, StaleEpoch) for err in errors)
     with pytest.raises(StaleEpoch, match="epoch 1 is over"):
         desk.book(1)
-    desk.change(Membership(2, 2, "h", 1, 1, members))
+    desk.change(Membership(2, 2, "h", 1, ClusterConfig(num_micro_batches=1), members))
     desk.book(2).submit(2, 0, 1, [5])  # rows are members by index, gaps allowed
     assert desk.book(2).wait(2, 0, 0) == ((5,),)
     desk.shut_down()
