@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import helm_python
 import pytest
 import yaml
 
 from services.cli import main as afd
+from services.common.cluster_config import LAYOUTS, MAX_MICRO_BATCHES, ClusterConfig
 from tests.support.chart import CHART, CPU_SMALL, GPU_2A2F, render, schema_error
 
 # What `afd plan deploy ... --format helm-values` prints: these keys and no others.
@@ -103,6 +105,27 @@ def test_the_chart_s_own_values_and_the_test_deployments_pass_the_schema():
 def test_autoscaling_bounds_must_be_ordered():
     with pytest.raises(helm_python.HelmError, match="minReplicas 8 is above maxReplicas 4"):
         render({"ffn": {"autoscaling": {"enabled": True, "minReplicas": 8, "maxReplicas": 4}}})
+
+
+def test_the_chart_s_cluster_facts_default_and_range_as_the_controller_s():
+    """values.yaml cannot import cluster_config.py: this keeps the two one fact."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["controller"]
+    defaults = ClusterConfig()
+    assert (
+        values["microBatches"],
+        values["maxNumBatchedTokens"],
+        values["fp8Dispatch"],
+        values["ffnLayout"],
+    ) == (
+        defaults.num_micro_batches,
+        defaults.max_num_batched_tokens,
+        defaults.fp8_dispatch,
+        defaults.ffn_layout,
+    )
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    facts = schema["properties"]["controller"]["properties"]
+    assert facts["microBatches"]["maximum"] == MAX_MICRO_BATCHES
+    assert tuple(facts["ffnLayout"]["enum"]) == LAYOUTS
 
 
 def test_the_planner_s_values_file_installs_as_printed():
