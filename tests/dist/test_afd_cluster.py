@@ -149,6 +149,42 @@ def test_the_cluster_s_facts_given_to_the_controller_alone_reach_every_instance(
     assert steps["+Inf"] == steps[str(float(BUDGET))] and steps["+Inf"] > 289 // BUDGET
 
 
+def test_instances_stop_when_the_controller_comes_back_with_other_facts(checkpoint):
+    """A controller's facts are fixed for its life. Restarted with others, it would hand the
+    instances a pipeline and a token budget they were not built for: each stops instead,
+    naming what changed, to be started again with them."""
+
+    def controller(*argv: str) -> Child:
+        return Child(afd(
+            "controller", "--attention-instances", "1", "--ffn-instances", "1",
+            "--model", str(checkpoint), *argv, stdout=subprocess.PIPE,
+        ))  # fmt: skip
+
+    first = controller("--micro-batches", "3")
+    members: list[Child] = []
+    second = None
+    try:
+        address = first.wait_for(r"controller listening on (\S+)")[1]
+        members = [
+            Child(afd(
+                role, "--index", "0", "--controller", address, "--model", str(checkpoint),
+                "--dtype", "float32", stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            ))  # fmt: skip
+            for role in ("attention", "ffn")
+        ]
+        for member in members:
+            member.wait_for("serving on")
+        first.process.kill()
+        first.process.wait(10)
+        second = controller("--port", address.rsplit(":", 1)[1], "--micro-batches", "1")
+        for member in members:
+            member.wait_for(r"the cluster's num_micro_batches from 3 to 1 .* start it again")
+            assert member.process.wait(30) != 0
+    finally:
+        for child in [*members, first, *([second] if second else [])]:
+            child.stop()
+
+
 def generate(address: str, prompt: list[int], i: int) -> tuple[list[int], list[float]]:
     with grpc.insecure_channel(address) as channel:
         ids, logprobs = [], []
