@@ -6,6 +6,8 @@ the cluster, and serves the attention API (health included) until stopped. Print
 re-forms (a peer died, left or joined) it joins the next epoch and its requests go on
 (recovery.py). SIGTERM drains it: it stops admitting, finishes the requests in flight
 (at most --drain-timeout), leaves the cluster and exits 0.
+The cluster's facts (micro-batches, the token budget, FP8 dispatch) are not its flags: it
+takes them from the controller (services/common/cluster_config.py).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from services.attention.recovery import ClusterRecovery
 from services.attention.remote_ffn import PipelineConfig, RemoteFFN
 from services.attention.scheduler import SchedulerConfig
 from services.attention.step_bell import StepBell
+from services.common.cluster_config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from services.common.config import load_config
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
 from services.common.metrics import AttentionMetrics, sampler_for, serve_metrics
@@ -49,7 +52,14 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-bytes", type=int, default=1 << 30)
     parser.add_argument("--max-model-len", type=int)
     parser.add_argument("--max-num-seqs", type=int, default=64)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
+    parser.add_argument(
+        "--max-num-batched-tokens",
+        type=int,
+        metavar="N",
+        help=f"with --colocated: tokens computed per step (default "
+        f"{DEFAULT_MAX_NUM_BATCHED_TOKENS}); a disaggregated instance takes the cluster's, "
+        "from the controller",
+    )
     parser.add_argument("--no-prefix-caching", action="store_true")
     parser.add_argument(
         "--kv-cache-dtype",
@@ -64,12 +74,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
+def engine_config(args: argparse.Namespace, max_num_batched_tokens: int) -> EngineConfig:
     return EngineConfig(
         block_size=args.block_size,
         kv_cache_bytes=args.kv_cache_bytes,
         max_model_len=args.max_model_len,
-        scheduler=SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens),
+        scheduler=SchedulerConfig(args.max_num_seqs, max_num_batched_tokens),
         enable_prefix_caching=not args.no_prefix_caching,
         cuda_graphs=not args.enforce_eager,
         kv_cache_dtype=args.kv_cache_dtype,
@@ -79,9 +89,6 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_instance_arguments(parser)
     add_engine_arguments(parser)
-    parser.add_argument(
-        "--fp8-dispatch", action="store_true", help="send activations to FFN as FP8 (e4m3)"
-    )
     parser.add_argument(
         "--drain-timeout",
         type=float,
@@ -98,17 +105,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    budget = args.max_num_batched_tokens
     if args.colocated:
-        return serve_colocated(args, engine_config(args))
+        budget = DEFAULT_MAX_NUM_BATCHED_TOKENS if budget is None else budget
+        return serve_colocated(args, engine_config(args, budget))
+    if budget is not None:
+        raise ValueError(
+            "--max-num-batched-tokens is the cluster's, not one instance's: give it to the "
+            "controller (afd controller --max-num-batched-tokens), which hands it to every "
+            "instance; afd attention takes it only with --colocated"
+        )
     options = InstanceOptions.from_args("attention", args)
     cfg = load_config(args.model)
     dtype = resolve_dtype(args.dtype, cfg)
-    config = engine_config(args)
     tokenizer = Tokenizer.from_dir(args.model)
     # Each open Generate stream holds a server thread: room for every running request, plus
     # Cancel, GetLoad and health checks.
-    instance = Instance(options, ERROR_CODES, max_workers=2 * config.scheduler.max_num_seqs + 16)
+    instance = Instance(options, ERROR_CODES, max_workers=2 * args.max_num_seqs + 16)
     try:
+        # The token budget, pipeline depth and wire format are the cluster's: the controller's.
+        cluster = instance.cluster_state().config
+        config = engine_config(args, cluster.max_num_batched_tokens)
         # Loaded before joining: the cluster re-forms around a member only once it can serve
         # (the others would otherwise wait in the rendezvous while a real checkpoint loads).
         names = [n for n in checkpoint_tensors(cfg) if not is_ffn_tensor(n)]
@@ -128,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
         bell.rebind(membership.epoch)
         registry = CollectorRegistry()
         metrics = AttentionMetrics(registry)
-        pipeline = PipelineConfig(membership.num_micro_batches, args.fp8_dispatch)
+        pipeline = PipelineConfig(cluster.num_micro_batches, cluster.fp8_dispatch)
         ffn = RemoteFFN(
             cfg,
             dtype,

@@ -29,6 +29,7 @@ from typing import Protocol
 
 from services.attention.engine import Engine, RequestError
 from services.attention.output import RequestOutput
+from services.common.cluster_config import ClusterConfigChanged
 from services.common.sampling_params import SamplingParams
 
 
@@ -339,6 +340,8 @@ class EngineDriver:
         except DriverStopped:  # the cluster is shutting down: so does this loop
             with self._lock:
                 self._stopping = True
+        except ClusterConfigChanged:
+            raise  # built for the old facts: the engine fails, the instance exits to restart
         except Exception as err:
             error = ClusterUnavailable(f"the cluster could not re-form ({why}): {err}")
             for request_id, record in list(self._open.items()):

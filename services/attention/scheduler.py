@@ -16,12 +16,15 @@ from dataclasses import dataclass
 
 from services.attention.block_manager import BlockManager
 from services.attention.sequence import Sequence, SequenceStatus
+from services.common.cluster_config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_num_seqs: int = 64  # sequences running at once
-    max_num_batched_tokens: int = 512  # tokens computed per step (the chunked-prefill budget)
+    # Tokens computed per step (the chunked-prefill budget); a disaggregated instance's is the
+    # cluster's (cluster_config.py).
+    max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

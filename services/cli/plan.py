@@ -17,13 +17,14 @@ import json
 import math
 from pathlib import Path
 
+from services.common.cluster_config import LAYOUTS
 from services.planner import output
 from services.planner.calibration import load_calibration
 from services.planner.cost import cost_report
 from services.planner.deploy import PAPER_MEMORY_FRACTION, Request, plan
 from services.planner.hardware import PAPER_ACCELERATORS, find_accelerator, load_accelerators
 from services.planner.models import PRESETS, load_model
-from services.planner.stages import LAYOUTS, Cluster, Efficiency
+from services.planner.stages import Cluster, Efficiency
 
 KV_DTYPES = {"fp8": 1.0, "bf16": 2.0}
 FORMATS = ("table", "json", "helm-values")

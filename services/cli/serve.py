@@ -19,8 +19,8 @@ from pathlib import Path
 
 from services.cli.local_cluster import LocalCluster
 from services.cli.supervisor import Supervisor
-from services.common import cluster_secret
-from services.ffn.layouts import LAYOUTS
+from services.common import cluster_config, cluster_secret
+from services.common.cluster_config import ClusterConfig
 
 READY_TIMEOUT_S = 300.0
 
@@ -32,16 +32,14 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", required=True, metavar="DIR")
     parser.add_argument("--attention-instances", type=int, default=1, metavar="M")
     parser.add_argument("--ffn-instances", type=int, metavar="N", help="default 1")
-    parser.add_argument("--micro-batches", type=int, metavar="K", help="default 3")
-    parser.add_argument("--ffn-layout", choices=LAYOUTS, help="default split")
-    parser.add_argument("--fp8-dispatch", action="store_true")
+    # The cluster's facts, handed to the controller, which gives them to every instance.
+    cluster_config.add_arguments(parser)
     parser.add_argument(
         "--colocated",
         action="store_true",
         help="no disaggregation: each of the M instances holds attention and experts",
     )
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--step-timeout", type=float, default=30.0)
     parser.add_argument(
         "--recovery-timeout",
@@ -91,27 +89,26 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-AFD_DEFAULTS = {"ffn_instances": 1, "micro_batches": 3, "ffn_layout": "split"}
+AFD_ONLY = ("ffn_instances", "micro_batches", "ffn_layout", "fp8_dispatch")
 
 
 def validate(args: argparse.Namespace) -> None:
-    """Checks the options and fills in the AFD-only ones' defaults."""
+    """Checks the options, fills in --ffn-instances' default and sets `args.cluster`, the
+    cluster's facts (checked here, so a bad one fails before any process starts)."""
     if args.enforce_eager and not args.colocated:
         raise ValueError(
             "--enforce-eager applies to --colocated serving: AFD instances run eagerly already"
         )
-    afd_only = [name for name in (*AFD_DEFAULTS, "fp8_dispatch") if getattr(args, name)]
+    afd_only = [name for name in AFD_ONLY if getattr(args, name) is not None]
     if args.colocated and afd_only:
         options = ", ".join("--" + name.replace("_", "-") for name in afd_only)
         raise ValueError(f"--colocated runs no FFN instances: drop {options}")
-    for name, default in AFD_DEFAULTS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+    if args.ffn_instances is None:
+        args.ffn_instances = 1
     for name in ("attention_instances", "ffn_instances"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1")
-    if not 1 <= args.micro_batches <= 4:
-        raise ValueError(f"--micro-batches must be 1 to 4, got {args.micro_batches}")
+    args.cluster = ClusterConfig.from_args(args)
 
 
 def instance_devices(device: str, num_instances: int) -> list[str]:
@@ -176,8 +173,6 @@ def run(args: argparse.Namespace) -> int:
                     str(i),
                     "--device",
                     devices[m + i],
-                    "--layout",
-                    args.ffn_layout,
                     *common,
                 ],
                 stage=1,
@@ -215,7 +210,7 @@ def run_colocated(args: argparse.Namespace, stop: threading.Event) -> int:
                     "--dtype",
                     args.dtype,
                     "--max-num-batched-tokens",
-                    str(args.max_num_batched_tokens),
+                    str(args.cluster.max_num_batched_tokens),
                     "--metrics-port",
                     "0",
                     "--kv-cache-dtype",
@@ -269,22 +264,25 @@ def metrics_targets(cluster: LocalCluster) -> list[dict]:
 
 
 def controller_args(args: argparse.Namespace) -> list[str]:
-    return [
+    """The controller's command line: the cluster's facts are given to it alone."""
+    cluster: ClusterConfig = args.cluster
+    controller = [
         "controller", "--host", args.host, "--port", "0", "--model", args.model,
         "--attention-instances", str(args.attention_instances),
-        "--ffn-instances", str(args.ffn_instances), "--micro-batches", str(args.micro_batches),
-        "--metrics-port", "0",
+        "--ffn-instances", str(args.ffn_instances),
+        "--micro-batches", str(cluster.num_micro_batches),
+        "--max-num-batched-tokens", str(cluster.max_num_batched_tokens),
+        "--ffn-layout", cluster.ffn_layout, "--metrics-port", "0",
     ]  # fmt: skip
+    return [*controller, "--fp8-dispatch"] if cluster.fp8_dispatch else controller
 
 
 def instance_args(args: argparse.Namespace, controller: str) -> list[str]:
-    common = [
+    return [
         "--controller", controller, "--model", args.model, "--host", args.host,
         "--dtype", args.dtype, "--step-timeout", str(args.step_timeout),
-        "--recovery-timeout", str(args.recovery_timeout),
-        "--max-num-batched-tokens", str(args.max_num_batched_tokens), "--metrics-port", "0",
+        "--recovery-timeout", str(args.recovery_timeout), "--metrics-port", "0",
     ]  # fmt: skip
-    return [*common, "--fp8-dispatch"] if args.fp8_dispatch else common
 
 
 def gateway_args(

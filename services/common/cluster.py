@@ -13,6 +13,8 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+from services.common.cluster_config import ClusterConfig
+
 ATTENTION = "attention"
 FFN = "ffn"
 ROLES = (ATTENTION, FFN)
@@ -53,14 +55,12 @@ class Membership:
     world_size: int
     store_host: str  # torch.distributed TCPStore hosted by the controller
     store_port: int
-    num_micro_batches: int
+    config: ClusterConfig  # the facts every member takes from here (cluster_config.py)
     members: tuple[Member, ...]  # ordered by rank
 
     def __post_init__(self) -> None:
         if self.epoch < 1:
             raise ValueError(f"membership epoch must be >= 1, got {self.epoch}")
-        if self.num_micro_batches < 1:
-            raise ValueError(f"num_micro_batches must be >= 1, got {self.num_micro_batches}")
         if not 0 < self.store_port < 65536:
             raise ValueError(f"store_port must be a TCP port, got {self.store_port}")
         ranks = [member.rank for member in self.members]
@@ -113,3 +113,4 @@ class ClusterState:
     membership: Membership | None  # the newest formed one; None before the first forms
     num_attention_places: int  # the cluster's size: places, filled or not
     num_ffn_places: int
+    config: ClusterConfig  # what the membership will carry: known before the first forms

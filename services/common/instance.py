@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from services.common import cluster_secret
-from services.common.cluster import HEARTBEAT_INTERVAL_S, SILENT_AFTER_S, reachable_host
+from services.common.cluster import (
+    HEARTBEAT_INTERVAL_S,
+    SILENT_AFTER_S,
+    ClusterState,
+    reachable_host,
+)
+from services.common.cluster_config import ClusterConfig
 from services.common.control_client import ControlClient, ControlError, Membership, PlaceTaken
 from services.common.dist import join_group, leave_group, peer_names, wait_for_all
 from services.common.fingerprint import model_fingerprint
@@ -114,7 +120,9 @@ class InstanceOptions:
 
 class Instance:
     """One member's lifecycle. `membership` and `rank` are set by `join`; `needs_rejoin()`
-    says when the heartbeat learnt that the cluster moved on without it (call `rejoin`)."""
+    says when the heartbeat learnt that the cluster moved on without it (call `rejoin`).
+    `config`: the cluster's facts, from the first `cluster_state()` or `join()`; the
+    instance is built for them, so a later answer with others raises ClusterConfigChanged."""
 
     def __init__(
         self,
@@ -129,6 +137,7 @@ class Instance:
         self._cluster_epoch = 0  # the newest epoch a heartbeat reported
         self._unknown = False  # the controller did not know this member (it restarted)
         self.membership: Membership | None = None
+        self.config: ClusterConfig | None = None
         self.server = GrpcServer(error_codes, max_workers, secret=options.cluster_secret)
         self.port = self.server.bind(options.host, options.port)
         self.server.start()
@@ -148,6 +157,26 @@ class Instance:
             host = f"[{host}]"  # an IPv6 address (a pod's IP on an IPv6 cluster)
         return f"{host}:{self.port}"
 
+    def cluster_state(self) -> ClusterState:
+        """The controller's view of the cluster, its facts included, once it answers (pods
+        start in any order): what a member reads before it loads its weights."""
+        while True:
+            try:
+                state = self.control.state()
+            except (TimeoutError, ConnectionError) as err:
+                if self.stopping.is_set():
+                    raise InterruptedError(f"{self.options.name} is stopping") from err
+                log.info("waiting for the controller: %s", err)
+                continue
+            self._adopt(state.config)
+            return state
+
+    def _adopt(self, config: ClusterConfig) -> None:
+        if self.config is None:
+            self.config = config
+        else:
+            self.config.check_unchanged(config)
+
     def join(
         self, timeout_s: float = READY_TIMEOUT_S, interruptible: bool = True
     ) -> tuple[Membership, Transport]:
@@ -158,6 +187,7 @@ class Instance:
         o = self.options
         last_epoch = 0 if self.membership is None else self.membership.epoch
         membership = self._register(timeout_s, last_epoch, interruptible)
+        self._adopt(membership.config)
         self.rank = membership.rank_of(o.role, o.index)
         self.membership = membership
         self._cluster_epoch, self._unknown = membership.epoch, False

@@ -27,8 +27,10 @@ from datetime import timedelta
 import torch.distributed as dist
 from torch import Tensor
 
+from services.common.cluster_config import MAX_MICRO_BATCHES
+
 A2F, F2A = "attention to FFN", "FFN to attention"
-MAX_SLOTS = 4  # micro-batches a step may have (PipelineConfig)
+MAX_SLOTS = MAX_MICRO_BATCHES  # micro-batches a step may have (cluster_config.py)
 NUM_CHANNELS = 2 * MAX_SLOTS
 STEPS = NUM_CHANNELS  # step headers and summaries: the tag after the data channels
 

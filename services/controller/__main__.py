@@ -15,8 +15,9 @@ import threading
 from prometheus_client import CollectorRegistry
 from torch.distributed import TCPStore
 
-from services.common import cluster_secret
+from services.common import cluster_config, cluster_secret
 from services.common.cluster import MEMBER_STATES, ROLES, SILENT_AFTER_S, reachable_host
+from services.common.cluster_config import ClusterConfig
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, GrpcServer
 from services.common.metrics import ControllerMetrics, add_metrics_argument, serve_metrics
@@ -66,7 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="with kubernetes: the release's label selector, e.g. "
         "app.kubernetes.io/instance=afd,app.kubernetes.io/name=afd",
     )
-    parser.add_argument("--micro-batches", type=int, default=3, metavar="K")
+    # The cluster's facts: declared here only; every member takes them from its membership.
+    cluster_config.add_arguments(parser)
     model = parser.add_mutually_exclusive_group(required=True)
     model.add_argument("--fingerprint", help="the model fingerprint every member must serve")
     model.add_argument("--model", metavar="DIR", help="a checkpoint to compute it from")
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         fingerprint = args.fingerprint or model_fingerprint(args.model)
         (num_attention, num_ffn), discovery = cluster_size(args)
-        spec = ClusterSpec(num_attention, num_ffn, args.micro_batches, fingerprint)
+        spec = ClusterSpec(num_attention, num_ffn, ClusterConfig.from_args(args), fingerprint)
         store_host = args.advertise_host or reachable_host(args.host)
         # Members wrap it in a PrefixStore per epoch; nobody waits for workers here.
         store = TCPStore(args.host, args.store_port, is_master=True, wait_for_workers=False)
@@ -163,11 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         discovery.start(registry)
         log.info("following %s in %s", discovery.target.selector, discovery.target.namespace)
     log.info(
-        "expecting %d attention and %d FFN instance(s), %d micro-batches, model %s; "
-        "TCPStore on %s:%d; %s",
+        "expecting %d attention and %d FFN instance(s), %s, model %s; TCPStore on %s:%d; %s",
         spec.num_attention_instances,
         spec.num_ffn_instances,
-        spec.num_micro_batches,
+        spec.config,
         spec.fingerprint,
         store_host,
         store.port,

@@ -45,6 +45,7 @@ from services.common.cluster import (
     Membership,
     Slot,
 )
+from services.common.cluster_config import ClusterConfig
 from services.controller.errors import Conflict, Refused, ShuttingDown
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,11 @@ class ClusterSpec:
 
     num_attention_instances: int
     num_ffn_instances: int
-    num_micro_batches: int
+    config: ClusterConfig  # the facts every membership carries
     fingerprint: str  # of the model every member must serve
 
     def __post_init__(self) -> None:
-        for name in ("num_attention_instances", "num_ffn_instances", "num_micro_batches"):
+        for name in ("num_attention_instances", "num_ffn_instances"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -294,6 +295,7 @@ class Registry:
                 self._membership or self._previous,
                 self.spec.num_attention_instances,
                 self.spec.num_ffn_instances,
+                self.spec.config,
             )
 
     def last_seen(self, role: str, index: int) -> float | None:
@@ -408,7 +410,7 @@ class Registry:
             world_size=len(members),
             store_host=host,
             store_port=port,
-            num_micro_batches=self.spec.num_micro_batches,
+            config=self.spec.config,
             members=members,
         )
         log.info(

@@ -8,6 +8,8 @@ When the epoch ends (a peer died mid-step, the controller says the cluster moved
 cluster was scaled), it joins the next one and goes on, with the same weights or, when the
 FFN count changed, its new share (loader.py). SIGTERM: it leaves the cluster (which waits for
 a replacement to hold these experts, unless the FFN side was scaled down) and exits.
+The cluster's facts (layout, micro-batches, token budget, FP8 dispatch) are not its flags: it
+reads them from the controller before loading (services/common/cluster_config.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry
 
-from services.common.cluster import ClusterState
 from services.common.config import load_config
 from services.common.control_client import (
     ClusterShutdown,
@@ -30,7 +31,6 @@ from services.common.instance import Instance, InstanceOptions, add_instance_arg
 from services.common.metrics import FFNMetrics, sampler_for, serve_metrics
 from services.common.model.build import resolve_dtype
 from services.common.transport import PeerFailure, Transport
-from services.ffn.layouts import LAYOUTS, SPLIT
 from services.ffn.loader import ShardLoader, expected_ffn_count
 from services.ffn.worker import FFNMonitor, FFNWorker
 
@@ -39,20 +39,6 @@ log = logging.getLogger("services.ffn")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_instance_arguments(parser)
-    parser.add_argument(
-        "--layout",
-        choices=LAYOUTS,
-        default=SPLIT,
-        help="dense MLPs and the shared expert: split across FFN instances (partial sums) or "
-        "replicated on each",
-    )
-    parser.add_argument(
-        "--max-num-batched-tokens",
-        type=int,
-        default=512,
-        help="the attention instances' per-step token budget (sizes the receive buffers)",
-    )
-    parser.add_argument("--fp8-dispatch", action="store_true", help="activations arrive as FP8")
     parser.set_defaults(run=run)
 
 
@@ -62,8 +48,14 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, cfg)
     instance = Instance(options)
     try:
-        loader = ShardLoader(args.model, cfg, dtype, options.device, options.index, args.layout)
-        shard = loader.load(expected_ffn_count(cluster_state(instance), options.index))
+        # The layout, pipeline depth, token budget and wire format are the cluster's: the
+        # controller's, read before loading (the share depends on the layout).
+        state = instance.cluster_state()
+        cluster = state.config
+        loader = ShardLoader(
+            args.model, cfg, dtype, options.device, options.index, cluster.ffn_layout
+        )
+        shard = loader.load(expected_ffn_count(state, options.index))
         registry = CollectorRegistry()
         monitor = FFNMonitor(
             FFNMetrics(registry), sampler_for(options.device.type), shard.expert_range
@@ -74,11 +66,11 @@ def run(args: argparse.Namespace) -> int:
             shard,
             transport,
             membership.attention_ranks,
-            membership.num_micro_batches,
-            args.max_num_batched_tokens,
+            cluster.num_micro_batches,
+            cluster.max_num_batched_tokens,
             dtype,
             options.device,
-            args.fp8_dispatch,
+            cluster.fp8_dispatch,
             monitor,
             summarises=first_ffn(instance, membership),
         )
@@ -100,17 +92,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     finally:
         instance.close()
-
-
-def cluster_state(instance: Instance) -> ClusterState:
-    """The controller's view of the cluster, once it answers (pods start in any order)."""
-    while True:
-        try:
-            return instance.control.state()
-        except (TimeoutError, ConnectionError) as err:
-            if instance.stopping.is_set():
-                raise InterruptedError(f"{instance.options.name} is stopping") from err
-            log.info("waiting for the controller: %s", err)
 
 
 def rejoin(

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from services.common.cluster import ClusterState, Membership
+from services.common.cluster_config import SPLIT
 from services.common.config import ModelConfig
 from services.common.model.build import build_ffn_half, fp8_experts_for, fp8_weights_on
 from services.common.model.ffn_half import FFNHalf, ShardSpec
 from services.common.model.schema import is_ffn_tensor
 from services.common.model.weights import Checkpoint
-from services.ffn.layouts import SPLIT
 from services.ffn.worker import FFNWorker
 
 log = logging.getLogger(__name__)

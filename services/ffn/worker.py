@@ -149,9 +149,9 @@ class FFNWorker:
         for a, row in enumerate(counts):
             if sum(row) > self.max_tokens_per_step:
                 raise ValueError(
-                    f"attention instance {a} plans {sum(row)} tokens in one step, more than "
-                    f"this FFN instance's --max-num-batched-tokens {self.max_tokens_per_step}: "
-                    "start every instance with the same value"
+                    f"attention instance {a} sent {sum(row)} tokens in one step, more than "
+                    f"the cluster's max_num_batched_tokens {self.max_tokens_per_step}: the "
+                    "members disagree on the cluster's facts (cluster_config.py)"
                 )
         slots = [
             (slot, [row[slot] for row in counts])

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from services.common.cluster_config import LAYOUTS, SPLIT
 from services.planner.hardware import Accelerator, find_accelerator
 from services.planner.models import load_model
 from services.planner.shapes import ModelShape
 from services.planner.stages import (
-    LAYOUTS,
-    SPLIT,
     Efficiency,
     StageFit,
     attention_roofline,

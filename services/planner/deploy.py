@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from services.common.cluster_config import LAYOUTS
 from services.planner.stages import (
-    LAYOUTS,
     Cluster,
     Shape,
     StageTimes,

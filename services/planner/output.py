@@ -172,6 +172,7 @@ def helm_values(plan: Plan) -> str:
     body = [
         "controller:",
         f"  microBatches: {d['micro_batches']}",
+        f"  ffnLayout: {d['ffn_layout']}",  # the cluster's facts are the controller's values
         "attention:",
         f"  replicas: {d['attention_gpus']}",
         f"  maxNumSeqs: {d['batch_per_attention_gpu']}",
@@ -183,7 +184,6 @@ def helm_values(plan: Plan) -> str:
         *gpu_limit,
         "ffn:",
         f"  replicas: {d['ffn_gpus']}",
-        f"  layout: {d['ffn_layout']}",
         *gpu_limit,
         "gateway:",
         f"  tpotSlaMs: {d['tpot_sla_ms']:g}",

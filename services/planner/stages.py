@@ -26,11 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from services.common.cluster_config import SPLIT  # the layouts of the controller's --ffn-layout
 from services.planner.hardware import Accelerator
 from services.planner.shapes import ModelShape
 
-SPLIT, REPLICATED = "split", "replicated"  # the FFN instances' --layout (services/ffn/layouts.py)
-LAYOUTS = (SPLIT, REPLICATED)
 WEIGHT_BYTES = 1.0  # FP8 weights and expert weights
 EMBEDDING_BYTES = 2.0  # embedding and LM head stay bf16
 SCALE_BYTES, ROUTE_BYTES, RETURN_BYTES = 4, 8, 2

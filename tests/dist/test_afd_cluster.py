@@ -7,17 +7,25 @@ from __future__ import annotations
 import random
 import subprocess
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import grpc
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.attention.builder import local_engine
 from services.attention.engine import EngineConfig
 from services.attention.scheduler import SchedulerConfig
+from services.common.cluster_config import ClusterConfig
+from services.common.control_client import ControlClient
 from services.common.model.build import load_model
 from services.common.sampling_params import SamplingParams
-from tests.support.cluster import Cluster, afd, wait_until_gone
+from services.common.wire.attention_client import AttentionClient
+from tests.support.cluster import CLUSTER_SECRET, Cluster, afd, wait_until_gone
+from tests.support.processes import Child
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, ignore_eos=True)
 FP8_LOGPROB_TOLERANCE = 0.25  # e4m3 keeps 3 mantissa bits: ~6% per activation
@@ -94,6 +102,105 @@ def test_fp8_dispatch_serves_and_stays_close(checkpoint, prompts, expected):
     for result, reference in zip(results, expected, strict=True):
         assert len(result.token_ids) == PARAMS.max_tokens
         assert abs(result.logprobs[0] - reference.logprobs[0].logprob) < FP8_LOGPROB_TOLERANCE
+
+
+def test_the_cluster_s_facts_given_to_the_controller_alone_reach_every_instance(
+    checkpoint, prompts, expected
+):
+    """Micro-batches, token budget, FP8 dispatch and FFN layout are flags of the controller
+    only; attention and FFN instances started without them serve with them."""
+    facts = ClusterConfig(2, BUDGET, fp8_dispatch=True, ffn_layout="replicated")
+    controller = Child(afd(
+        "controller", "--attention-instances", "1", "--ffn-instances", "2",
+        "--model", str(checkpoint), "--micro-batches", "2",
+        "--max-num-batched-tokens", str(BUDGET), "--fp8-dispatch", "--ffn-layout", "replicated",
+        stdout=subprocess.PIPE,
+    ))  # fmt: skip
+    instances: list[Child] = []
+    try:
+        address = controller.wait_for(r"controller listening on (\S+)")[1]
+        instance = ["--controller", address, "--model", str(checkpoint), "--dtype", "float32"]
+        attention = Child(afd(
+            "attention", "--index", "0", *instance, "--metrics-port", "0",
+            stdout=subprocess.PIPE,
+        ))  # fmt: skip
+        instances = [attention] + [
+            Child(afd("ffn", "--index", str(i), *instance, stdout=subprocess.PIPE))
+            for i in range(2)
+        ]
+        serving = attention.wait_for(r"serving on (\S+)")[1]
+        metrics = attention.wait_for(r"metrics on (\S+)")[1]
+        with ControlClient(address, secret=CLUSTER_SECRET) as client:
+            assert client.state().membership.config == facts
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            results = list(pool.map(generate, [serving] * len(prompts), prompts, range(len(prompts))))
+        steps = attention_batch_tokens(metrics)
+        with ControlClient(address, secret=CLUSTER_SECRET) as client:
+            client.shutdown()
+        assert [child.stop() for child in instances] == [0, 0, 0]
+    finally:
+        for child in instances:
+            child.stop()
+        controller.stop()
+    for (token_ids, logprobs), reference in zip(results, expected, strict=True):
+        assert len(token_ids) == PARAMS.max_tokens
+        assert abs(logprobs[0] - reference.logprobs[0].logprob) < FP8_LOGPROB_TOLERANCE
+    # The prompts' 289 tokens were prefilled in steps of at most the controller's budget.
+    assert steps["+Inf"] == steps[str(float(BUDGET))] and steps["+Inf"] > 289 // BUDGET
+
+
+def test_instances_stop_when_the_controller_comes_back_with_other_facts(checkpoint):
+    """A controller's facts are fixed for its life. Restarted with others, it would hand the
+    instances a pipeline and a token budget they were not built for: each stops instead,
+    naming what changed, to be started again with them."""
+
+    def controller(*argv: str) -> Child:
+        return Child(afd(
+            "controller", "--attention-instances", "1", "--ffn-instances", "1",
+            "--model", str(checkpoint), *argv, stdout=subprocess.PIPE,
+        ))  # fmt: skip
+
+    first = controller("--micro-batches", "3")
+    members: list[Child] = []
+    second = None
+    try:
+        address = first.wait_for(r"controller listening on (\S+)")[1]
+        members = [
+            Child(afd(
+                role, "--index", "0", "--controller", address, "--model", str(checkpoint),
+                "--dtype", "float32", stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            ))  # fmt: skip
+            for role in ("attention", "ffn")
+        ]
+        for member in members:
+            member.wait_for("serving on")
+        first.process.kill()
+        first.process.wait(10)
+        second = controller("--port", address.rsplit(":", 1)[1], "--micro-batches", "1")
+        for member in members:
+            member.wait_for(r"the cluster's num_micro_batches from 3 to 1 .* start it again")
+            assert member.process.wait(30) != 0
+    finally:
+        for child in [*members, first, *([second] if second else [])]:
+            child.stop()
+
+
+def generate(address: str, prompt: list[int], i: int) -> tuple[list[int], list[float]]:
+    with grpc.insecure_channel(address) as channel:
+        ids, logprobs = [], []
+        client = AttentionClient(channel, CLUSTER_SECRET)
+        for delta in client.generate(f"req-{i}", prompt, PARAMS):
+            ids += delta.new_token_ids
+            logprobs += [entry.logprob for entry in delta.logprobs]
+        return ids, logprobs
+
+
+def attention_batch_tokens(address: str) -> dict[str, float]:
+    """The attention instance's steps by tokens computed: {bucket bound: steps at most it}."""
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    families = text_string_to_metric_families(text)
+    (family,) = [f for f in families if f.name == "afd_attention_batch_tokens"]
+    return {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
 
 
 def test_an_instance_serving_another_model_is_refused(checkpoint, tmp_path):

@@ -19,6 +19,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from torch.distributed import TCPStore
 
 from services.common.cluster import Member, Membership
+from services.common.cluster_config import ClusterConfig
 from services.common.control_client import (
     ClusterShutdown,
     ControlClient,
@@ -96,7 +97,7 @@ def test_registration_forms_one_membership_and_refuses_impostors(tmp_path):
         membership = memberships[0]
         assert all(m == membership for m in memberships)
         assert membership.epoch == 1 and membership.world_size == 4
-        assert membership.num_micro_batches == 3
+        assert membership.config == ClusterConfig(num_micro_batches=3)
         assert [(m.role, m.index, m.rank) for m in membership.members] == [
             ("attention", 0, 0),
             ("attention", 1, 1),
@@ -191,7 +192,7 @@ def test_wire_round_trips_a_membership():
         world_size=2,
         store_host="controller",
         store_port=29500,
-        num_micro_batches=3,
+        config=ClusterConfig(4, 64, fp8_dispatch=True, ffn_layout="replicated"),
         members=(Member("attention", 0, 0, "a:1"), Member("ffn", 0, 1, "f:1")),
     )
     assert wire.membership_from_proto(wire.membership_to_proto(membership)) == membership

@@ -202,7 +202,18 @@ def failures(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
         "unknown dtype": generate(checkpoint, "--dtype", "float8"),
         "prompt too long": generate(short_context, "--raw", prompt="word " * 100),
         "checkpoint path is a file": ["init-checkpoint", str(a_file), "--preset", "tiny"],
-    }
+        # The cluster's facts are the controller's: checked before any process starts, and
+        # no instance takes them (cluster_config.py).
+        "five micro-batches": ["serve", "--model", str(checkpoint), "--micro-batches", "5"],
+        "an attention instance's own token budget": [
+            "attention", "--index", "0", "--controller", "127.0.0.1:1",
+            "--model", str(checkpoint), "--max-num-batched-tokens", "64",
+        ],
+        "an FFN instance's own FP8 dispatch": [
+            "ffn", "--index", "0", "--controller", "127.0.0.1:1",
+            "--model", str(checkpoint), "--fp8-dispatch",
+        ],
+    }  # fmt: skip
     return dict(zip(runs, run_afd(*runs.values()), strict=True))
 
 
@@ -214,6 +225,13 @@ ERRORS = {
     "unknown dtype": ["generate", "'float8'"],
     "prompt too long": ["generate", "the prompt has", "at most 64 tokens"],
     "checkpoint path is a file": ["init-checkpoint", "a_file"],
+    "five micro-batches": ["serve", "num_micro_batches (--micro-batches) must be 1 to 4, got 5"],
+    "an attention instance's own token budget": [
+        "attention",
+        "--max-num-batched-tokens is the cluster's",
+        "afd controller --max-num-batched-tokens",
+    ],
+    "an FFN instance's own FP8 dispatch": ["ffn", "unrecognized arguments: --fp8-dispatch"],
 }
 
 

@@ -29,7 +29,7 @@ def test_helm_values_from_a_subprocess_load_as_the_charts_values():
     values = yaml.safe_load(result.stdout)
     assert set(values) == {"controller", "attention", "ffn", "gateway"}
     assert values["attention"]["maxModelLen"] == 8192
-    assert values["ffn"]["layout"] in ("split", "replicated")
+    assert values["controller"]["ffnLayout"] in ("split", "replicated")
 
 
 def test_json_from_a_subprocess_parses():

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from services.common.cluster import ClusterState, Member, Membership
+from services.common.cluster_config import SPLIT, ClusterConfig
 from services.common.model.attention_half import FFNInput
 from services.common.model.build import build_ffn_half
 from services.common.model.checkpoint_writer import write_random_weights
@@ -19,7 +20,6 @@ from services.common.model.ffn_half import FFNHalf, ShardSpec
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.model.weights import load_weights
 from services.common.presets import tiny_config
-from services.ffn.layouts import SPLIT
 from services.ffn.loader import ShardLoader, expected_ffn_count
 from services.ffn.worker import FFNWorker
 
@@ -36,7 +36,7 @@ def membership(num_ffn: int) -> Membership:
     members = (Member("attention", 0, 0, "a:1"),) + tuple(
         Member("ffn", i, 1 + i, f"f{i}:1") for i in range(num_ffn)
     )
-    return Membership(1, len(members), "h", 1, 1, members)
+    return Membership(1, len(members), "h", 1, ClusterConfig(num_micro_batches=1), members)
 
 
 def test_a_share_read_layer_by_layer_equals_the_slice_of_the_whole_checkpoint(tmp_path):
@@ -84,7 +84,7 @@ def test_resharding_frees_the_old_share_before_reading_the_new_one(tmp_path):
 
 def test_the_count_to_load_for_comes_from_the_controller():
     def state(formed: Membership | None, size: int) -> ClusterState:
-        return ClusterState(1, formed, 1, size)
+        return ClusterState(1, formed, 1, size, ClusterConfig())
 
     assert expected_ffn_count(state(None, 3), 0) == 3, "before the first epoch: the size"
     assert expected_ffn_count(state(membership(2), 2), 1) == 2, "a replacement"

@@ -36,7 +36,7 @@ GPU_2A2F = {
     "image": {"repository": "registry.example.com/afd", "tag": "0.1.0"},
     "model": {"source": "pvc", "pvc": {"claimName": "step3-fp8"}, "subPath": "step3"},
     "auth": {"apiKeys": ["sk-one", "sk-two"], "clusterSecret": "s3cret"},
-    "controller": {"microBatches": 3},
+    "controller": {"microBatches": 3, "fp8Dispatch": True, "ffnLayout": "split"},
     "attention": {
         "replicas": 2,
         "maxNumSeqs": 128,
@@ -48,11 +48,9 @@ GPU_2A2F = {
     },
     "ffn": {
         "replicas": 2,
-        "layout": "split",
         "resources": {"limits": {"nvidia.com/gpu": 1, "memory": "200Gi"}},
         "autoscaling": {"enabled": True, "minReplicas": 2, "maxReplicas": 4},
     },
-    "fp8Dispatch": True,
     "network": {"ncclSocketIfname": "eth0"},
     "rdma": {"enabled": True},
     "gateway": {

@@ -88,7 +88,8 @@ def test_the_controller_watches_the_release_s_statefulsets(gpu, args):
         render(release="other").container("controller")["args"]
         != gpu.container("controller")["args"]
     )
-    assert a.micro_batches == 3
+    assert (a.micro_batches, a.max_num_batched_tokens) == (3, 512)
+    assert a.fp8_dispatch and a.ffn_layout == "split"
     assert a.cluster_secret_file == "/etc/afd/cluster-secret"
 
 
@@ -121,11 +122,19 @@ def test_the_gateway_discovers_attention_instances_from_the_controller(args):
 
 
 def test_the_role_settings_reach_the_processes(args):
-    a, f = args["attention"], args["ffn"]
+    a = args["attention"]
     assert (a.max_num_seqs, a.max_model_len, a.kv_cache_dtype) == (128, 4096, "fp8")
     assert a.kv_cache_bytes == 60 * 2**30
-    assert a.fp8_dispatch and f.fp8_dispatch
-    assert f.layout == "split" and f.max_num_batched_tokens == 512
+
+
+def test_the_cluster_s_facts_are_given_to_the_controller_alone(gpu):
+    """The instances take them from the membership: none can be set to disagree."""
+    facts = ("--micro-batches", "--max-num-batched-tokens", "--fp8-dispatch", "--ffn-layout")
+    for role in ("attention", "ffn"):
+        passed = [arg for arg in gpu.container(role)["args"] if arg.startswith(facts)]
+        assert passed == [], role
+    controller = gpu.container("controller")["args"]
+    assert all(any(arg.startswith(flag) for arg in controller) for flag in facts)
 
 
 def test_probes_and_ports_are_where_the_process_listens(gpu, args):

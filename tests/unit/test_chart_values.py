@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 
 import helm_python
 import pytest
 import yaml
 
 from services.cli import main as afd
+from services.common.cluster_config import LAYOUTS, MAX_MICRO_BATCHES, ClusterConfig
 from tests.support.chart import CHART, CPU_SMALL, GPU_2A2F, render, schema_error
 
 # What `afd plan deploy ... --format helm-values` prints: these keys and no others.
@@ -19,6 +21,7 @@ PLANNER_VALUES = """\
 # afd plan deploy --model step3 --context 8192 --tpot-sla-ms 50 --format helm-values
 controller:
   microBatches: 3
+  ffnLayout: split
 attention:
   replicas: 32
   maxNumSeqs: 96
@@ -28,7 +31,6 @@ attention:
       nvidia.com/gpu: 1
 ffn:
   replicas: 16
-  layout: split
   resources:
     limits:
       nvidia.com/gpu: 1
@@ -41,9 +43,17 @@ REFUSED = [
     ({"attention": {"replicas": -1}}, "/attention/replicas': minimum: got -1, want 1"),
     ({"ffn": {"replicas": 0}}, "/ffn/replicas': minimum: got 0, want 1"),
     ({"attention": {"replicas": "two"}}, "/attention/replicas': got string, want integer"),
-    ({"ffn": {"layout": "sharded"}}, "/ffn/layout': value must be one of 'split', 'replicated'"),
+    (
+        {"controller": {"ffnLayout": "sharded"}},
+        "/controller/ffnLayout': value must be one of 'split', 'replicated'",
+    ),
+    # The cluster's facts are the controller's values only: no role takes them.
+    ({"ffn": {"layout": "split"}}, "additional properties 'layout' not allowed"),
+    ({"fp8Dispatch": True}, "additional properties 'fp8Dispatch' not allowed"),
     ({"controller": {"microBatches": 0}}, "/controller/microBatches': minimum: got 0, want 1"),
+    ({"controller": {"microBatches": 5}}, "/controller/microBatches': maximum: got 5, want 4"),
     ({"controller": {"microBatches": 2.5}}, "/controller/microBatches': got number, want integer"),
+    ({"controller": {"maxNumBatchedTokens": 0}}, "/controller/maxNumBatchedTokens': minimum"),
     ({"attention": {"maxNumSeqs": 0}}, "/attention/maxNumSeqs': minimum"),
     ({"attention": {"kvCacheDtype": "int4"}}, "/attention/kvCacheDtype': value must be one of"),
     ({"gateway": {"tpotSlaMs": 0}}, "/gateway/tpotSlaMs'"),
@@ -97,6 +107,27 @@ def test_autoscaling_bounds_must_be_ordered():
         render({"ffn": {"autoscaling": {"enabled": True, "minReplicas": 8, "maxReplicas": 4}}})
 
 
+def test_the_chart_s_cluster_facts_default_and_range_as_the_controller_s():
+    """values.yaml cannot import cluster_config.py: this keeps the two one fact."""
+    values = yaml.safe_load((CHART / "values.yaml").read_text())["controller"]
+    defaults = ClusterConfig()
+    assert (
+        values["microBatches"],
+        values["maxNumBatchedTokens"],
+        values["fp8Dispatch"],
+        values["ffnLayout"],
+    ) == (
+        defaults.num_micro_batches,
+        defaults.max_num_batched_tokens,
+        defaults.fp8_dispatch,
+        defaults.ffn_layout,
+    )
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    facts = schema["properties"]["controller"]["properties"]
+    assert facts["microBatches"]["maximum"] == MAX_MICRO_BATCHES
+    assert tuple(facts["ffnLayout"]["enum"]) == LAYOUTS
+
+
 def test_the_planner_s_values_file_installs_as_printed():
     values = yaml.safe_load(PLANNER_VALUES)
     rendered = render(values)
@@ -106,8 +137,8 @@ def test_the_planner_s_values_file_installs_as_printed():
     assert "--max-num-seqs=96" in args and "--max-model-len=8192" in args
     assert "--device=cuda" in args
     assert rendered.container("attention")["resources"]["limits"]["nvidia.com/gpu"] == 1
-    assert "--layout=split" in rendered.container("ffn")["args"]
-    assert "--micro-batches=3" in rendered.container("controller")["args"]
+    controller = rendered.container("controller")["args"]
+    assert "--micro-batches=3" in controller and "--ffn-layout=split" in controller
     assert "--tpot-sla-ms=50" in rendered.container("gateway")["args"]
 
 

@@ -5,15 +5,17 @@ and removes places, shutdown wakes every waiter."""
 import pytest
 
 from services.common.cluster import ClusterState, Member, Membership
+from services.common.cluster_config import ClusterConfig
 from services.controller.errors import Conflict, Refused, ShuttingDown
 from services.controller.membership import ClusterSpec, RegistrationPending, Registry
 from tests.support.threads import run_in_threads
 
 FP = "f" * 16
+CONFIG = ClusterConfig(num_micro_batches=1)
 
 
 def make_registry(num_attention=2, num_ffn=1, clock=None):
-    spec = ClusterSpec(num_attention, num_ffn, num_micro_batches=3, fingerprint=FP)
+    spec = ClusterSpec(num_attention, num_ffn, ClusterConfig(num_micro_batches=3), fingerprint=FP)
     kwargs = {"clock": clock} if clock else {}
     return Registry(spec, "store-host", 1234, **kwargs)
 
@@ -33,7 +35,7 @@ def test_membership_forms_when_the_last_member_registers_with_ranks_by_role_then
     assert isinstance(membership, Membership)
     assert membership.epoch == 1 and membership.world_size == 4
     assert (membership.store_host, membership.store_port) == ("store-host", 1234)
-    assert membership.num_micro_batches == 3
+    assert membership.config == ClusterConfig(num_micro_batches=3)
     assert membership.members == (
         Member("attention", 0, 0, "a0:1"),
         Member("attention", 1, 1, "a1:1"),
@@ -119,19 +121,21 @@ def test_shutdown_wakes_registration_waiters_and_refuses_newcomers():
 
 def test_cluster_spec_and_membership_validate_on_construction():
     with pytest.raises(ValueError, match="num_ffn_instances"):
-        ClusterSpec(1, 0, 3, FP)
+        ClusterSpec(1, 0, CONFIG, FP)
     with pytest.raises(ValueError, match="fingerprint"):
-        ClusterSpec(1, 1, 3, "")
+        ClusterSpec(1, 1, CONFIG, "")
     with pytest.raises(ValueError, match="ranks"):
-        Membership(1, 2, "h", 1, 3, (Member("attention", 0, 1, "a:1"),))
+        Membership(1, 2, "h", 1, CONFIG, (Member("attention", 0, 1, "a:1"),))
     with pytest.raises(ValueError, match="precede"):
-        Membership(1, 2, "h", 1, 3, (Member("ffn", 0, 0, "f:1"), Member("attention", 0, 1, "a:1")))
+        Membership(
+            1, 2, "h", 1, CONFIG, (Member("ffn", 0, 0, "f:1"), Member("attention", 0, 1, "a:1"))
+        )
     a1, f0 = Member("attention", 1, 0, "a:1"), Member("ffn", 0, 1, "f:1")
     with pytest.raises(ValueError, match="attention indices"):
-        Membership(1, 1, "h", 1, 3, (Member("ffn", 0, 0, "f:1"),))
+        Membership(1, 1, "h", 1, CONFIG, (Member("ffn", 0, 0, "f:1"),))
     with pytest.raises(ValueError, match="ffn indices must be 0..0"):
-        Membership(1, 2, "h", 1, 3, (a1, Member("ffn", 1, 1, "f:1")))
-    gap = Membership(1, 2, "h", 1, 3, (a1, f0))  # attention instance 0 left out
+        Membership(1, 2, "h", 1, CONFIG, (a1, Member("ffn", 1, 1, "f:1")))
+    gap = Membership(1, 2, "h", 1, CONFIG, (a1, f0))  # attention instance 0 left out
     assert gap.attention_indices == [1] and gap.address_of("attention", 0) is None
     with pytest.raises(KeyError, match="no ffn instance 5"):
         gap.rank_of("ffn", 5)
@@ -141,7 +145,7 @@ def test_cluster_spec_and_membership_validate_on_construction():
 
 
 def formed_cluster(now, num_attention=2, num_ffn=2, listener=None):
-    spec = ClusterSpec(num_attention, num_ffn, num_micro_batches=1, fingerprint=FP)
+    spec = ClusterSpec(num_attention, num_ffn, CONFIG, fingerprint=FP)
     registry = Registry(spec, "h", 1, clock=lambda: now[0], on_change=listener)
     for role, index in spec.slots():
         registry.register(role, index, f"{role}{index}:1", FP)
@@ -296,7 +300,7 @@ def test_scaling_ffn_down_reforms_when_the_removed_member_leaves_or_goes_silent(
     rejoin(registry, [("attention", 0), ("ffn", 0)], last_epoch=2)
     membership = registry.wait("ffn", 0, "ffn0:1", 0)
     assert membership.epoch == 3 and len(membership.ffn_ranks) == 1
-    assert registry.state() == ClusterState(3, membership, 1, 1)
+    assert registry.state() == ClusterState(3, membership, 1, 1, CONFIG)
 
 
 def test_an_ffn_member_that_leaves_within_the_size_is_waited_for_not_resharded_away():
@@ -310,7 +314,7 @@ def test_an_ffn_member_that_leaves_within_the_size_is_waited_for_not_resharded_a
 
 def test_a_process_restarted_at_the_same_address_is_a_new_member_not_a_retry():
     now = [0.0]
-    spec = ClusterSpec(1, 1, num_micro_batches=1, fingerprint=FP)
+    spec = ClusterSpec(1, 1, CONFIG, fingerprint=FP)
     registry = Registry(spec, "h", 1, clock=lambda: now[0])
     for role in ("attention", "ffn"):
         registry.register(role, 0, f"{role}:1", FP, incarnation=f"{role}-first")

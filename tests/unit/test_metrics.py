@@ -14,6 +14,7 @@ from services.attention.scheduler import SchedulerConfig
 from services.cli.local_cluster import Child
 from services.cli.serve import metrics_targets
 from services.common.cluster import Member, Membership
+from services.common.cluster_config import ClusterConfig
 from services.common.metrics import AttentionMetrics, GatewayMetrics, StepSampler
 from services.common.sampling_params import SamplingParams
 from services.controller.membership import ClusterSpec, Registry
@@ -102,7 +103,7 @@ def test_the_engine_monitor_counts_what_the_engine_did(tiny_model_f64):
 
 def test_members_are_missing_then_alive_then_silent():
     now = [0.0]
-    spec = ClusterSpec(1, 2, num_micro_batches=3, fingerprint="f" * 16)
+    spec = ClusterSpec(1, 2, ClusterConfig(), fingerprint="f" * 16)
     registry = Registry(spec, "store-host", 1234, clock=lambda: now[0])
     assert registry.count("ffn", "missing", 3.0) == 2
     registry.register("ffn", 0, "h:1", "f" * 16)
@@ -116,7 +117,8 @@ def test_a_step_opening_is_counted_once_however_many_instances_open_it():
     openings = []
     desk = StepDesk(on_open=lambda: openings.append(1))
     members = (Member("attention", 0, 0, "a:1"), Member("attention", 1, 1, "b:1"))
-    desk.change(Membership(1, 3, "h", 1, 1, (*members, Member("ffn", 0, 2, "f:1"))))
+    ffn = Member("ffn", 0, 2, "f:1")
+    desk.change(Membership(1, 3, "h", 1, ClusterConfig(), (*members, ffn)))
     desk.open(1, 0, 0)
     desk.open(1, 0, 1)  # the other attention instance woke for the same step
     assert len(openings) == 1

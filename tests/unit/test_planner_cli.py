@@ -75,7 +75,10 @@ def test_helm_values_have_exactly_the_charts_shape(capsys):
     # batch sequences x 4096 tokens x 512 B (FP8 K and V) x 61 layers, in whole GiB
     kv_gib = math.ceil(batch * 4096 * 512 * 61 / 2**30)
     assert yaml.safe_load(out) == {
-        "controller": {"microBatches": planned["micro_batches"]},
+        "controller": {
+            "microBatches": planned["micro_batches"],
+            "ffnLayout": planned["ffn_layout"],
+        },
         "attention": {
             "replicas": planned["attention_gpus"],
             "maxNumSeqs": batch,
@@ -84,7 +87,7 @@ def test_helm_values_have_exactly_the_charts_shape(capsys):
             "kvCacheGiB": kv_gib,
             **gpu,
         },
-        "ffn": {"replicas": planned["ffn_gpus"], "layout": planned["ffn_layout"], **gpu},
+        "ffn": {"replicas": planned["ffn_gpus"], **gpu},
         "gateway": {"tpotSlaMs": 50},
     }
 

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from services.common.cluster import Member, Membership
+from services.common.cluster_config import ClusterConfig
 from services.controller.errors import Refused, ShuttingDown, StaleEpoch
 from services.controller.steps import StepDesk
 
@@ -19,7 +20,7 @@ MEMBERS = (
 
 def formed(epoch: int = 1) -> StepDesk:
     desk = StepDesk()
-    desk.change(Membership(epoch, 3, "h", 1, 1, MEMBERS))
+    desk.change(Membership(epoch, 3, "h", 1, ClusterConfig(), MEMBERS))
     return desk
 
 

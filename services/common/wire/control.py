@@ -12,6 +12,7 @@ from typing import Protocol
 import grpc
 
 from services.common.cluster import ATTENTION, FFN, ClusterState, Member, Membership, Slot
+from services.common.cluster_config import REPLICATED, SPLIT, ClusterConfig
 from services.common.wire.gen.afd.v1 import control_pb2 as pb
 from services.common.wire.gen.afd.v1 import control_pb2_grpc as pb_grpc
 
@@ -21,6 +22,8 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Controller"].full_name
 
 _ROLE_TO_PROTO = {ATTENTION: pb.ROLE_ATTENTION, FFN: pb.ROLE_FFN}
 _ROLE_FROM_PROTO = {value: role for role, value in _ROLE_TO_PROTO.items()}
+_LAYOUT_TO_PROTO = {SPLIT: pb.FFN_LAYOUT_SPLIT, REPLICATED: pb.FFN_LAYOUT_REPLICATED}
+_LAYOUT_FROM_PROTO = {value: layout for layout, value in _LAYOUT_TO_PROTO.items()}
 
 
 # Common never imports a service: the controller's "still waiting" answers are known here only
@@ -55,13 +58,36 @@ def _wait_ms(wait_s: float) -> int:
 # ---- membership ------------------------------------------------------------------------------
 
 
+def cluster_config_to_proto(config: ClusterConfig) -> pb.ClusterConfig:
+    return pb.ClusterConfig(
+        num_micro_batches=config.num_micro_batches,
+        max_num_batched_tokens=config.max_num_batched_tokens,
+        fp8_dispatch=config.fp8_dispatch,
+        ffn_layout=_LAYOUT_TO_PROTO[config.ffn_layout],
+    )
+
+
+def cluster_config_from_proto(message: pb.ClusterConfig) -> ClusterConfig:
+    if message.ffn_layout not in _LAYOUT_FROM_PROTO:
+        raise ValueError(
+            f"the controller sent no known FFN layout (FfnLayout value {message.ffn_layout}): "
+            "is it older than this instance? Run the same version everywhere"
+        )
+    return ClusterConfig(
+        num_micro_batches=message.num_micro_batches,
+        max_num_batched_tokens=message.max_num_batched_tokens,
+        fp8_dispatch=message.fp8_dispatch,
+        ffn_layout=_LAYOUT_FROM_PROTO[message.ffn_layout],
+    )
+
+
 def membership_to_proto(membership: Membership) -> pb.Membership:
     return pb.Membership(
         epoch=membership.epoch,
         world_size=membership.world_size,
         store_host=membership.store_host,
         store_port=membership.store_port,
-        num_micro_batches=membership.num_micro_batches,
+        config=cluster_config_to_proto(membership.config),
         members=[
             pb.Member(role=role_to_proto(m.role), index=m.index, rank=m.rank, address=m.address)
             for m in membership.members
@@ -75,7 +101,7 @@ def membership_from_proto(message: pb.Membership) -> Membership:
         world_size=message.world_size,
         store_host=message.store_host,
         store_port=message.store_port,
-        num_micro_batches=message.num_micro_batches,
+        config=cluster_config_from_proto(message.config),
         members=tuple(
             Member(role_from_proto(m.role), m.index, m.rank, m.address) for m in message.members
         ),
@@ -176,6 +202,7 @@ def get_membership_response(state: ClusterState) -> pb.GetMembershipResponse:
         epoch=state.epoch,
         num_attention_places=state.num_attention_places,
         num_ffn_places=state.num_ffn_places,
+        config=cluster_config_to_proto(state.config),
     )
     if state.membership is not None:
         response.membership.CopyFrom(membership_to_proto(state.membership))
@@ -189,4 +216,5 @@ def get_membership_result(response: pb.GetMembershipResponse) -> ClusterState:
         membership_from_proto(response.membership) if formed else None,
         response.num_attention_places,
         response.num_ffn_places,
+        cluster_config_from_proto(response.config),
     )
