@@ -30,6 +30,7 @@ Knows nothing of GPUs; every figure is float32 on whatever CPU runs it.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
@@ -48,6 +50,7 @@ import grpc
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from prometheus_client.parser import text_string_to_metric_families
 
 from services.attention.api import ERROR_CODES, add_attention_service
 from services.attention.builder import local_engine
@@ -240,6 +243,7 @@ def bench_decode(args: argparse.Namespace, checkpoint: Path, logs: Path) -> list
 
     served: list[Result] = []
     idle: dict[str, float] = {}
+    control: dict[str, tuple[float, float, float, int, float]] = {}
     here = Path(__file__).resolve()
     commands = {
         "local gRPC": [sys.executable, str(here), "serve-local", str(checkpoint)],
@@ -256,6 +260,8 @@ def bench_decode(args: argparse.Namespace, checkpoint: Path, logs: Path) -> list
                 str(k),
                 "--dtype",
                 "float32",
+                "--prometheus-targets",
+                str(logs / f"targets-{k}.json"),
             )  # fmt: skip
             for k in args.micro_batches
         },
@@ -267,6 +273,8 @@ def bench_decode(args: argparse.Namespace, checkpoint: Path, logs: Path) -> list
         try:
             results, idle[system] = bench_served(system, child, args, rng)
             served += results
+            if system != "local gRPC":
+                control[system] = control_wait(logs / f"targets-{system[-1]}.json")
         finally:
             child.stop()
 
@@ -284,7 +292,40 @@ def bench_decode(args: argparse.Namespace, checkpoint: Path, logs: Path) -> list
         )
     lines += ["", "| server | idle CPU (cores busy with no request) |", "|---|---|"]
     lines += [f"| {system} | {cores:.2f} |" for system, cores in idle.items()]
+    lines += [
+        "",
+        "| server | steps | control-plane wait per step: median | p99 (bucket bounds) | mean "
+        "| mean / mean step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for system, (p50, p99, mean, steps, step_mean) in control.items():
+        lines.append(
+            f"| {system} | {steps} | <= {p50 * 1e6:g} us | <= {p99 * 1e6:g} us "
+            f"| {mean * 1e6:.1f} us | {mean / step_mean:.4%} |"
+        )
     return lines
+
+
+def control_wait(targets_file: Path) -> tuple[float, float, float, int, float]:
+    """From the attention instance's own metrics (`afd_attention_step_control_wait_seconds`,
+    one observation per step): the median's and p99's bucket bounds, the mean, the number of
+    steps and the mean step time (`afd_attention_step_seconds`)."""
+    targets = json.loads(targets_file.read_text())
+    address = next(t["targets"][0] for t in targets if t["labels"]["component"] == "attention")
+    text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    wait = families["afd_attention_step_control_wait_seconds"].samples
+    buckets = [(float(s.labels["le"]), s.value) for s in wait if s.name.endswith("_bucket")]
+    count = next(s.value for s in wait if s.name.endswith("_count"))
+    total = next(s.value for s in wait if s.name.endswith("_sum"))
+    steps = families["afd_attention_step_seconds"].samples
+    step_sum = next(s.value for s in steps if s.name.endswith("_sum"))
+    step_count = next(s.value for s in steps if s.name.endswith("_count"))
+
+    def bound(q: float) -> float:
+        return next(le for le, cumulative in buckets if cumulative >= q * count)
+
+    return bound(0.5), bound(0.99), total / count, int(count), step_sum / step_count
 
 
 def ping_pong(rank: int, port: int, messages: list[tuple[int, int]], iterations: int) -> None:

@@ -96,7 +96,7 @@ def served_step_s(model, batch: int, context: int, steps: int, via: str) -> floa
     threads (`via` "driver"), C gRPC Generate streams ("streams") or one gRPC Session
     ("session", what the gateway uses); timed while every request is decoding."""
     engine = new_engine(model, batch, context, steps, graphs=True)
-    driver = EngineDriver(engine, always_step=False, idle_wait_s=0.01)
+    driver = EngineDriver(engine, idle_wait_s=0.01)
     driver.start()
     server = None
     if via != "driver":

@@ -156,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
             bell,
             pipeline,
             config.scheduler.max_num_batched_tokens,
+            metrics.control_wait.observe,
         )
         monitor = PipelineMonitor(metrics, sampler_for(options.device.type))
         runner = ModelRunner(attention, ffn, cache, pipeline.num_micro_batches, monitor)

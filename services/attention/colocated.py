@@ -50,9 +50,7 @@ def serve_colocated(args: argparse.Namespace, config: EngineConfig) -> int:
         registry = CollectorRegistry()
         monitor = EngineMonitor(engine, AttentionMetrics(registry))
         # Nothing to keep in lockstep with: an idle instance sleeps.
-        driver = EngineDriver(
-            engine, always_step=False, idle_wait_s=0.01, on_step=monitor.after_step
-        )
+        driver = EngineDriver(engine, idle_wait_s=0.01, on_step=monitor.after_step)
         serve_metrics(registry, args.host, args.metrics_port)
         add_attention_service(server.server, driver)
         driver.start()

@@ -20,6 +20,8 @@ Buffers are allocated once per micro-batch slot and reused every layer and step.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,9 +56,11 @@ class RemoteFFN:
         bell: StepBell,
         config: PipelineConfig,
         max_tokens_per_step: int,
+        on_control_wait: Callable[[float], None] | None = None,
     ) -> None:
         """`num_attention`: attention instances in the epoch; `bell`: opens steps after
-        idle ones and says when a peer opened one."""
+        idle ones and says when a peer opened one; `on_control_wait`: told every step's
+        time on the control plane (metrics)."""
         self.cfg = cfg
         self.dtype = dtype
         self.device = device
@@ -65,6 +69,7 @@ class RemoteFFN:
         self.num_attention = num_attention
         self.bell = bell
         self.config = config
+        self.on_control_wait = on_control_wait
         self.step = 0
         self.idle = True  # the last step had no tokens anywhere (an epoch starts idle)
         self._own = 0
@@ -119,8 +124,11 @@ class RemoteFFN:
 
     def begin(self, tokens_per_slot: list[int]) -> None:
         step = self.step
+        start = time.perf_counter()
         if self.idle:
             self.bell.open(step)  # asynchronous: wakes the members waiting for this step
+        if self.on_control_wait is not None:
+            self.on_control_wait(time.perf_counter() - start)
         what = f"step {step}'s header"
         header = torch.tensor([step, *tokens_per_slot], dtype=torch.int64)
         self._header_sends = [self.transport.send_header(header, r, what) for r in self.ffn_ranks]

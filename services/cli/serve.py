@@ -78,7 +78,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--enforce-eager",
         action="store_true",
-        help="with --colocated on a GPU: no CUDA graphs for decode steps",
+        help="on a GPU, no CUDA graphs: colocated decode steps and FFN instances' layers run "
+        "eagerly",
     )
     parser.add_argument(
         "--device",
@@ -95,10 +96,6 @@ AFD_ONLY = ("ffn_instances", "micro_batches", "ffn_layout", "fp8_dispatch")
 def validate(args: argparse.Namespace) -> None:
     """Checks the options, fills in --ffn-instances' default and sets `args.cluster`, the
     cluster's facts (checked here, so a bad one fails before any process starts)."""
-    if args.enforce_eager and not args.colocated:
-        raise ValueError(
-            "--enforce-eager applies to --colocated serving: AFD instances run eagerly already"
-        )
     afd_only = [name for name in AFD_ONLY if getattr(args, name) is not None]
     if args.colocated and afd_only:
         options = ", ".join("--" + name.replace("_", "-") for name in afd_only)
@@ -174,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
                     "--device",
                     devices[m + i],
                     *common,
+                    *(["--enforce-eager"] if args.enforce_eager else []),
                 ],
                 stage=1,
             )  # fmt: skip

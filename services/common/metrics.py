@@ -26,6 +26,8 @@ STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075
 STAGE_BUCKETS = (0.00005, 0.0001, 0.0002, 0.0003, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025,
                  0.05, 0.1, 0.25, 1.0)  # fmt: skip  # one layer of one micro-batch
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192)
+# A step's wait on the control plane: none at all on busy steps, a queued RPC after idle ones.
+CONTROL_WAIT_BUCKETS = (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1)
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 DIRECTIONS = ("a2f", "f2a")
@@ -133,6 +135,12 @@ class AttentionMetrics:
             "afd_attention_step_seconds",
             "Wall time of one engine step, scheduling to sampled tokens.",
             buckets=STEP_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.control_wait = Histogram(
+            "afd_attention_step_control_wait_seconds",
+            "Time one step of a disaggregated instance spent on the control plane (its sizes "
+            "travel with the data; only a step after an idle one tells the controller).",
+            buckets=CONTROL_WAIT_BUCKETS, registry=r,
         )  # fmt: skip
         self.prompt_tokens = Counter(
             "afd_attention_prompt_tokens", "Prompt tokens admitted.", registry=r

@@ -39,6 +39,11 @@ log = logging.getLogger("services.ffn")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_instance_arguments(parser)
+    parser.add_argument(
+        "--enforce-eager",
+        action="store_true",
+        help="no CUDA graphs: run each micro-batch's FFN layer eagerly on a GPU",
+    )
     parser.set_defaults(run=run)
 
 
@@ -73,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
             cluster.fp8_dispatch,
             monitor,
             summarises=first_ffn(instance, membership),
+            cuda_graphs=not args.enforce_eager,
         )
         del shard  # the worker's from now on: a re-shard must be able to free it
         loader.refit(worker, membership)

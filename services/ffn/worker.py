@@ -20,6 +20,7 @@ from services.common.model.attention_half import FFNInput
 from services.common.model.ffn_half import FFNHalf
 from services.common.pipeline_timer import PipelineTimer
 from services.common.transport import A2F, F2A, PeerFailure, Pending, Transport, channel
+from services.ffn.ffn_graphs import FFNGraphs, capturable
 
 
 class FFNMonitor:
@@ -66,9 +67,11 @@ class FFNWorker:
         fp8_dispatch: bool = False,
         monitor: FFNMonitor | None = None,
         summarises: bool = True,
+        cuda_graphs: bool = True,
     ) -> None:
         """`monitor`: where tokens per micro-batch and sampled steps' times go; `summarises`:
-        see `rebind`."""
+        see `rebind`; `cuda_graphs`: replay each micro-batch's layer from a CUDA graph where
+        the shard can be captured (ffn_graphs.py)."""
         self.monitor = monitor
         self.cfg = cfg
         self.shard = shard
@@ -82,6 +85,9 @@ class FFNWorker:
         self.max_tokens_per_step = max_tokens_per_step
         self.num_tokens_computed = 0
         self._expert_counts: Tensor | None = None  # a sampled step's, on the device
+        self.cuda_graphs = cuda_graphs
+        self.graphs: FFNGraphs | None = None
+        self.attention_ranks: list[int] = []
         self.rebind(transport, attention_ranks, summarises)
 
     def reshard(self, shard: FFNHalf | None) -> None:
@@ -90,15 +96,27 @@ class FFNWorker:
         self.shard = shard
         if shard is not None and self.monitor is not None:
             self.monitor.watch(shard.expert_range)
+        self._build_graphs()
+
+    def _build_graphs(self) -> None:
+        """Graphs for this shard, sized for a micro-batch of every attention member's whole
+        step budget (or none: eager, on a CPU or a shard that cannot be captured)."""
+        self.graphs = None
+        if self.shard is not None and self.cuda_graphs and capturable(self.shard):
+            max_tokens = self.max_tokens_per_step * len(self.attention_ranks)
+            self.graphs = FFNGraphs(self.shard, max_tokens, self.dtype)
 
     def rebind(
         self, transport: Transport, attention_ranks: list[int], summarises: bool = True
     ) -> None:
         """Serve a new membership epoch: its group, its attention members. `summarises`:
         this is the first FFN instance, which sends every step's total to the attention side."""
+        resized = len(attention_ranks) != len(self.attention_ranks)
         self.transport = transport
         self.attention_ranks = attention_ranks
         self.summarises = summarises and len(attention_ranks) > 1
+        if resized:
+            self._build_graphs()  # sized for the attention count
         # Per micro-batch slot: a receive buffer per attention instance, one send buffer.
         n, k, device = self.max_tokens_per_step, self.num_micro_batches, self.device
         in_bytes = n * self.layouts[True].bytes_per_token
@@ -199,7 +217,7 @@ class FFNWorker:
         h = torch.cat([p[0] for p in parts])  # [n_total, H], attention instances in order
         ids = torch.cat([p[1] for p in parts]) if layout.top_k else None
         weights = torch.cat([p[2] for p in parts]) if layout.top_k else None
-        out = timer.computed(self.shard, layer, FFNInput(h, ids, weights), mlp_rows)
+        out = timer.computed(self._forward, layer, FFNInput(h, ids, weights), mlp_rows)
         if timer.active and ids is not None:
             self._count_experts(ids)
         self.num_tokens_computed += h.shape[0]
@@ -216,6 +234,13 @@ class FFNWorker:
             sends.append(self.transport.send(part, rank, channel(F2A, slot), what))
             start += size
         self._sends[slot] = sends
+
+    def _forward(self, layer: int, x: FFNInput, mlp_rows: Tensor | None) -> Tensor:
+        if self.graphs is not None and mlp_rows is None:
+            out = self.graphs.run(layer, x)
+            if out is not None:
+                return out
+        return self.shard(layer, x, mlp_rows)
 
     def _count_experts(self, ids: Tensor) -> None:
         """Add a sampled layer's assignments per expert (every expert, this step's total)."""

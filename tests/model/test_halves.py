@@ -20,6 +20,7 @@ from services.common.model.fp8_linear import Fp8Linear
 from services.common.model.reference import reference_greedy
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.sampling_params import SamplingParams
+from services.ffn.ffn_graphs import capturable
 from tests.support.models import small_config
 
 CFG = small_config()
@@ -58,6 +59,10 @@ def test_whole_mlp_shards_each_serve_their_rows_and_still_add_up():
         x = ffn_input(CFG, layer)
         total = sum(shard(layer, x, r) for shard, r in zip(shards, rows, strict=True))
         torch.testing.assert_close(total, whole(layer, x), rtol=1e-12, atol=1e-12)
+
+
+def test_a_cpu_shard_is_never_captured_in_cuda_graphs():
+    assert not capturable(build_ffn_half(CFG, ffn_tensors(CFG, torch.float32)))
 
 
 def test_fp8_mlp_weights_stay_fp8_where_a_shard_cuts_on_their_blocks():
