@@ -42,14 +42,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_mfa_decode import contiguous_kv, paged_cache  # noqa: E402
 from benchmarks.gpu_timing import copy_bandwidth, graph_us, median_us  # noqa: E402
-from services.attention.kernels.kv_write import write_kv  # noqa: E402
-from services.attention.kernels.mfa_decode import mfa_decode, mfa_decode_reference  # noqa: E402
+from services.common.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_block_fp8  # noqa: E402
+from services.common.kernels.fp8_norm import rms_norm_quantize  # noqa: E402
+from services.common.kernels.kv_write import write_kv  # noqa: E402
+from services.common.kernels.mfa_decode import mfa_decode, mfa_decode_reference  # noqa: E402
+from services.common.kernels.norm_rope import rope_qk  # noqa: E402
 from services.common.model.attention import MFAAttention  # noqa: E402
-from services.common.model.fp8 import FP8_DTYPE, FP8_MAX, quantize_block_fp8  # noqa: E402
 from services.common.model.fp8_attention import Fp8MFAAttention  # noqa: E402
 from services.common.model.fp8_linear import Fp8Linear, fuse_outputs, pick_scaling  # noqa: E402
-from services.common.model.fp8_norm import rms_norm_quantize  # noqa: E402
-from services.common.model.fused import rope_qk  # noqa: E402
 from services.common.model.layers import RMSNorm, apply_rope, rope_cos_sin  # noqa: E402
 from services.common.presets import step3_config  # noqa: E402
 

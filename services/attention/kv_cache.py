@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.attention.kernels import kv_write, mfa_decode
 from services.common.config import ModelConfig
+from services.common.kernels import kv_write, mfa_decode
 from services.common.model.attention import causal_attention, causal_attention_sdpa
 
 FP8 = torch.float8_e4m3fn

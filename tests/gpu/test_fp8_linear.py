@@ -20,7 +20,7 @@ import importlib.util
 import pytest
 import torch
 
-from services.common.model.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8
+from services.common.kernels.fp8 import FP8_DTYPE, dequantize_block_fp8, quantize_block_fp8
 from services.common.model.fp8_linear import (
     Fp8Linear,
     dequantize_activation,

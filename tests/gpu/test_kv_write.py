@@ -11,7 +11,7 @@ import importlib.util
 import pytest
 import torch
 
-from services.attention.kernels.kv_write import supports, write_kv, write_kv_reference
+from services.common.kernels.kv_write import supports, write_kv, write_kv_reference
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,

@@ -19,7 +19,7 @@ import os
 import pytest
 import torch
 
-from services.attention.kernels.mfa_decode import mfa_decode, mfa_decode_reference
+from services.common.kernels.mfa_decode import mfa_decode, mfa_decode_reference
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services.common.config import ModelConfig
+from services.common.kernels.fp8 import dequantize_block_fp8, quantize_block_fp8
 from services.common.model import weights as weights_module
 from services.common.model.build import build_model
 from services.common.model.checkpoint_writer import (
@@ -20,7 +21,6 @@ from services.common.model.checkpoint_writer import (
     random_tensor,
     write_random_weights,
 )
-from services.common.model.fp8 import dequantize_block_fp8, quantize_block_fp8
 from services.common.model.fp8_linear import Fp8Linear
 from services.common.model.reference import reference_logits
 from services.common.model.schema import checkpoint_tensors, is_attention_linear, is_mlp_linear

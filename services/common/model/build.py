@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from services.common.config import ModelConfig, load_config
+from services.common.kernels.fp8 import DEFAULT_BLOCK, FP8_DTYPE, dequantize_block_fp8
 from services.common.model.attention_half import AttentionHalf
 from services.common.model.ffn_half import (
     DenseFFN,
@@ -31,7 +32,6 @@ from services.common.model.ffn_half import (
     RoutedExperts,
     ShardSpec,
 )
-from services.common.model.fp8 import DEFAULT_BLOCK, FP8_DTYPE, dequantize_block_fp8
 from services.common.model.fp8_attention import fuse_attention
 from services.common.model.fp8_linear import GROUP, Fp8Linear, pick_scaling
 from services.common.model.fp8_moe import Fp8Experts

@@ -30,14 +30,14 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from services.common.model import fp8_gemm
-from services.common.model.fp8 import (
+from services.common.kernels import fp8_gemm
+from services.common.kernels.fp8 import (
     DEFAULT_BLOCK,
     FP8_DTYPE,
     dequantize_block_fp8,
     quantize_rows_fp8,
 )
-from services.common.triton_jit import jit, tl, triton
+from services.common.kernels.triton_jit import jit, tl, triton
 
 Scaling = Literal["blockwise", "rowwise", "reference"]
 GROUP = 128  # activation values per scale in "blockwise" and "reference"

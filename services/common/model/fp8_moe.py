@@ -19,8 +19,8 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from services.common.activations import quantize_fp8
-from services.common.model import moe_kernels
-from services.common.model.fp8 import quantize_rows_fp8
+from services.common.kernels import experts as moe_kernels
+from services.common.kernels.fp8 import quantize_rows_fp8
 from services.common.model.moe import ExpertGroups
 
 

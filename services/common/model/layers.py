@@ -2,8 +2,8 @@
 
 Plain torch on any device and dtype. Norms and RoPE compute in float32 and cast back, as the
 released checkpoints were trained with. On a CUDA GPU with Triton, in bf16, fp16 or fp32, the
-norm and RoPE run as one Triton kernel each (`fused.py`) with the same math; the plain-torch
-`rms_norm_reference` and `apply_rope_reference` are the CPU path and the kernels' oracle.
+norm and RoPE run as one Triton kernel each (`kernels/norm_rope.py`) with the same math; the
+plain-torch `rms_norm_reference` and `apply_rope_reference` are the CPU path and the oracle.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from functools import partial
 import torch
 from torch import Tensor, nn
 
-from services.common.model import fused
+from services.common.kernels import norm_rope
 
 
 class RMSNorm(nn.Module):
@@ -26,9 +26,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., dim] -> [..., dim] in x's dtype."""
-        if fused.supports(x, self.weight) and x.shape[-1] <= fused.MAX_NORM_DIM:
-            return fused.with_reference_grad(
-                partial(fused.rms_norm, eps=self.eps),
+        if norm_rope.supports(x, self.weight) and x.shape[-1] <= norm_rope.MAX_NORM_DIM:
+            return norm_rope.with_reference_grad(
+                partial(norm_rope.rms_norm, eps=self.eps),
                 partial(rms_norm_reference, eps=self.eps),
                 x,
                 self.weight,
@@ -55,12 +55,12 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x: [T, heads, D] by cos/sin: [T, D] (neox / rotate-half layout)."""
     if (
-        fused.supports(x, cos, sin)
+        norm_rope.supports(x, cos, sin)
         and x.dim() == 3
         and x.shape[-1] % 2 == 0
         and cos.shape == sin.shape == (x.shape[0], x.shape[-1])
     ):
-        return fused.with_reference_grad(fused.rope, apply_rope_reference, x, cos, sin)
+        return norm_rope.with_reference_grad(norm_rope.rope, apply_rope_reference, x, cos, sin)
     return apply_rope_reference(x, cos, sin)
 
 

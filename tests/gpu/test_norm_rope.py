@@ -21,7 +21,7 @@ import importlib.util
 import pytest
 import torch
 
-from services.common.model import fused
+from services.common.kernels import norm_rope
 from services.common.model.layers import (
     RMSNorm,
     apply_rope,
@@ -85,7 +85,7 @@ def test_rms_norm_matches_torch(dim, tokens, dtype, gen):
     norm = random_norm(dim, gen)
     x = random_rows(tokens, dim, dtype=dtype, gen=gen)
     out = norm(x)
-    assert torch.equal(out, fused.rms_norm(x, norm.weight, EPS))  # it took the kernel
+    assert torch.equal(out, norm_rope.rms_norm(x, norm.weight, EPS))  # it took the kernel
     assert_matches(out, rms_norm_reference(x, norm.weight, EPS))
 
 
@@ -112,7 +112,7 @@ def test_rope_matches_torch(heads, dim, tokens, dtype, gen):
     x = random_rows(tokens, heads, dim, dtype=dtype, gen=gen)
     cos, sin = random_cos_sin(tokens, dim, gen)
     out = apply_rope(x, cos, sin)
-    assert torch.equal(out, fused.rope(x, cos, sin))  # it took the kernel
+    assert torch.equal(out, norm_rope.rope(x, cos, sin))  # it took the kernel
     assert_matches(out, apply_rope_reference(x, cos, sin))
 
 
@@ -158,6 +158,6 @@ def test_rope_qk_is_both_ropes_in_one_launch(tokens, gen):
     qkv = random_rows(tokens, 2560, dtype=torch.bfloat16, gen=gen)
     k = qkv.split((2048, 256, 256), dim=-1)[1].view(tokens, 1, 256)
     cos, sin = random_cos_sin(tokens, 256, gen)
-    q_out, k_out = fused.rope_qk(q, k, cos, sin)
-    assert torch.equal(q_out, fused.rope(q, cos, sin))
-    assert torch.equal(k_out, fused.rope(k, cos, sin))
+    q_out, k_out = norm_rope.rope_qk(q, k, cos, sin)
+    assert torch.equal(q_out, norm_rope.rope(q, cos, sin))
+    assert torch.equal(k_out, norm_rope.rope(k, cos, sin))

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from services.common.activations import quantize_fp8
-from services.common.model import moe_kernels
+from services.common.kernels import experts as moe_kernels
 from services.common.model.moe import ExpertGroups, route
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from services.common.triton_jit import jit, tl, triton
+from services.common.kernels.triton_jit import jit, tl, triton
 
 FP8_MAX = 448.0
 

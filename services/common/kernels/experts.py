@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from services.common.triton_jit import jit, tl, triton
+from services.common.kernels.triton_jit import jit, tl, triton
 
 if TYPE_CHECKING:  # moe.py calls in here; this module only reads the groups' tensors
     from services.common.model.moe import ExpertGroups

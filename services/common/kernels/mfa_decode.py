@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.common.triton_jit import jit, tl, triton
+from services.common.kernels.triton_jit import jit, tl, triton
 
 
 @dataclass(frozen=True)

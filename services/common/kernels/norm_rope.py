@@ -23,7 +23,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from services.common.triton_jit import jit, tl, triton
+from services.common.kernels.triton_jit import jit, tl, triton
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_NORM_DIM = 16384  # a longer row would spill the registers of one program

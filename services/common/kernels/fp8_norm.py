@@ -17,10 +17,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from services.common.model.fp8 import FP8_DTYPE
+from services.common.kernels.fp8 import FP8_DTYPE
+from services.common.kernels.triton_jit import jit, tl, triton
 from services.common.model.fp8_linear import GROUP, quantize_activation_reference
 from services.common.model.layers import rms_norm_reference
-from services.common.triton_jit import jit, tl, triton
 
 MAX_DIM = 16384  # a longer row would spill one program's registers
 

@@ -1,0 +1,1 @@
+"""GPU kernels (Triton), each beside a plain-torch reference."""
