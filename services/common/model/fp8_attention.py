@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from services.common import kernels
 from services.common.kernels import norm_rope
 from services.common.kernels.fp8_norm import MAX_DIM, rms_norm_quantize, sum_rms_norm_quantize
 from services.common.model.attention import AttentionBackend, MFAAttention
@@ -33,11 +34,12 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "wq", "o_proj")
 
 
 def can_fuse(attn: MFAAttention) -> bool:
-    """Whether `attn` has every linear in blockwise FP8 on a CUDA device, q|k|v stackable
+    """Whether `attn` has every linear in blockwise FP8 where the kernels run, q|k|v stackable
     (output dims whole 128-row blocks) and norms the fused kernel can hold in registers."""
     linears = [getattr(attn, name) for name in LINEARS]
     return (
-        all(
+        kernels.available(attn.q_proj.weight.device)
+        and all(
             isinstance(lin, Fp8Linear) and lin.scaling == "blockwise" and lin.weight.is_cuda
             for lin in linears
         )
