@@ -86,7 +86,7 @@ def kernel_engine(model, use_kernel: bool):
 def test_the_decode_kernel_path_gives_the_torch_path_tokens_and_logprobs():
     # 16 query heads of 32 sharing one K/V head: the smallest shape the MFA kernel takes.
     cfg = small_config(num_attention_heads=16, head_dim=32)
-    model = random_model(cfg, torch.bfloat16).to("cuda")
+    model = random_model(cfg, torch.bfloat16, device="cuda")
     params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=0)
     fast = kernel_engine(model, True).generate(PROMPTS, params)
     plain = kernel_engine(model, False).generate(PROMPTS, params)
@@ -121,7 +121,7 @@ def test_a_block_fp8_checkpoint_serves_with_fp8_attention_linears_on_the_gpu(tmp
 
 def test_an_fp8_kv_cache_serves_through_the_decode_kernel_and_tracks_bf16():
     cfg = small_config(num_attention_heads=16, head_dim=32)
-    model = random_model(cfg, torch.bfloat16).to("cuda")
+    model = random_model(cfg, torch.bfloat16, device="cuda")
     params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=0, ignore_eos=True)
 
     def engine(kv: str):

@@ -15,13 +15,13 @@ import importlib.util
 import pytest
 import torch
 
+from services.common.kernels.fp8 import dequantize_activation
 from services.common.kernels.fp8_norm import (
     rms_norm_quantize,
     rms_norm_quantize_reference,
     sum_rms_norm_quantize,
     sum_rms_norm_quantize_reference,
 )
-from services.common.model.fp8_linear import dequantize_activation
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
