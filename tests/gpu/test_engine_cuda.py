@@ -33,7 +33,7 @@ def engine_for(model):
 
 
 def test_cuda_engine_equals_reference_in_float64():
-    model = random_model(small_config(), torch.float64).to("cuda")
+    model = random_model(small_config(), torch.float64, device="cuda")
     engine = engine_for(model)
     outputs = engine.generate(PROMPTS, GREEDY)
     eos = model.cfg.eos_token_ids
@@ -43,7 +43,7 @@ def test_cuda_engine_equals_reference_in_float64():
 
 
 def test_cuda_engine_in_bfloat16_tracks_the_reference():
-    model = random_model(small_config(), torch.bfloat16).to("cuda")
+    model = random_model(small_config(), torch.bfloat16, device="cuda")
     outputs = engine_for(model).generate(PROMPTS, GREEDY)
     eos = model.cfg.eos_token_ids
     first_tokens_agree = sum(
@@ -54,7 +54,7 @@ def test_cuda_engine_in_bfloat16_tracks_the_reference():
 
 
 def test_cuda_sampling_with_a_seed_is_reproducible():
-    model = random_model(small_config(), torch.float32).to("cuda")
+    model = random_model(small_config(), torch.float32, device="cuda")
     params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.95, seed=5)
     first = engine_for(model).generate(PROMPTS[:2], params)
     again = engine_for(model).generate(PROMPTS[:2], params)
