@@ -42,15 +42,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_mfa_decode import contiguous_kv, paged_cache  # noqa: E402
 from benchmarks.gpu_timing import copy_bandwidth, graph_us, median_us  # noqa: E402
-from services.attention.kernels.kv_write import write_kv  # noqa: E402
-from services.attention.kernels.mfa_decode import mfa_decode, mfa_decode_reference  # noqa: E402
+from services.common.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_block_fp8  # noqa: E402
+from services.common.kernels.fp8_norm import rms_norm_quantize  # noqa: E402
+from services.common.kernels.kv_write import write_kv  # noqa: E402
+from services.common.kernels.mfa_decode import mfa_decode, mfa_decode_reference  # noqa: E402
+from services.common.kernels.norm_rope import rope, rope_qk  # noqa: E402
 from services.common.model.attention import MFAAttention  # noqa: E402
-from services.common.model.fp8 import FP8_DTYPE, FP8_MAX, quantize_block_fp8  # noqa: E402
 from services.common.model.fp8_attention import Fp8MFAAttention  # noqa: E402
 from services.common.model.fp8_linear import Fp8Linear, fuse_outputs, pick_scaling  # noqa: E402
-from services.common.model.fp8_norm import rms_norm_quantize  # noqa: E402
-from services.common.model.fused import rope_qk  # noqa: E402
-from services.common.model.layers import RMSNorm, apply_rope, rope_cos_sin  # noqa: E402
+from services.common.model.kernel_choice import choose_kernels  # noqa: E402
+from services.common.model.layers import RMSNorm, rope_cos_sin  # noqa: E402
 from services.common.presets import step3_config  # noqa: E402
 
 BATCH, CONTEXT, PAGE = 64, 8192, 16
@@ -79,6 +80,7 @@ def random_checkpoint() -> dict:
 def rms_norm(weight: torch.Tensor) -> RMSNorm:
     norm = RMSNorm(weight.numel(), CFG.rms_norm_eps).cuda()
     norm.weight.data.copy_(weight)
+    choose_kernels(norm)  # the Triton RMSNorm, as a model built on the GPU has it
     return norm
 
 
@@ -112,8 +114,8 @@ class Fp8AttentionLayer:
         h = self.input_norm(x)
         q_low, k, v = self.linear(self.qkv, h).split((R, D, D), dim=-1)  # [B, 2048 | 256 | 256]
         q = self.linear(self.wq, self.inter_norm(q_low)).view(batch, HEADS, D)  # [B, 64, 256]
-        q = apply_rope(q, c["cos"], c["sin"])
-        k = apply_rope(k.view(batch, 1, D), c["cos"], c["sin"])  # [B, 1, 256]
+        q = rope(q, c["cos"], c["sin"])
+        k = rope(k.view(batch, 1, D), c["cos"], c["sin"])  # [B, 1, 256]
         write_slots(c["k"], c["new_slots"], k)
         write_slots(c["v"], c["new_slots"], v.view(batch, 1, D))
         a = self.attend(q)  # [B, 64, 256]
@@ -180,7 +182,7 @@ class NaiveAttentionLayer:
         q = self.linear("wq", self.inter_norm(self.linear("q_proj", h))).view(batch, HEADS, D)
         k = self.linear("k_proj", h).view(batch, 1, D)
         v = self.linear("v_proj", h).view(batch, 1, D)
-        q, k = apply_rope(q, self.cos, self.sin), apply_rope(k, self.cos, self.sin)
+        q, k = rope(q, self.cos, self.sin), rope(k, self.cos, self.sin)
         self.k_seq[:, :, -1], self.v_seq[:, :, -1] = k, v
         a = F.scaled_dot_product_attention(
             q[:, :, None], self.k_seq, self.v_seq, scale=SCALE, enable_gqa=True
@@ -258,8 +260,8 @@ def reference_branch(layer: Fp8AttentionLayer, x: torch.Tensor) -> torch.Tensor:
     h = layer.input_norm(x.float())
     q_low, k, v = (h @ layer.qkv.dequantized_weight().T).split((R, D, D), dim=-1)
     q = (layer.inter_norm(q_low) @ layer.wq.dequantized_weight().T).view(batch, HEADS, D)
-    q = apply_rope(q, c["cos"], c["sin"])
-    k = apply_rope(k.reshape(batch, 1, D), c["cos"], c["sin"])
+    q = rope(q, c["cos"], c["sin"])
+    k = rope(k.reshape(batch, 1, D), c["cos"], c["sin"])
     c["k"].index_copy_(0, c["new_slots"], k.bfloat16())  # the cache holds bf16
     c["v"].index_copy_(0, c["new_slots"], v.reshape(batch, 1, D).bfloat16())
     a = mfa_decode_reference(q, c["k"], c["v"], c["tables"], c["lens"], SCALE, block_size=PAGE)
@@ -287,8 +289,8 @@ def rest_parts(layer: Fp8AttentionLayer, seen: dict, x: torch.Tensor) -> list[tu
         "1x128 quantisation of h": lambda: layer.qkv.quantize_input(h),
         "1x128 quantisation of inter_norm(q)": lambda: layer.wq.quantize_input(q_normed),
         "1x128 quantisation of the attention output": lambda: layer.o_proj.quantize_input(a),
-        "RoPE on q [64, 64, 256]": lambda: apply_rope(q, cos, sin),
-        "RoPE on k [64, 1, 256]": lambda: apply_rope(k, cos, sin),
+        "RoPE on q [64, 64, 256]": lambda: rope(q, cos, sin),
+        "RoPE on k [64, 1, 256]": lambda: rope(k, cos, sin),
         "KV write (2 index_copy_)": lambda: (
             c["k"].index_copy_(0, c["new_slots"], k),
             c["v"].index_copy_(0, c["new_slots"], v.reshape(batch, 1, D)),

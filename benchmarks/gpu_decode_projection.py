@@ -49,10 +49,10 @@ from benchmarks.gpu_attention_layer import (  # noqa: E402
 )
 from benchmarks.gpu_timing import graph_us  # noqa: E402
 from services.common.activations import Layout  # noqa: E402
+from services.common.kernels.fp8 import FP8_DTYPE  # noqa: E402
 from services.common.model.attention_half import FFNInput  # noqa: E402
 from services.common.model.build import build_ffn_half  # noqa: E402
 from services.common.model.ffn_half import FFNHalf, ShardSpec  # noqa: E402
-from services.common.model.fp8 import FP8_DTYPE  # noqa: E402
 from services.common.model.fp8_linear import pick_scaling  # noqa: E402
 from services.common.model.moe import route  # noqa: E402
 from services.common.presets import step3_config  # noqa: E402

@@ -25,8 +25,8 @@ from triton.testing import do_bench  # noqa: E402
 
 from benchmarks.gpu_attention_layer import cublas_matmul  # noqa: E402
 from benchmarks.gpu_timing import copy_bandwidth, graph_us  # noqa: E402
-from services.common.model.fp8 import quantize_block_fp8  # noqa: E402
-from services.common.model.fp8_gemm import gemm_partials, sum_partials  # noqa: E402
+from services.common.kernels.fp8 import quantize_block_fp8  # noqa: E402
+from services.common.kernels.fp8_gemm import gemm_partials, sum_partials  # noqa: E402
 from services.common.model.fp8_linear import Fp8Linear  # noqa: E402
 
 # (name, N, K): the fused q|k|v, wq, o_proj, and q_proj / k_proj alone (the unfused path).

@@ -38,8 +38,8 @@ from benchmarks.gpu_attention_layer import (  # noqa: E402
 )
 from benchmarks.gpu_mfa_decode import paged_cache  # noqa: E402
 from benchmarks.gpu_timing import copy_bandwidth, median_us  # noqa: E402
-from services.attention.kernels.mfa_decode import mfa_decode  # noqa: E402
-from services.common.model import fp8_gemm  # noqa: E402
+from services.common.kernels import fp8_gemm  # noqa: E402
+from services.common.kernels.mfa_decode import mfa_decode  # noqa: E402
 from services.common.presets import step3_config  # noqa: E402
 
 CFG = step3_config(1)

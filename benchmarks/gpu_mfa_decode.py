@@ -32,7 +32,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_timing import copy_bandwidth, graph_us, median_us  # noqa: E402
-from services.attention.kernels.mfa_decode import (  # noqa: E402
+from services.common.kernels.mfa_decode import (  # noqa: E402
     CONFIGS,
     KernelConfig,
     mfa_decode,

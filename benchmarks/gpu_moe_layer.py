@@ -3,7 +3,7 @@
 48 routed experts (intermediate 5120) with top-3 routing plus the shared expert (5120), hidden
 7168, bf16 weights, for T tokens (2048 by default, the FFN side's batch in the paper's
 deployment). Times, each the median of CUDA-graph replays where the code can be captured:
-- `grouped`: `expert_forward` on the GPU (three grouped GEMMs over all experts, no host sync)
+- `grouped`: `expert_forward_on`'s GPU choice (three grouped GEMMs over all experts, no host sync)
   plus the shared expert;
 - `fp8`: the routed experts in FP8 (`fp8_grouped_expert_forward`: e4m3 weights with one scale
   per row, per-token e4m3 activations, scaled grouped GEMMs) plus the same bf16 shared expert;
@@ -35,6 +35,7 @@ from benchmarks.gpu_timing import (  # noqa: E402
     matmul_peak,
     median_us,
 )
+from services.common.kernels.experts import TRITON  # noqa: E402
 from services.common.model.fp8_moe import Fp8Experts, fp8_grouped_expert_forward  # noqa: E402
 from services.common.model.moe import (  # noqa: E402
     grouped_expert_forward,
@@ -76,19 +77,19 @@ def main() -> int:
         weights, ids = route(torch.randn(tokens, EXPERTS, device=dev), TOP_K, renormalize=False)
         grouped = graph_us(
             lambda x=x, w=weights, i=ids: (
-                grouped_expert_forward(x, w, i, gate, up, down) + shared(x)
+                grouped_expert_forward(x, w, i, gate, up, down, ops=TRITON) + shared(x)
             )
         )
         fp8 = graph_us(
             lambda x=x, w=weights, i=ids: (
-                fp8_grouped_expert_forward(x, w, i, fp8_experts) + shared(x)
+                fp8_grouped_expert_forward(x, w, i, fp8_experts, ops=TRITON) + shared(x)
             )
         )
         looped = median_us(
             lambda x=x, w=weights, i=ids: looped_expert_forward(x, w, i, gate, up, down) + shared(x)
         )
-        exact = grouped_expert_forward(x, weights, ids, gate, up, down).float()
-        approx = fp8_grouped_expert_forward(x, weights, ids, fp8_experts).float()
+        exact = grouped_expert_forward(x, weights, ids, gate, up, down, ops=TRITON).float()
+        approx = fp8_grouped_expert_forward(x, weights, ids, fp8_experts, ops=TRITON).float()
         error = ((approx - exact).norm() / exact.norm()).item()
         touched = ids.unique().numel() / EXPERTS  # experts with no token read no weights
         routed_params = 3 * EXPERTS * INTER * HIDDEN * touched

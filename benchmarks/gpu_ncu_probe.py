@@ -18,10 +18,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_attention_layer import PAGE, SCALE  # noqa: E402
 from benchmarks.gpu_mfa_decode import paged_cache  # noqa: E402
-from services.attention.kernels.mfa_decode import KernelConfig, mfa_decode  # noqa: E402
-from services.common.model import fp8_gemm  # noqa: E402
-from services.common.model.fp8 import quantize_block_fp8  # noqa: E402
-from services.common.model.fp8_linear import quantize_activation  # noqa: E402
+from services.common.kernels import fp8_gemm  # noqa: E402
+from services.common.kernels.fp8 import quantize_block_fp8  # noqa: E402
+from services.common.kernels.mfa_decode import KernelConfig, mfa_decode  # noqa: E402
+from services.common.kernels.quantize import quantize_activation  # noqa: E402
 
 GEMMS = {"qkv": (2560, 7168), "wq": (16384, 2048), "o_proj": (7168, 16384)}
 GEMM_CONFIGS = [  # (block_n, split, stages)

@@ -25,9 +25,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from services.attention.kernels import mfa_decode
 from services.attention.kv_cache import DecodeBatch, KVCache, PagedAttention
 from services.attention.step_inputs import StepInputs
+from services.common.kernels import mfa_decode
 from services.common.model.moe import GROUPED_DTYPES
 
 # (token ids [B], positions [B], attention over the cache) -> logits [B, V]

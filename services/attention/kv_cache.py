@@ -15,12 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.attention.kernels import kv_write, mfa_decode
+from services.common import kernels
 from services.common.config import ModelConfig
+from services.common.kernels import kv_write, mfa_decode
+from services.common.kernels.fp8 import FP8_DTYPE
 from services.common.model.attention import causal_attention, causal_attention_sdpa
-
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
 
 
 class KVCache:
@@ -53,12 +52,15 @@ class KVCache:
         )
         self.block_size = block_size
         self.scratch_block = num_blocks
-        self.decode_kernel = mfa_decode.supports(
-            cfg.num_attention_heads, cfg.head_dim, cfg.num_attention_groups, block_size, dtype,
-            device,
-        )  # fmt: skip
+        # Chosen once, here: on a GPU the Triton write (one launch for K and V instead of two
+        # to eight) and, for the shapes it takes, the decode kernel; plain torch elsewhere.
+        triton = kernels.available(device)
+        self.write_kv = kv_write.write_kv if triton else kv_write.write_kv_reference
+        self.decode_kernel = triton and mfa_decode.handles(
+            cfg.num_attention_heads, cfg.head_dim, cfg.num_attention_groups, block_size, dtype
+        )
         storage = kv_dtype or dtype
-        self.fp8 = storage == FP8
+        self.fp8 = storage == FP8_DTYPE
         self.k_scale = self.v_scale = 1.0
         self.k = torch.zeros(shape, dtype=storage, device=device)
         self.v = torch.zeros(shape, dtype=storage, device=device)
@@ -70,19 +72,8 @@ class KVCache:
         return per_token * block_size * dtype.itemsize
 
     def write(self, layer: int, slots: Tensor, k: Tensor, v: Tensor) -> None:
-        """Store k, v [n, G, D] of `layer` at `slots` [n]."""
-        k_cache, v_cache = self.k[layer], self.v[layer]
-        if kv_write.supports(k_cache, k) and kv_write.supports(v_cache, v):
-            # One launch for both on a GPU, instead of two to eight.
-            kv_write.write_kv(k_cache, v_cache, slots, k, v, self.k_scale, self.v_scale)
-            return
-        for cache, x, scale in ((self.k, k, self.k_scale), (self.v, v, self.v_scale)):
-            if self.fp8:  # index_copy_ has no FP8 kernel: copy the bytes
-                x = x.float() if scale == 1.0 else x.float() / scale  # every layer: skip a no-op
-                x = x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
-                cache[layer].view(torch.uint8).index_copy_(0, slots, x.view(torch.uint8))
-            else:
-                cache[layer].index_copy_(0, slots, x.to(cache.dtype))
+        """Store k, v [n, G, D] of `layer` at `slots` [n] (e4m3 caches: divided by the scales)."""
+        self.write_kv(self.k[layer], self.v[layer], slots, k, v, self.k_scale, self.v_scale)
 
     def read(self, layer: int, slots: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """K, V [n, G, D] of `layer` at `slots`, in `dtype`."""

@@ -18,8 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-FP8 = torch.float8_e4m3fn
-FP8_MAX = 448.0
+from services.common.kernels.fp8 import FP8_DTYPE, dequantize_fp8, quantize_fp8
 
 
 @dataclass(frozen=True)
@@ -57,7 +56,7 @@ class Layout:
         """buf: uint8 of n tokens -> (h [n, H] in self.dtype, ids [n, K], weights [n, K])."""
         h_dim = self.hidden_size
         if self.fp8:
-            q = buf[: n * h_dim].view(FP8).view(n, h_dim)
+            q = buf[: n * h_dim].view(FP8_DTYPE).view(n, h_dim)
             scales = buf[n * h_dim : n * (h_dim + 4)].view(torch.float32)
             h = dequantize_fp8(q, scales, self.dtype)
         else:
@@ -69,15 +68,3 @@ class Layout:
         ids = buf[start : start + size].view(torch.int32).view(n, self.top_k).long()
         weights = buf[start + size : start + 2 * size].view(torch.float32).view(n, self.top_k)
         return h, ids, weights
-
-
-def quantize_fp8(h: Tensor) -> tuple[Tensor, Tensor]:
-    """Per-token e4m3: h [n, H] -> (q [n, H] e4m3, scales [n] fp32) with h ~ q * scale."""
-    amax = h.float().abs().amax(dim=-1).clamp(min=1e-12)  # [n]
-    scales = amax / FP8_MAX
-    q = (h.float() / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q, scales
-
-
-def dequantize_fp8(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
-    return (q.float() * scales[:, None]).to(dtype)

@@ -1,7 +1,8 @@
-"""FFN instances: they hold the experts (and the dense and shared-expert MLPs) and run only
-feed-forward math on the activations that attention instances send every layer.
+"""FFN instances: they hold a shard of the feed-forward (an expert range and the dense and
+shared-expert MLPs, or a slice of them) and run only feed-forward math on the activations
+that attention instances send every layer.
 
-Not built yet: the single-process engine runs the whole model in the attention service.
-The expert math it will run is `services.common.model.moe.expert_forward`, which already
-computes one shard's partial sum.
+The math is the FFN half's (`services.common.model.ffn_half`), built by
+`build.build_ffn_half`, which also chooses its FP8 form and its kernels; a shard's output is
+its partial sum.
 """

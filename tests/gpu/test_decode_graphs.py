@@ -47,7 +47,7 @@ def assert_same_generations(fast, plain) -> None:
 
 
 def test_graph_replayed_decode_gives_the_eager_tokens_and_logprobs():
-    model = random_model(CFG, torch.bfloat16).to("cuda")
+    model = random_model(CFG, torch.bfloat16, device="cuda")
     graphed = engine(model, graphs=True)
     fast = graphed.generate(PROMPTS, PARAMS)
     plain = engine(model, graphs=False).generate(PROMPTS, PARAMS)
@@ -60,7 +60,7 @@ def test_graph_replayed_decode_gives_the_eager_tokens_and_logprobs():
 
 def test_padding_rows_leave_every_sequence_cache_alone():
     # 3 sequences pad to bucket 4; a lone sequence afterwards reads only its own cache.
-    model = random_model(CFG, torch.bfloat16).to("cuda")
+    model = random_model(CFG, torch.bfloat16, device="cuda")
     graphed = engine(model, graphs=True)
     first = graphed.generate(PROMPTS[:3], PARAMS)
     alone = graphed.generate(PROMPTS[3:4], PARAMS)
@@ -70,8 +70,8 @@ def test_padding_rows_leave_every_sequence_cache_alone():
 
 
 def test_a_batch_larger_than_max_num_seqs_never_reaches_a_graph_and_float32_never_captures():
-    model = random_model(CFG, torch.float32).to("cuda")
+    model = random_model(CFG, torch.float32, device="cuda")
     assert engine(model, graphs=True).runner.graphs is None  # the kernel serves 16-bit caches
-    bf16 = random_model(CFG, torch.bfloat16).to("cuda")
+    bf16 = random_model(CFG, torch.bfloat16, device="cuda")
     graphs = engine(bf16, graphs=True, max_num_seqs=6).runner.graphs
     assert graphs.batch_buckets == [1, 2, 4, 6] and not graphs.fits(7)

@@ -33,7 +33,7 @@ def engine_for(model):
 
 
 def test_cuda_engine_equals_reference_in_float64():
-    model = random_model(small_config(), torch.float64).to("cuda")
+    model = random_model(small_config(), torch.float64, device="cuda")
     engine = engine_for(model)
     outputs = engine.generate(PROMPTS, GREEDY)
     eos = model.cfg.eos_token_ids
@@ -43,7 +43,7 @@ def test_cuda_engine_equals_reference_in_float64():
 
 
 def test_cuda_engine_in_bfloat16_tracks_the_reference():
-    model = random_model(small_config(), torch.bfloat16).to("cuda")
+    model = random_model(small_config(), torch.bfloat16, device="cuda")
     outputs = engine_for(model).generate(PROMPTS, GREEDY)
     eos = model.cfg.eos_token_ids
     first_tokens_agree = sum(
@@ -54,7 +54,7 @@ def test_cuda_engine_in_bfloat16_tracks_the_reference():
 
 
 def test_cuda_sampling_with_a_seed_is_reproducible():
-    model = random_model(small_config(), torch.float32).to("cuda")
+    model = random_model(small_config(), torch.float32, device="cuda")
     params = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.95, seed=5)
     first = engine_for(model).generate(PROMPTS[:2], params)
     again = engine_for(model).generate(PROMPTS[:2], params)
@@ -86,7 +86,7 @@ def kernel_engine(model, use_kernel: bool):
 def test_the_decode_kernel_path_gives_the_torch_path_tokens_and_logprobs():
     # 16 query heads of 32 sharing one K/V head: the smallest shape the MFA kernel takes.
     cfg = small_config(num_attention_heads=16, head_dim=32)
-    model = random_model(cfg, torch.bfloat16).to("cuda")
+    model = random_model(cfg, torch.bfloat16, device="cuda")
     params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=0)
     fast = kernel_engine(model, True).generate(PROMPTS, params)
     plain = kernel_engine(model, False).generate(PROMPTS, params)
@@ -121,7 +121,7 @@ def test_a_block_fp8_checkpoint_serves_with_fp8_attention_linears_on_the_gpu(tmp
 
 def test_an_fp8_kv_cache_serves_through_the_decode_kernel_and_tracks_bf16():
     cfg = small_config(num_attention_heads=16, head_dim=32)
-    model = random_model(cfg, torch.bfloat16).to("cuda")
+    model = random_model(cfg, torch.bfloat16, device="cuda")
     params = SamplingParams(max_tokens=24, temperature=0.0, logprobs=0, ignore_eos=True)
 
     def engine(kv: str):

@@ -16,8 +16,8 @@ import importlib.util
 import pytest
 import torch
 
+from services.common.kernels.fp8 import quantize_block_fp8
 from services.common.model.attention import MFAAttention, causal_attention
-from services.common.model.fp8 import quantize_block_fp8
 from services.common.model.fp8_attention import Fp8MFAAttention, fuse_attention
 from services.common.model.fp8_linear import Fp8Linear
 from services.common.model.layers import RMSNorm, rope_cos_sin

@@ -17,9 +17,9 @@ import importlib.util
 import pytest
 import torch
 
-from services.common.model.fp8 import quantize_block_fp8
-from services.common.model.fp8_gemm import gemm_partials, gemm_reference, sum_partials
-from services.common.model.fp8_linear import quantize_activation
+from services.common.kernels.fp8 import quantize_block_fp8
+from services.common.kernels.fp8_gemm import gemm_partials, gemm_reference, sum_partials
+from services.common.kernels.quantize import quantize_activation
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,

@@ -11,12 +11,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from services.common.kernels.experts import REFERENCE, TRITON
 from services.common.model.attention_half import FFNInput
 from services.common.model.build import build_ffn_half
 from services.common.model.checkpoint_writer import random_tensor
 from services.common.model.ffn_half import Fp8RoutedExperts, ShardSpec
 from services.common.model.fp8_moe import Fp8Experts, fp8_grouped_expert_forward
-from services.common.model.moe import looped_expert_forward, route
+from services.common.model.moe import grouped_expert_forward, looped_expert_forward, route
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from tests.support.models import small_config
 
@@ -31,15 +32,16 @@ def experts(e: int, f: int, h: int):
     return Fp8Experts.quantize(gate, up, down)
 
 
+@pytest.mark.parametrize("ops", [TRITON, REFERENCE], ids=["triton", "reference"])
 @pytest.mark.parametrize("tokens", [1, 17, 256])
 @pytest.mark.parametrize("shard", [(0, 16), (0, 5), (11, 16)])
-def test_fp8_grouped_experts_match_the_loop_on_the_same_weights(tokens, shard):
+def test_fp8_grouped_experts_match_the_loop_on_the_same_weights(tokens, shard, ops):
     a, b = shard
     fp8 = experts(16, 512, 1024)
     local = Fp8Experts(*(t[a:b] for t in vars(fp8).values()))
     x = torch.randn(tokens, 1024, device="cuda", dtype=torch.bfloat16)
     weights, ids = route(torch.randn(tokens, 16, device="cuda"), 3, renormalize=False)
-    out = fp8_grouped_expert_forward(x, weights, ids, local, first_expert=a).float()
+    out = fp8_grouped_expert_forward(x, weights, ids, local, first_expert=a, ops=ops).float()
     ref = looped_expert_forward(x.float(), weights, ids, *local.dequantized(), first_expert=a)
     if ref.norm() == 0:  # no token routed to this shard
         assert out.norm() == 0
@@ -65,6 +67,8 @@ def test_an_ffn_shard_with_fp8_experts_tracks_its_wide_twin():
     wide = build_ffn_half(cfg, tensors, spec)
     fp8 = build_ffn_half(cfg, tensors, spec, fp8_experts=True)
     assert isinstance(fp8.layers[1].moe, Fp8RoutedExperts)
+    assert fp8.layers[1].moe.expert_forward.keywords["ops"] is TRITON  # chosen for the GPU, once
+    assert wide.layers[1].moe.expert_forward.func is grouped_expert_forward
     h = torch.randn(40, 256, device="cuda", dtype=torch.bfloat16)
     weights, ids = route(torch.randn(40, cfg.moe_num_experts, device="cuda"), 3, False)
     a = fp8(1, FFNInput(h, ids, weights)).float()

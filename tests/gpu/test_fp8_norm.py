@@ -15,8 +15,8 @@ import importlib.util
 import pytest
 import torch
 
-from services.common.model.fp8_linear import dequantize_activation
-from services.common.model.fp8_norm import (
+from services.common.kernels.fp8 import dequantize_activation
+from services.common.kernels.fp8_norm import (
     rms_norm_quantize,
     rms_norm_quantize_reference,
     sum_rms_norm_quantize,

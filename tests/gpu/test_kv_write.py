@@ -1,5 +1,5 @@
-"""The one-launch KV-cache write against `index_copy_` (the plain-torch path `KVCache` takes
-off CUDA), on fresh random K/V: the same bytes must land in the same slots, nothing else may
+"""The one-launch KV-cache write against `write_kv_reference` (`index_copy_`, the path `KVCache`
+takes off CUDA), on fresh random K/V: the same bytes must land in the same slots, nothing else may
 change. Both round once to the cache's dtype (e4m3 after the same float32 division), so the
 bound is equality. Skips without a GPU and Triton.
 """
@@ -11,7 +11,7 @@ import importlib.util
 import pytest
 import torch
 
-from services.attention.kernels.kv_write import supports, write_kv, write_kv_reference
+from services.common.kernels.kv_write import write_kv, write_kv_reference
 
 pytestmark = pytest.mark.skipif(
     not torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
@@ -32,7 +32,22 @@ def test_write_matches_index_copy(tokens, cache_dtype, scale):
     v = qkv[:, 2304:].view(tokens, groups, dim)  # strided rows, as the fused projection's
     expected_k, expected_v = k_cache.clone(), v_cache.clone()
     write_kv_reference(expected_k, expected_v, slots, k, v, scale, scale)
-    assert supports(k_cache, k) and supports(v_cache, v)
     write_kv(k_cache, v_cache, slots, k, v, scale, scale)
     assert torch.equal(k_cache.view(torch.uint8), expected_k.view(torch.uint8))
     assert torch.equal(v_cache.view(torch.uint8), expected_v.view(torch.uint8))
+
+
+def test_rows_that_do_not_fit_the_cache_are_refused_and_no_rows_write_nothing():
+    cache = torch.zeros(64, 1, 256, device="cuda", dtype=torch.bfloat16)
+    slots = torch.arange(2, device="cuda")
+    with pytest.raises(ValueError, match="do not fit"):
+        write_kv(
+            cache,
+            cache.clone(),
+            slots,
+            torch.ones(2, 1, 128, device="cuda"),
+            torch.ones(2, 1, 128, device="cuda"),
+        )
+    empty = torch.empty(0, 1, 256, device="cuda")
+    write_kv(cache, cache, slots[:0], empty, empty)
+    assert not cache.any()

@@ -19,7 +19,8 @@ import os
 import pytest
 import torch
 
-from services.attention.kernels.mfa_decode import mfa_decode, mfa_decode_reference
+from services.common.kernels.fp8 import FP8_MAX
+from services.common.kernels.mfa_decode import mfa_decode, mfa_decode_reference
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -66,7 +67,7 @@ def random_inputs(context_lens: list[int], block_size: int, kv_dtype: torch.dtyp
     lens = torch.tensor(context_lens, dtype=torch.int32, device="cuda")
     if kv_dtype != torch.float8_e4m3fn:
         return q, k.to(kv_dtype), v.to(kv_dtype), tables, lens, None, None
-    k_scale, v_scale = k.abs().max().item() / 448, v.abs().max().item() / 448
+    k_scale, v_scale = k.abs().max().item() / FP8_MAX, v.abs().max().item() / FP8_MAX
     k8, v8 = (k / k_scale).to(torch.float8_e4m3fn), (v / v_scale).to(torch.float8_e4m3fn)
     return q, k8, v8, tables, lens, k_scale, v_scale
 

@@ -11,11 +11,11 @@ import torch
 from services.attention.builder import local_engine
 from services.attention.engine import EngineConfig
 from services.attention.scheduler import SchedulerConfig
+from services.common.kernels.fp8 import quantize_block_fp8
 from services.common.model.attention_half import FFNInput
 from services.common.model.build import build_ffn_half
 from services.common.model.checkpoint_writer import random_tensor
 from services.common.model.ffn_half import ShardSpec
-from services.common.model.fp8 import quantize_block_fp8
 from services.common.model.fp8_linear import Fp8Linear
 from services.common.model.reference import reference_greedy
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor

@@ -5,14 +5,15 @@ import math
 import pytest
 import torch
 
+from services.common.kernels.norm_rope import rope_reference
 from services.common.model.attention import causal_attention, causal_attention_sdpa
 from services.common.model.attention_half import FFNInput, Router
 from services.common.model.ffn_half import RoutedExperts
-from services.common.model.layers import RMSNorm, apply_rope, rope_cos_sin
+from services.common.model.layers import RMSNorm, rope_cos_sin
 from services.common.model.moe import (
-    expert_forward,
     expert_forward_per_token,
     grouped_expert_forward,
+    looped_expert_forward,
     route,
 )
 from services.common.model.reference import reference_logits
@@ -35,7 +36,7 @@ def test_vectorised_moe_matches_the_per_token_loop(num_tokens):
     gate, up, down = random_experts(dtype=torch.float64)
     x = torch.randn(num_tokens, 24, dtype=torch.float64)
     weights, ids = route(torch.randn(num_tokens, 8, dtype=torch.float64), 3, renormalize=False)
-    fast = expert_forward(x, weights.double(), ids, gate, up, down)
+    fast = looped_expert_forward(x, weights.double(), ids, gate, up, down)
     slow = expert_forward_per_token(x, weights.double(), ids, gate, up, down)
     torch.testing.assert_close(fast, slow, rtol=1e-12, atol=1e-12)
 
@@ -46,9 +47,9 @@ def test_expert_shards_sum_to_the_whole():
     x = torch.randn(10, 24, dtype=torch.float64)
     weights, ids = route(torch.randn(10, 8, dtype=torch.float64), 3, renormalize=False)
     weights = weights.double()
-    whole = expert_forward(x, weights, ids, gate, up, down)
+    whole = looped_expert_forward(x, weights, ids, gate, up, down)
     parts = sum(
-        expert_forward(x, weights, ids, gate[a:b], up[a:b], down[a:b], first_expert=a)
+        looped_expert_forward(x, weights, ids, gate[a:b], up[a:b], down[a:b], first_expert=a)
         for a, b in [(0, 3), (3, 5), (5, 8)]
     )
     torch.testing.assert_close(parts, whole, rtol=1e-12, atol=1e-12)
@@ -61,7 +62,7 @@ def test_grouped_gemm_experts_match_the_exact_loop_for_any_shard(shard):
     gate, up, down = random_experts(dtype=torch.float64)
     x = torch.randn(33, 24, dtype=torch.float64)
     weights, ids = route(torch.randn(33, 8, dtype=torch.float64), 3, renormalize=False)
-    exact = expert_forward(x, weights, ids, gate[a:b], up[a:b], down[a:b], first_expert=a)
+    exact = looped_expert_forward(x, weights, ids, gate[a:b], up[a:b], down[a:b], first_expert=a)
     bf16 = [t[a:b].bfloat16() for t in (gate, up, down)]
     grouped = grouped_expert_forward(x.bfloat16(), weights, ids, *bf16, first_expert=a)
     torch.testing.assert_close(grouped.double(), exact, rtol=0.05, atol=0.02)
@@ -104,7 +105,7 @@ def test_rope_is_rotate_half_over_the_full_head():
     d, theta = 8, 10000.0
     x = torch.randn(1, 1, d, dtype=torch.float64)
     cos, sin = rope_cos_sin(torch.tensor([3]), d, theta)
-    out = apply_rope(x, cos, sin)[0, 0]
+    out = rope_reference(x, cos, sin)[0, 0]
     # Pair i rotates (x[i], x[i + d/2]) by angle 3 * theta^(-2i/d).
     for i in range(d // 2):
         angle = 3 * theta ** (-2 * i / d)
@@ -122,7 +123,7 @@ def test_rope_scores_depend_only_on_relative_position():
     def score(pq, pk):
         cq, sq = rope_cos_sin(torch.tensor([pq]), d, 5e5)
         ck, sk = rope_cos_sin(torch.tensor([pk]), d, 5e5)
-        return (apply_rope(q, cq, sq) * apply_rope(k, ck, sk)).sum().item()
+        return (rope_reference(q, cq, sq) * rope_reference(k, ck, sk)).sum().item()
 
     assert score(10, 3) == pytest.approx(score(107, 100), rel=1e-5)
 

@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from services.common.config import ModelConfig
+from services.common.kernels.fp8 import FP8_MAX, dequantize_block_fp8, quantize_block_fp8
 from services.common.model import weights as weights_module
 from services.common.model.build import build_model
 from services.common.model.checkpoint_writer import (
@@ -20,7 +21,6 @@ from services.common.model.checkpoint_writer import (
     random_tensor,
     write_random_weights,
 )
-from services.common.model.fp8 import dequantize_block_fp8, quantize_block_fp8
 from services.common.model.fp8_linear import Fp8Linear
 from services.common.model.reference import reference_logits
 from services.common.model.schema import checkpoint_tensors, is_attention_linear, is_mlp_linear
@@ -86,8 +86,8 @@ def test_quantize_error_within_e4m3_precision(shape: tuple[int, ...], block: tup
     assert scale_inv.dtype == torch.float32
     assert scale_inv.shape == (*lead, math.ceil(m / block[0]), math.ceil(n / block[1]))
     back = dequantize_block_fp8(q, scale_inv, block, torch.float32)
-    # The block amax maps to 448, so every element is within half an e4m3 ulp of its block's amax.
-    amax = (scale_inv * 448).repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
+    # The block amax maps to FP8_MAX: every element is within half an e4m3 ulp of its amax.
+    amax = (scale_inv * FP8_MAX).repeat_interleave(block[0], -2).repeat_interleave(block[1], -1)
     bound = E4M3_HALF_ULP * amax[..., :m, :n] * (1 + 1e-6)
     assert ((back - w).abs() <= bound).all()
     assert (back - w).abs().max() > 0  # it really was quantised

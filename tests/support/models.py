@@ -15,11 +15,12 @@ from services.common.presets import tiny_config
 
 
 def random_model(
-    cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0
+    cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int = 0, device: str = "cpu"
 ) -> Step3ForCausalLM:
-    """The model `afd init-checkpoint` would write for `cfg` and `seed`, without the files."""
+    """The model `afd init-checkpoint` would write for `cfg` and `seed`, without the files,
+    built on `device` (so that its layers take the kernels there, as a served model does)."""
     tensors = {
-        name: random_tensor(name, shape, dtype, seed)
+        name: random_tensor(name, shape, dtype, seed).to(device)
         for name, shape in checkpoint_tensors(cfg).items()
     }
     return build_model(cfg, tensors)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from services.common.activations import Layout, quantize_fp8
+from services.common.activations import Layout
+from services.common.kernels.fp8 import quantize_fp8
 
 
 @pytest.mark.parametrize("top_k", [0, 3])

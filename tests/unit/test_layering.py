@@ -4,6 +4,7 @@ client, which runs wherever the load is generated, and the planner (`afd plan`),
 wherever a deployment is decided."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,28 @@ def test_commands_that_need_no_torch_do_not_load_it(command):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_the_kernels_know_no_model():
+    """services/common/kernels sits below the model: layers import kernels, never back."""
+    for path in (ROOT / "services/common/kernels").rglob("*.py"):
+        for module in imported_modules(path):
+            assert not module.startswith("services.common.model"), (
+                f"{path.relative_to(ROOT)} imports {module}"
+            )
+
+
+E4M3_MAX = re.compile(r"448\.0|/\s*448\b")  # 448 as a float or a divisor, not a bucket size
+
+
+def test_the_e4m3_maximum_is_written_once():
+    """FP8_MAX lives in services/common/kernels/fp8.py; everyone else imports it."""
+    owner = ROOT / "services/common/kernels/fp8.py"
+    for path in (ROOT / "services").rglob("*.py"):
+        if path == owner:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#")[0]
+            assert not E4M3_MAX.search(code) and "FP8_MAX =" not in code, (
+                f"{path.relative_to(ROOT)}:{number} writes the e4m3 maximum: import FP8_MAX"
+            )

@@ -18,7 +18,8 @@ from torch import Tensor, nn
 from torch.nn.attention.bias import causal_lower_right
 
 from services.common.config import ModelConfig
-from services.common.model.layers import RMSNorm, apply_rope
+from services.common.kernels.norm_rope import rope_reference
+from services.common.model.layers import RMSNorm
 
 
 class AttentionBackend(Protocol):
@@ -83,6 +84,7 @@ class MFAAttention(nn.Module):
         self.inter_norm = RMSNorm(q, cfg.rms_norm_eps)
         self.wq = nn.Linear(q, self.num_heads * d, bias=False)
         self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.rope = rope_reference  # the Triton kernel once built on a GPU (kernel_choice)
 
     def residual_forward(
         self, x: Tensor, norm: nn.Module, cos: Tensor, sin: Tensor, backend: AttentionBackend
@@ -97,6 +99,6 @@ class MFAAttention(nn.Module):
         q = self.wq(self.inter_norm(self.q_proj(x))).view(t, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, G, D]
         v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)  # [T, G, D]
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = self.rope(q, cos, sin), self.rope(k, cos, sin)
         out = backend(self.layer, q, k, v)  # [T, Hq, D]
         return self.o_proj(out.reshape(t, self.num_heads * self.head_dim))

@@ -7,6 +7,9 @@ projections, the dense MLPs and the shared experts as `Fp8Linear`s with the chec
 the mode grouped FP8 GEMMs take). On a CPU every weight is widened. An attention layer whose
 linears all became blockwise FP8 on a GPU runs as an `Fp8MFAAttention` (fused).
 
+Kernels: once a half's weights are in place, every layer of it gets its Triton kernels or
+plain torch for where its weights are (`kernel_choice.py`), for both halves, however built.
+
 The attention half is built on the meta device and the loaded tensors assigned in place, so
 no weight is ever held twice; an FFN half is built layer by layer from a reader, so only one
 layer's whole tensors are in memory at a time.
@@ -22,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from services.common.config import ModelConfig, load_config
+from services.common.kernels.fp8 import DEFAULT_BLOCK, FP8_DTYPE, dequantize_block_fp8
 from services.common.model.attention_half import AttentionHalf
 from services.common.model.ffn_half import (
     DenseFFN,
@@ -31,10 +35,10 @@ from services.common.model.ffn_half import (
     RoutedExperts,
     ShardSpec,
 )
-from services.common.model.fp8 import DEFAULT_BLOCK, FP8_DTYPE, dequantize_block_fp8
 from services.common.model.fp8_attention import fuse_attention
 from services.common.model.fp8_linear import GROUP, Fp8Linear, pick_scaling
 from services.common.model.fp8_moe import Fp8Experts
+from services.common.model.kernel_choice import choose_kernels
 from services.common.model.layers import SwiGLU
 from services.common.model.schema import is_attention_linear, is_ffn_tensor, is_mlp_linear
 from services.common.model.step3 import Step3ForCausalLM
@@ -99,6 +103,7 @@ def build_attention_half(cfg: ModelConfig, tensors: Mapping[str, Tensor]) -> Att
     if missing:
         raise ValueError(f"tensors missing for the attention half: {missing[:5]}")
     fuse_attention(half)  # layers whose linears are all blockwise FP8 on a GPU
+    choose_kernels(half)  # the Triton kernels where the weights are on a GPU
     return half.eval().requires_grad_(False)
 
 
@@ -122,7 +127,9 @@ def build_ffn_half(
     for layer in range(cfg.num_hidden_layers):
         layer_tensors = tensors(layer) if callable(tensors) else tensors
         layers.append(_ffn_layer(cfg, layer, layer_tensors, spec, fp8_experts, dtype))
-    return FFNHalf(cfg, spec, layers).eval().requires_grad_(False)
+    half = FFNHalf(cfg, spec, layers)
+    choose_kernels(half)  # grouped GEMMs and the Triton kernels where the experts are on a GPU
+    return half.eval().requires_grad_(False)
 
 
 def _ffn_layer(

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from services.common.config import ModelConfig
-from services.common.model.fp8 import DEFAULT_BLOCK, FP8_DTYPE, quantize_block_fp8, scale_shape
+from services.common.kernels.fp8 import DEFAULT_BLOCK, FP8_DTYPE, quantize_block_fp8, scale_shape
 from services.common.model.schema import Shape, checkpoint_tensors, is_norm
 from services.common.model.weights import INDEX_FILE, SCALE_SUFFIX, SINGLE_FILE
 

@@ -9,8 +9,9 @@ shared expert (otherwise the whole MLPs). Its output is a partial sum: over the 
 partials add up to the layer's feed-forward output. The whole FFN is one shard (N = 1), which
 is what the reference model and the colocated engine hold.
 
-Module names are the checkpoint's without the `model.` prefix. Which linears run in FP8 is
-decided when the half is built (`build.py`); this module does not know about files.
+Module names are the checkpoint's without the `model.` prefix. Which linears run in FP8, and
+whether the experts run as grouped GEMMs and Triton kernels, is decided when the half is built
+(`build.py`, `kernel_choice.py`); this module does not know about files or devices.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from services.common.config import ModelConfig
 from services.common.model.attention_half import FFNInput
 from services.common.model.fp8_moe import Fp8Experts, fp8_grouped_expert_forward
 from services.common.model.layers import SwiGLU
-from services.common.model.moe import expert_forward
+from services.common.model.moe import looped_expert_forward
 
 
 @dataclass(frozen=True)
@@ -56,11 +57,12 @@ class RoutedExperts(nn.Module):
         super().__init__()
         self.gate_proj, self.up_proj, self.down_proj = (_Stacked(w) for w in (gate, up, down))
         self.first_expert = first_expert
+        self.expert_forward = looped_expert_forward  # grouped once built on a GPU (kernel_choice)
 
     def forward(self, x: FFNInput) -> Tensor:
         """Each token's local experts' outputs, weighted: [T, H] in h's dtype."""
         weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
-        return expert_forward(x.h, x.weights, x.ids, *weights, first_expert=self.first_expert)
+        return self.expert_forward(x.h, x.weights, x.ids, *weights, self.first_expert)
 
 
 class _Stacked(nn.Module):
@@ -78,9 +80,11 @@ class Fp8RoutedExperts(nn.Module):
         super().__init__()
         self.experts = experts
         self.first_expert = first_expert
+        # the steps around the GEMMs in plain torch; Triton once built on a GPU (kernel_choice)
+        self.expert_forward = fp8_grouped_expert_forward
 
     def forward(self, x: FFNInput) -> Tensor:
-        return fp8_grouped_expert_forward(x.h, x.weights, x.ids, self.experts, self.first_expert)
+        return self.expert_forward(x.h, x.weights, x.ids, self.experts, self.first_expert)
 
 
 class DenseFFN(nn.Module):

@@ -23,21 +23,23 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from services.common.model import fused
+from services.common import kernels
+from services.common.kernels import norm_rope
+from services.common.kernels.fp8_norm import MAX_DIM, rms_norm_quantize, sum_rms_norm_quantize
 from services.common.model.attention import AttentionBackend, MFAAttention
 from services.common.model.fp8_linear import Fp8Linear, fuse_outputs
-from services.common.model.fp8_norm import MAX_DIM, rms_norm_quantize, sum_rms_norm_quantize
 from services.common.model.layers import RMSNorm
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "wq", "o_proj")
 
 
 def can_fuse(attn: MFAAttention) -> bool:
-    """Whether `attn` has every linear in blockwise FP8 on a CUDA device, q|k|v stackable
+    """Whether `attn` has every linear in blockwise FP8 where the kernels run, q|k|v stackable
     (output dims whole 128-row blocks) and norms the fused kernel can hold in registers."""
     linears = [getattr(attn, name) for name in LINEARS]
     return (
-        all(
+        kernels.available(attn.q_proj.weight.device)
+        and all(
             isinstance(lin, Fp8Linear) and lin.scaling == "blockwise" and lin.weight.is_cuda
             for lin in linears
         )
@@ -103,7 +105,7 @@ class Fp8MFAAttention(MFAAttention):
         _, k, v = h.split((q_dim, kv_dim, kv_dim), dim=-1)
         q = wq.matmul(*q_in)[:t].view(t, self.num_heads, d)  # [T, Hq, D]
         k = k.view(t, self.num_kv_heads, d)  # [T, G, D]; views of the fused output
-        q, k = fused.rope_qk(q, k, cos, sin)  # one launch for both
+        q, k = norm_rope.rope_qk(q, k, cos, sin)  # one launch for both
         out = backend(self.layer, q, k, v.view(t, self.num_kv_heads, d))  # [T, Hq, D]
         a = o_proj.quantize_input(out.reshape(t, self.num_heads * d))
         if residual is None:

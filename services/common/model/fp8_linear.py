@@ -30,23 +30,25 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from services.common.model import fp8_gemm
-from services.common.model.fp8 import (
+from services.common import kernels
+from services.common.kernels import fp8_gemm
+from services.common.kernels.fp8 import (
     DEFAULT_BLOCK,
     FP8_DTYPE,
+    GROUP,
+    dequantize_activation,
     dequantize_block_fp8,
+    quantize_activation_reference,
     quantize_rows_fp8,
 )
-from services.common.triton_jit import jit, tl, triton
+from services.common.kernels.quantize import quantize_activation
 
 Scaling = Literal["blockwise", "rowwise", "reference"]
-GROUP = 128  # activation values per scale in "blockwise" and "reference"
 # cuBLASLt (CUDA 13.0, H200) answers CUBLAS_STATUS_NOT_SUPPORTED to 1 x 128 scaling at T = 1 or
 # 37 tokens but runs 64 and 256; likely its column-major activation scales need a 16-byte-aligned
 # leading dimension (T floats; TransformerEngine pads them to a multiple of 4). Blockwise inputs
 # get zero rows up to a multiple of 16, which covers either reading and costs nothing measurable.
 BLOCKWISE_TOKEN_MULTIPLE = 16
-QUANT_VALUES_PER_PROGRAM = 2048
 
 
 class Fp8Linear(nn.Module):
@@ -74,6 +76,10 @@ class Fp8Linear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.group = in_features if scaling == "rowwise" else GROUP
         self.token_multiple = BLOCKWISE_TOKEN_MULTIPLE if scaling == "blockwise" else 1
+        # Chosen once, for the device the weight lives on: the Triton kernels where they run.
+        triton = kernels.available(weight.device)
+        self.quantize = quantize_activation if triton else quantize_activation_reference
+        self.triton_gemm = triton and scaling == "blockwise" and _has_tma(weight.device)
         self.register_buffer("weight", weight)
         self.register_buffer("weight_scale", weight_scale)
 
@@ -108,7 +114,7 @@ class Fp8Linear(nn.Module):
     def quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [T, in] -> (xq [T', in] e4m3, scale [T', in / group]) for `matmul`; T' is T rounded
         up to `token_multiple` with zero rows."""
-        return quantize_activation(x, self.group, self.token_multiple)
+        return self.quantize(x, self.group, self.token_multiple)
 
     def matmul(self, xq: Tensor, x_scale: Tensor, residual: Tensor | None = None) -> Tensor:
         """xq [T', in] e4m3 and its scales [T', in / group] (column-major) -> [T', out] bf16,
@@ -143,12 +149,8 @@ class Fp8Linear(nn.Module):
     def split_k(self, rows: int, device: torch.device) -> int:
         """How many K splits the Triton GEMM takes for `rows` tokens; 0 where cuBLASLt runs
         (the measured rule in `fp8_gemm.beats_cublas`)."""
-        if (
-            self.scaling == "blockwise"
-            and triton is not None
-            and device.type == "cuda"
-            and _has_tma(device)
-            and fp8_gemm.beats_cublas(rows, self.out_features, self.in_features, _num_sms(device))
+        if self.triton_gemm and fp8_gemm.beats_cublas(
+            rows, self.out_features, self.in_features, _num_sms(device)
         ):
             return fp8_gemm.split_for(self.out_features, self.in_features, _num_sms(device))
         return 0
@@ -206,77 +208,3 @@ def pick_scaling(device: torch.device | str) -> Scaling:
     except RuntimeError:  # "DeepSeek style (1x128, 128x128) scaling requires cublasLt >= 12.9"
         ok = False
     return "blockwise" if ok else "rowwise"
-
-
-def quantize_activation(x: Tensor, group: int, row_multiple: int = 1) -> tuple[Tensor, Tensor]:
-    """x [T, K] -> (q [T', K] e4m3, scale [T', K / group] float32 column-major); x ~= q * scale.
-
-    Column-major scales (stride (1, T')) are what cuBLASLt's 1 x 128 mode reads; with
-    group = K it is one scale per token, [T', 1]. T' is T rounded up to `row_multiple`; the
-    extra rows are zeros with scale 1. A Triton kernel on CUDA, else plain torch.
-    """
-    if triton is None or not x.is_cuda:
-        return quantize_activation_reference(x, group, row_multiple)
-    tokens, k = x.shape
-    if k % group or x.stride(-1) != 1:
-        raise ValueError(f"x [{tokens}, {k}] must be contiguous in K with K % {group} == 0")
-    rows = -(-tokens // row_multiple) * row_multiple
-    q = torch.empty((rows, k), dtype=FP8_DTYPE, device=x.device)
-    scale = torch.empty((k // group, rows), dtype=torch.float32, device=x.device).t()
-    block = triton.next_power_of_2(group)
-    # Several 128-value groups per program: one group per program left most of 8192 programs'
-    # threads idle (10 us for a [64, 16384] input on an H200, of which little was memory).
-    groups = max(1, min(QUANT_VALUES_PER_PROGRAM // block, triton.next_power_of_2(k // group)))
-    _quantize_kernel[(rows, triton.cdiv(k // group, groups))](
-        x, q, scale, tokens, k // group, x.stride(0), q.stride(0), scale.stride(0),
-        scale.stride(1), GROUP=group, BLOCK=block, GROUPS=groups,
-        num_warps=4 if groups * block <= 2048 else 8,
-    )  # fmt: skip
-    return q, scale
-
-
-def quantize_activation_reference(
-    x: Tensor, group: int, row_multiple: int = 1
-) -> tuple[Tensor, Tensor]:
-    """`quantize_activation` in plain torch: the same rounding (e4m3, nearest-even)."""
-    tokens, k = x.shape
-    rows = -(-tokens // row_multiple) * row_multiple
-    padding = x.new_zeros((rows - tokens, k), dtype=torch.float32)
-    groups = torch.cat((x.float(), padding)).view(rows, k // group, group)  # [T', G, group]
-    q, scale = quantize_rows_fp8(groups)  # one scale per group, [T', G]
-    return q.view(rows, k), scale.t().contiguous().t()
-
-
-def dequantize_activation(q: Tensor, scale: Tensor) -> Tensor:
-    """q [T, K] e4m3, scale [T, G] -> [T, K] float32."""
-    tokens, k = q.shape
-    return (q.float().view(tokens, scale.shape[1], -1) * scale[..., None]).view(tokens, k)
-
-
-@jit
-def _quantize_kernel(
-    x_ptr,  # [T, K]
-    q_ptr,  # [T', K] float8e4nv, T' >= T
-    scale_ptr,  # [T', K / GROUP] float32
-    num_tokens,  # T: rows at and past it are padding, quantised as zeros
-    num_groups,  # K / GROUP
-    stride_x,
-    stride_q,
-    stride_st,
-    stride_sg,
-    GROUP: tl.constexpr,
-    BLOCK: tl.constexpr,  # GROUP rounded up to a power of two
-    GROUPS: tl.constexpr,  # groups per program
-):
-    token = tl.program_id(0)
-    g = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)  # [GROUPS]
-    offs = tl.arange(0, BLOCK)
-    mask = (offs < GROUP)[None, :] & (g < num_groups)[:, None]  # [GROUPS, BLOCK]
-    cols = g[:, None] * GROUP + offs[None, :]
-    x = tl.load(x_ptr + token * stride_x + cols, mask=mask & (token < num_tokens), other=0.0)
-    x = x.to(tl.float32)
-    amax = tl.max(tl.abs(x), 1)  # [GROUPS]
-    scale = tl.where(amax > 0, amax / 448.0, 1.0)  # 448: FP8_MAX
-    q = tl.minimum(tl.maximum(x / scale[:, None], -448.0), 448.0)
-    tl.store(q_ptr + token * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + token * stride_st + g * stride_sg, scale, mask=g < num_groups)

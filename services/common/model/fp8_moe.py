@@ -1,26 +1,27 @@
 """Routed experts in FP8 on a GPU: grouped GEMMs over e4m3 weights.
 
 Each expert's weights carry one float32 scale per output row, and each token's activations
-are quantised to e4m3 with one scale per token (`activations.quantize_fp8`), the two scaling
+are quantised to e4m3 with one scale per token (`kernels.fp8.quantize_fp8`), the two scaling
 modes `torch._scaled_grouped_mm` takes on Hopper. Half the bytes of bf16 experts, which is
 what a memory-bound MoE layer costs. A block-FP8 checkpoint's 128 x 128 scales do not fit that
 mode: its experts are requantised once, at load, to rows (`Fp8Experts.quantize` on the
 dequantised weights), which adds about as much error as the block quantisation itself.
 Around the GEMMs, the gather, the quantisations and the weighted sum run as Triton kernels
-that skip other shards' assignment rows (`moe_kernels`), torch where Triton is missing.
+that skip other shards' assignment rows (`kernels/experts.py`), or as their plain-torch
+references: `fp8_expert_forward_on` chooses once, when the experts are built.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
-from services.common.activations import quantize_fp8
-from services.common.model import moe_kernels
-from services.common.model.fp8 import quantize_rows_fp8
+from services.common.kernels.experts import REFERENCE, ExpertOps, ops_for
+from services.common.kernels.fp8 import quantize_rows_fp8
 from services.common.model.moe import ExpertGroups
 
 
@@ -50,13 +51,24 @@ class Fp8Experts:
         )  # fmt: skip
 
 
+def fp8_expert_forward_on(device: torch.device) -> Callable[..., Tensor]:
+    """`fp8_grouped_expert_forward` with the steps around its GEMMs chosen once for `device`:
+    the Triton kernels where they run, else their plain-torch references."""
+    return partial(fp8_grouped_expert_forward, ops=ops_for(device))
+
+
 def fp8_grouped_expert_forward(
-    x: Tensor, weights: Tensor, ids: Tensor, experts: Fp8Experts, first_expert: int = 0
+    x: Tensor,
+    weights: Tensor,
+    ids: Tensor,
+    experts: Fp8Experts,
+    first_expert: int = 0,
+    ops: ExpertOps = REFERENCE,
 ) -> Tensor:
-    """`moe.expert_forward` over FP8 experts: three scaled grouped GEMMs, no host sync."""
+    """The routed experts over FP8 weights (`moe.expert_forward_on`'s sum): three scaled
+    grouped GEMMs, no host sync; gather, quantisations and combine from `ops`."""
     groups = ExpertGroups.of(ids, experts.gate.shape[0], first_expert)
-    fused = moe_kernels.supports(x)
-    h, h_scale = moe_kernels.gather_quantize(x, groups) if fused else quantize_fp8(x[groups.tokens])
+    h, h_scale = ops.gather_quantize(x, groups)
 
     def gemm(a: Tensor, a_scale: Tensor, w: Tensor, w_scale: Tensor) -> Tensor:
         return torch._scaled_grouped_mm(
@@ -66,11 +78,6 @@ def fp8_grouped_expert_forward(
 
     gate = gemm(h, h_scale, experts.gate, experts.gate_scale)
     up = gemm(h, h_scale, experts.up, experts.up_scale)
-    if fused:
-        act, act_scale = moe_kernels.silu_mul_quantize(gate, up, groups)
-    else:
-        act, act_scale = quantize_fp8(F.silu(gate) * up)
+    act, act_scale = ops.silu_mul_quantize(gate, up, groups)
     y = gemm(act, act_scale, experts.down, experts.down_scale)
-    if fused:
-        return moe_kernels.combine(y, weights, groups, x.dtype)
-    return groups.combine(y, weights, x)
+    return ops.combine(y, weights, groups, x.dtype)

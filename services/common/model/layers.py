@@ -1,19 +1,17 @@
 """Building blocks of the Step-3 decoder: RMSNorm, rotate-half RoPE and the SwiGLU MLP.
 
 Plain torch on any device and dtype. Norms and RoPE compute in float32 and cast back, as the
-released checkpoints were trained with. On a CUDA GPU with Triton, in bf16, fp16 or fp32, the
-norm and RoPE run as one Triton kernel each (`fused.py`) with the same math; the plain-torch
-`rms_norm_reference` and `apply_rope_reference` are the CPU path and the kernels' oracle.
+released checkpoints were trained with. `RMSNorm` runs the plain-torch reference
+(`kernels/norm_rope.py`) until the model is built on a GPU, where `model/kernel_choice.py`
+gives it the Triton kernel with the same math.
 """
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 from torch import Tensor, nn
 
-from services.common.model import fused
+from services.common.kernels.norm_rope import rms_norm_reference
 
 
 class RMSNorm(nn.Module):
@@ -23,24 +21,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.impl = rms_norm_reference  # the Triton kernel once built on a GPU (kernel_choice)
 
     def forward(self, x: Tensor) -> Tensor:
         """x [..., dim] -> [..., dim] in x's dtype."""
-        if fused.supports(x, self.weight) and x.shape[-1] <= fused.MAX_NORM_DIM:
-            return fused.with_reference_grad(
-                partial(fused.rms_norm, eps=self.eps),
-                partial(rms_norm_reference, eps=self.eps),
-                x,
-                self.weight,
-            )
-        return rms_norm_reference(x, self.weight, self.eps)
-
-
-def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """RMSNorm in plain torch: float32 math (float64 stays float64), cast back to x's dtype."""
-    x32 = x.float()
-    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (x32 * weight.float()).to(x.dtype)
+        return self.impl(x, self.weight, self.eps)
 
 
 def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -50,27 +35,6 @@ def rope_cos_sin(positions: Tensor, head_dim: int, theta: float) -> tuple[Tensor
     angles = positions.float()[:, None] * inv_freq[None, :]  # [T, D/2]
     angles = torch.cat((angles, angles), dim=-1)  # [T, D]
     return angles.cos(), angles.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x: [T, heads, D] by cos/sin: [T, D] (neox / rotate-half layout)."""
-    if (
-        fused.supports(x, cos, sin)
-        and x.dim() == 3
-        and x.shape[-1] % 2 == 0
-        and cos.shape == sin.shape == (x.shape[0], x.shape[-1])
-    ):
-        return fused.with_reference_grad(fused.rope, apply_rope_reference, x, cos, sin)
-    return apply_rope_reference(x, cos, sin)
-
-
-def apply_rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """`apply_rope` in plain torch: float32 math, cast back to x's dtype."""
-    x32 = x.float()
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
-    out = x32 * cos[:, None, :] + rotated * sin[:, None, :]
-    return out.to(x.dtype)
 
 
 class SwiGLU(nn.Module):

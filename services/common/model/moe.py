@@ -4,19 +4,22 @@ Routing (the attention half's `Router`) and expert compute (the FFN half's `Rout
 are separate functions so each side of AFD runs only its half. Expert compute has two forms
 with one meaning: a loop over experts (any dtype and device; the exact one) and, for 16-bit
 weights on a GPU, grouped GEMMs over all experts at once (`torch._grouped_mm`) with no host
-synchronisation. The shared expert is a plain `SwiGLU` of the FFN half, matching the
-checkpoint's `share_expert.*` names.
+synchronisation; `expert_forward_on` picks one for where the weights are, once, when the
+FFN half is built (`kernel_choice.py`). The shared expert is a plain `SwiGLU` of the FFN
+half, matching the checkpoint's `share_expert.*` names.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from services.common.model import moe_kernels
+from services.common.kernels.experts import REFERENCE, ExpertOps, ops_for
 
 
 def route(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor, Tensor]:
@@ -36,25 +39,23 @@ def route(router_logits: Tensor, top_k: int, renormalize: bool) -> tuple[Tensor,
 GROUPED_DTYPES = (torch.bfloat16,)  # what torch._grouped_mm takes on a GPU
 
 
-def expert_forward(
-    x: Tensor,
-    weights: Tensor,
-    ids: Tensor,
-    gate_proj: Tensor,
-    up_proj: Tensor,
-    down_proj: Tensor,
-    first_expert: int = 0,
-) -> Tensor:
-    """sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), grouped by expert.
+ExpertForward = Callable[..., Tensor]  # (x, weights, ids, gate, up, down, first_expert=0)
 
+
+def expert_forward_on(device: torch.device, dtype: torch.dtype) -> ExpertForward:
+    """The expert computation for weights of `dtype` on `device`, chosen once when the experts
+    are built: grouped GEMMs (their combine in Triton where the kernels run) for bf16
+    weights on a GPU, else the loop over experts.
+
+    Either computes sum_k weights[t, k] * expert_{ids[t, k]}(x[t]), grouped by expert, from
     x: [T, H]; weights, ids: [T, K]; gate_proj, up_proj: [E_local, F, H]; down_proj:
     [E_local, H, F] holding experts first_expert .. first_expert + E_local - 1. Assignments to
     experts outside that range contribute nothing, so an FFN shard returns its partial sum.
     Returns [T, H] in x's dtype.
     """
-    if x.is_cuda and gate_proj.dtype in GROUPED_DTYPES:
-        return grouped_expert_forward(x, weights, ids, gate_proj, up_proj, down_proj, first_expert)
-    return looped_expert_forward(x, weights, ids, gate_proj, up_proj, down_proj, first_expert)
+    if device.type == "cuda" and dtype in GROUPED_DTYPES:
+        return partial(grouped_expert_forward, ops=ops_for(device))
+    return looped_expert_forward
 
 
 def grouped_expert_forward(
@@ -65,16 +66,16 @@ def grouped_expert_forward(
     up_proj: Tensor,
     down_proj: Tensor,
     first_expert: int = 0,
+    ops: ExpertOps = REFERENCE,
 ) -> Tensor:
-    """`expert_forward` as three grouped GEMMs over every local expert, without a host sync."""
+    """The experts as three grouped GEMMs over every local expert, without a host sync; the
+    combine from `ops` (Triton or plain torch, `kernels/experts.py`)."""
     groups = ExpertGroups.of(ids, gate_proj.shape[0], first_expert)
     h = x[groups.tokens].to(gate_proj.dtype)  # [T*K, H], grouped by expert
     gate = torch._grouped_mm(h, gate_proj.transpose(-2, -1), offs=groups.offsets)
     up = torch._grouped_mm(h, up_proj.transpose(-2, -1), offs=groups.offsets)
     y = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(-2, -1), offs=groups.offsets)
-    if moe_kernels.supports(x):
-        return moe_kernels.combine(y, weights, groups, x.dtype)
-    return groups.combine(y, weights, x)
+    return ops.combine(y, weights, groups, x.dtype)
 
 
 @dataclass(frozen=True)
@@ -103,14 +104,6 @@ class ExpertGroups:
         offsets = torch.cumsum(counts, 0, dtype=torch.int32)
         return cls(order, order // ids.shape[1], offsets, valid[order])
 
-    def combine(self, y: Tensor, weights: Tensor, x: Tensor) -> Tensor:
-        """Sum each token's expert outputs y [T*K, H] (in group order) by its routing weights."""
-        acc = torch.promote_types(x.dtype, torch.float32)
-        scaled = y.to(acc) * weights.flatten()[self.order, None].to(acc)
-        scaled = torch.where(self.valid[:, None], scaled, 0.0)
-        out = torch.zeros(x.shape[0], x.shape[-1], dtype=acc, device=x.device)
-        return out.index_add_(0, self.tokens, scaled).to(x.dtype)
-
 
 def looped_expert_forward(
     x: Tensor,
@@ -121,7 +114,7 @@ def looped_expert_forward(
     down_proj: Tensor,
     first_expert: int = 0,
 ) -> Tensor:
-    """`expert_forward` one expert at a time: any dtype and device, exact to its precision."""
+    """The experts one at a time: any dtype and device, exact to its precision."""
     num_tokens, top_k = ids.shape
     acc = torch.promote_types(x.dtype, torch.float32)
     out = torch.zeros(num_tokens, x.shape[-1], dtype=acc, device=x.device)
@@ -147,7 +140,7 @@ def looped_expert_forward(
 def expert_forward_per_token(
     x: Tensor, weights: Tensor, ids: Tensor, gate_proj: Tensor, up_proj: Tensor, down_proj: Tensor
 ) -> Tensor:
-    """The same sum as `expert_forward`, one token and one expert at a time: its oracle."""
+    """The same sum as `expert_forward_on`'s, one token and one expert at a time: its oracle."""
     acc = torch.promote_types(x.dtype, torch.float32)
     out = torch.zeros(x.shape, dtype=acc, device=x.device)
     for t in range(x.shape[0]):

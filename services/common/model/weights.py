@@ -31,7 +31,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from services.common.config import ModelConfig
-from services.common.model.fp8 import DEFAULT_BLOCK, dequantize_block_fp8, scale_shape
+from services.common.kernels.fp8 import DEFAULT_BLOCK, dequantize_block_fp8, scale_shape
 from services.common.model.schema import Shape, checkpoint_tensors
 
 SINGLE_FILE = "model.safetensors"

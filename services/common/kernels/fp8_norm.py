@@ -17,10 +17,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from services.common.model.fp8 import FP8_DTYPE
-from services.common.model.fp8_linear import GROUP, quantize_activation_reference
-from services.common.model.layers import rms_norm_reference
-from services.common.triton_jit import jit, tl, triton
+from services.common.kernels.fp8 import FP8_DTYPE, FP8_MAX, GROUP, quantize_activation_reference
+from services.common.kernels.norm_rope import rms_norm_reference
+from services.common.kernels.triton_jit import jit, tl, triton
 
 MAX_DIM = 16384  # a longer row would spill one program's registers
 
@@ -39,7 +38,8 @@ def rms_norm_quantize(
     block = triton.next_power_of_2(n)
     _rms_norm_quantize_kernel[(rows,)](
         x, weight, q, scale, tokens, n, x.stride(0), q.stride(0), scale.stride(0),
-        scale.stride(1), eps, BLOCK=block, GROUP=GROUP, num_warps=min(max(block // 512, 1), 16),
+        scale.stride(1), eps, BLOCK=block, GROUP=GROUP, FP8_MAX=FP8_MAX,
+        num_warps=min(max(block // 512, 1), 16),
     )  # fmt: skip
     return q, scale
 
@@ -61,7 +61,8 @@ def sum_rms_norm_quantize(
     _sum_rms_norm_quantize_kernel[(rows,)](
         partials, y, weight, q, scale, tokens, n, norm_dim, partials.stride(0),
         partials.stride(1), q.stride(0), scale.stride(0), scale.stride(1), eps,
-        SPLITS=splits, BLOCK=block, GROUP=GROUP, num_warps=min(max(block // 512, 1), 16),
+        SPLITS=splits, BLOCK=block, GROUP=GROUP, FP8_MAX=FP8_MAX,
+        num_warps=min(max(block // 512, 1), 16),
     )  # fmt: skip
     return y, q, scale
 
@@ -97,6 +98,7 @@ def _rms_norm_quantize_kernel(
     eps,
     BLOCK: tl.constexpr,  # N rounded up to a power of two
     GROUP: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -104,8 +106,9 @@ def _rms_norm_quantize_kernel(
     real = row < num_tokens
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask & real, other=0.0)
     _norm_quantize_store(
-        x, w_ptr, q_ptr, s_ptr, row, n, stride_q, stride_st, stride_sg, eps, BLOCK, GROUP
-    )
+        x, w_ptr, q_ptr, s_ptr, row, n, stride_q, stride_st, stride_sg, eps, BLOCK, GROUP,
+        FP8_MAX,
+    )  # fmt: skip
 
 
 @jit
@@ -127,6 +130,7 @@ def _sum_rms_norm_quantize_kernel(
     SPLITS: tl.constexpr,  # unrolled, so that every partial's load is in flight at once
     BLOCK: tl.constexpr,  # N rounded up to a power of two
     GROUP: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
@@ -138,8 +142,9 @@ def _sum_rms_norm_quantize_kernel(
     tl.store(y_ptr + row * n + cols, y, mask=(cols < n) & real)
     x = tl.where(cols < norm_dim, y, 0.0)
     _norm_quantize_store(
-        x, w_ptr, q_ptr, s_ptr, row, norm_dim, stride_q, stride_st, stride_sg, eps, BLOCK, GROUP
-    )
+        x, w_ptr, q_ptr, s_ptr, row, norm_dim, stride_q, stride_st, stride_sg, eps, BLOCK,
+        GROUP, FP8_MAX,
+    )  # fmt: skip
 
 
 @jit
@@ -156,6 +161,7 @@ def _norm_quantize_store(
     eps,
     BLOCK: tl.constexpr,
     GROUP: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     """RMSNorm of one row held in registers, then its 1 x GROUP e4m3 quantisation, stored."""
     cols = tl.arange(0, BLOCK)
@@ -168,8 +174,8 @@ def _norm_quantize_store(
 
     groups = tl.reshape(y, (BLOCK // GROUP, GROUP))
     amax = tl.max(tl.abs(groups), 1)  # [BLOCK / GROUP]
-    scale = tl.where(amax > 0, amax / 448.0, 1.0)  # 448: FP8_MAX
-    q = tl.minimum(tl.maximum(groups / scale[:, None], -448.0), 448.0)
+    scale = tl.where(amax > 0, amax / FP8_MAX, 1.0)
+    q = tl.minimum(tl.maximum(groups / scale[:, None], -FP8_MAX), FP8_MAX)
     q = tl.reshape(q, (BLOCK,))
     tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     g = tl.arange(0, BLOCK // GROUP)

@@ -8,7 +8,8 @@ layer in a decode step where each moves a few hundred kilobytes. One program per
 writes its K and V rows here, in whichever of those dtypes the cache holds.
 
 What this module does not know: which slots are whose (the block manager's tables say) or the
-scales' meaning (`KVCache` keeps them). `write_kv_reference` is the plain-torch oracle.
+scales' meaning (`KVCache` keeps them, and takes this kernel where `kernels.available`).
+`write_kv_reference` is the plain-torch oracle.
 """
 
 from __future__ import annotations
@@ -16,23 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from services.common.triton_jit import jit, tl, triton
-
-FP8_MAX = 448.0
-
-
-def supports(cache: Tensor, k: Tensor) -> bool:
-    """Whether the kernel can write `k` [n, G, D] into `cache` [slots, G, D] (CUDA, Triton)."""
-    return (
-        triton is not None
-        and cache.is_cuda
-        and k.device == cache.device
-        and cache.device.index == torch.cuda.current_device()
-        and cache.is_contiguous()
-        and k.shape[1:] == cache.shape[1:]
-        and k.stride(-1) == 1
-        and k.shape[0] > 0
-    )
+from services.common.kernels.fp8 import FP8_DTYPE, FP8_MAX
+from services.common.kernels.triton_jit import jit, tl, triton
 
 
 def write_kv(
@@ -47,21 +33,30 @@ def write_kv(
     """k_cache, v_cache [S, G, D] (one layer; 16-bit or e4m3) at slots [n] int64 <- k, v
     [n, G, D] (rows may be strided, last dim contiguous), divided by the scales for e4m3."""
     n, groups, dim = k.shape
+    for cache, x in ((k_cache, k), (v_cache, v)):
+        if x.shape[1:] != cache.shape[1:] or x.stride(-1) != 1 or not cache.is_contiguous():
+            raise ValueError(
+                f"rows {list(x.shape)} (last dim contiguous) do not fit the contiguous cache "
+                f"{list(cache.shape)}"
+            )
+    if not n:
+        return
     row = groups * dim
-    fp8 = k_cache.dtype == torch.float8_e4m3fn
+    fp8 = k_cache.dtype == FP8_DTYPE
     _write_kv_kernel[(n,)](
         k_cache, v_cache, slots, k, v, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         float(k_scale), float(v_scale), groups, dim,
-        BLOCK=triton.next_power_of_2(row), FP8=fp8, num_warps=4 if row <= 2048 else 8,
+        BLOCK=triton.next_power_of_2(row), FP8=fp8, FP8_MAX=FP8_MAX,
+        num_warps=4 if row <= 2048 else 8,
     )  # fmt: skip
 
 
 def write_kv_reference(
     k_cache: Tensor, v_cache: Tensor, slots: Tensor, k: Tensor, v: Tensor, k_scale=1.0, v_scale=1.0
 ) -> None:
-    """The same in plain torch (`KVCache.write`'s own path)."""
+    """The same in plain torch: the oracle, and `KVCache.write` off the GPU."""
     for cache, x, scale in ((k_cache, k, k_scale), (v_cache, v, v_scale)):
-        if cache.dtype == torch.float8_e4m3fn:
+        if cache.dtype == FP8_DTYPE:
             x = (x.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(cache.dtype)
             cache.view(torch.uint8).index_copy_(0, slots, x.view(torch.uint8))
         else:
@@ -85,6 +80,7 @@ def _write_kv_kernel(
     dim,
     BLOCK: tl.constexpr,  # G * D rounded up to a power of two
     FP8: tl.constexpr,
+    FP8_MAX: tl.constexpr,
 ):
     token = tl.program_id(0)
     slot = tl.load(slots_ptr + token)
@@ -94,8 +90,8 @@ def _write_kv_kernel(
     k = tl.load(k_ptr + token * stride_kt + g * stride_kg + d, mask=mask, other=0.0)
     v = tl.load(v_ptr + token * stride_vt + g * stride_vg + d, mask=mask, other=0.0)
     if FP8:
-        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -448.0), 448.0)  # 448: FP8_MAX
-        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -448.0), 448.0)
+        k = tl.minimum(tl.maximum(k.to(tl.float32) / k_scale, -FP8_MAX), FP8_MAX)
+        v = tl.minimum(tl.maximum(v.to(tl.float32) / v_scale, -FP8_MAX), FP8_MAX)
     row = slot * groups * dim + offs
     tl.store(k_cache_ptr + row, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
     tl.store(v_cache_ptr + row, v.to(v_cache_ptr.dtype.element_ty), mask=mask)

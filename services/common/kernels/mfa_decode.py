@@ -24,7 +24,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.common.triton_jit import jit, tl, triton
+from services.common.kernels.fp8 import FP8_DTYPE
+from services.common.kernels.triton_jit import jit, tl, triton
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ def num_splits_for(batch: int, max_context: int, num_slots: int) -> int:
 def default_num_splits(batch: int, max_context: int, kv_dtype, device) -> int:
     """The splits `mfa_decode` picks by itself, for a caller that calls it once per layer with
     the same batch (an engine step) and would rather work them out once."""
-    config = CONFIGS["fp8" if kv_dtype == torch.float8_e4m3fn else "16bit"]
+    config = CONFIGS["fp8" if kv_dtype == FP8_DTYPE else "16bit"]
     return num_splits_for(batch, max_context, _num_sms(device) * config.programs_per_sm)
 
 
@@ -84,14 +85,11 @@ def _num_sms(device) -> int:
     return torch.cuda.get_device_properties(torch.device(device)).multi_processor_count
 
 
-def supports(
-    num_heads: int, head_dim: int, num_kv_heads: int, block_size: int, dtype, device
-) -> bool:
-    """Whether `mfa_decode` can serve a cache of this shape, dtype and device."""
+def handles(num_heads: int, head_dim: int, num_kv_heads: int, block_size: int, dtype) -> bool:
+    """Whether `mfa_decode` takes a cache of this shape and model dtype (where `kernels.available`
+    says the kernels run at all): one K/V head, powers of two >= 16, 16-bit queries."""
     return (
-        triton is not None
-        and torch.device(device).type == "cuda"
-        and num_kv_heads == 1
+        num_kv_heads == 1
         and dtype in (torch.bfloat16, torch.float16)
         and all(_is_tile_size(n) for n in (num_heads, head_dim, block_size))
     )
@@ -126,7 +124,7 @@ def mfa_decode(
     config: the kernel's tile shape and pipelining; None takes the tuned one (`CONFIGS`).
     Returns [B, H, D] in q's dtype.
     """
-    config = config or CONFIGS["fp8" if k_cache.dtype == torch.float8_e4m3fn else "16bit"]
+    config = config or CONFIGS["fp8" if k_cache.dtype == FP8_DTYPE else "16bit"]
     if triton is None:
         raise RuntimeError("mfa_decode needs Triton; use mfa_decode_reference on CPU")
     batch, num_heads, head_dim = q.shape
@@ -156,7 +154,7 @@ def mfa_decode(
         q.stride(0), q.stride(1), k_cache.stride(0), v_cache.stride(0), block_tables.stride(0),
         *part_strides, *lse_strides,
         H=num_heads, D=head_dim, PAGE=block_size, BLOCK_N=config.block_n,
-        KV_FP8=k_cache.dtype == torch.float8_e4m3fn, SINGLE_SPLIT=num_splits == 1,
+        KV_FP8=k_cache.dtype == FP8_DTYPE, SINGLE_SPLIT=num_splits == 1,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if num_splits > 1:
@@ -189,7 +187,7 @@ def _check(q, k_cache, v_cache, block_tables, context_lens, block_size, k_scale,
         raise ValueError("q, k_cache and v_cache must be contiguous along D")
     if k_cache.dtype != v_cache.dtype:
         raise ValueError(f"k_cache is {k_cache.dtype} but v_cache is {v_cache.dtype}")
-    if k_cache.dtype == torch.float8_e4m3fn:
+    if k_cache.dtype == FP8_DTYPE:
         if k_scale is None or v_scale is None:
             raise ValueError("float8_e4m3fn K/V need k_scale and v_scale")
     elif k_cache.dtype not in (torch.bfloat16, torch.float16):

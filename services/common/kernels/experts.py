@@ -1,4 +1,5 @@
-"""Triton kernels around the grouped expert GEMMs: the MoE layer's activation traffic.
+"""Triton kernels around the grouped expert GEMMs (the MoE layer's activation traffic), and
+their plain-torch references.
 
 In `ExpertGroups` order, the T*K assignment rows past the last local group belong to other
 FFN shards: with 48 experts over 16 instances, 15 rows in 16. Plain torch still widened,
@@ -13,67 +14,93 @@ with no host sync, and does its whole job in one pass:
   assignments, each output row written once (no atomics: the sum's order is fixed).
 
 Rows past the count in the first two outputs are left unwritten: the GEMMs never read them.
-The math is `activations.quantize_fp8`'s and `ExpertGroups.combine`'s, in float32; callers
-check `supports` and keep those torch forms where it says no.
+Each has a `_reference` twin in plain torch (`fp8.quantize_fp8`'s math, in float32); the two
+sets are bundled as `TRITON` and `REFERENCE` (`ExpertOps`), and `ops_for` picks one for a
+device once, when the experts are built.
+
+What this module does not know: the MoE layer. It reads the groups' tensors through the
+`Groups` protocol, which `moe.ExpertGroups` satisfies.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 
-from services.common.triton_jit import jit, tl, triton
+from services.common import kernels
+from services.common.kernels.fp8 import FP8_DTYPE, FP8_MAX, quantize_fp8
+from services.common.kernels.triton_jit import jit, tl, triton
 
-if TYPE_CHECKING:  # moe.py calls in here; this module only reads the groups' tensors
-    from services.common.model.moe import ExpertGroups
-
-FP8 = torch.float8_e4m3fn
 MAX_ROW = 16384  # a longer row would spill one program's registers
 COMBINE_BLOCK = 1024
 
 
-def supports(x: Tensor) -> bool:
-    """Triton installed, x on the current CUDA device, rows short enough for one program."""
-    return (
-        triton is not None
-        and x.is_cuda
-        and x.device.index == torch.cuda.current_device()
-        and x.shape[-1] <= MAX_ROW
-    )
+class Groups(Protocol):
+    """A step's expert assignments sorted by local expert (`moe.ExpertGroups`)."""
+
+    order: Tensor  # [T*K] assignment indices (t * K + k), grouped by expert
+    tokens: Tensor  # [T*K] the token of each, in that order
+    offsets: Tensor  # [E_local] int32: each group's end row; the last is the local count
+    valid: Tensor  # [T*K] bool, in that order: the expert is local
 
 
-def gather_quantize(x: Tensor, groups: ExpertGroups) -> tuple[Tensor, Tensor]:
+def gather_quantize_reference(x: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
+    """`gather_quantize` in plain torch, every row quantised."""
+    return quantize_fp8(x[groups.tokens])
+
+
+def silu_mul_quantize_reference(gate: Tensor, up: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
+    """`silu_mul_quantize` in plain torch (float32), every row quantised."""
+    return quantize_fp8(F.silu(gate.float()) * up.float())
+
+
+def combine_reference(y: Tensor, weights: Tensor, groups: Groups, dtype: torch.dtype) -> Tensor:
+    """`combine` in plain torch: each token's expert outputs y [T*K, H] (in group order)
+    summed by its routing weights [T, K], other shards' rows masked -> [T, H] in `dtype`."""
+    acc = torch.promote_types(dtype, torch.float32)
+    scaled = y.to(acc) * weights.flatten()[groups.order, None].to(acc)
+    scaled = torch.where(groups.valid[:, None], scaled, 0.0)
+    out = torch.zeros(weights.shape[0], y.shape[-1], dtype=acc, device=y.device)
+    return out.index_add_(0, groups.tokens, scaled).to(dtype)
+
+
+def gather_quantize(x: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
     """x [T, H] -> (q [T*K, H] e4m3, scales [T*K] fp32): row r is x[groups.tokens[r]],
     quantised, for the local rows; the rest unwritten."""
     x = x.contiguous()
     return _quantize_rows(x, x, groups, groups.tokens.numel(), gather=True)
 
 
-def silu_mul_quantize(gate: Tensor, up: Tensor, groups: ExpertGroups) -> tuple[Tensor, Tensor]:
+def silu_mul_quantize(gate: Tensor, up: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
     """gate, up [T*K, F] -> e4m3 silu(gate) * up with one scale per row, local rows only."""
     return _quantize_rows(gate.contiguous(), up.contiguous(), groups, gate.shape[0], gather=False)
 
 
 def _quantize_rows(
-    a: Tensor, b: Tensor, groups: ExpertGroups, rows: int, gather: bool
+    a: Tensor, b: Tensor, groups: Groups, rows: int, gather: bool
 ) -> tuple[Tensor, Tensor]:
     """One launch of `_quantize_rows_kernel`: gathered rows of `a`, or silu(a) * b."""
     width = a.shape[-1]
-    q = torch.empty(rows, width, dtype=FP8, device=a.device)
+    if width > MAX_ROW:
+        raise ValueError(f"rows of {width} > MAX_ROW = {MAX_ROW}")
+    q = torch.empty(rows, width, dtype=FP8_DTYPE, device=a.device)
     scales = torch.empty(rows, dtype=torch.float32, device=a.device)
     if rows:
         _quantize_rows_kernel[(rows,)](
             a, b, groups.tokens, groups.offsets[-1:], q, scales, width,
             a.stride(0), b.stride(0), q.stride(0),
             GATHER=gather, SILU_MUL=not gather, BLOCK=triton.next_power_of_2(width),
-            num_warps=8,
+            FP8_MAX=FP8_MAX, num_warps=8,
         )  # fmt: skip
     return q, scales
 
 
-def combine(y: Tensor, weights: Tensor, groups: ExpertGroups, dtype: torch.dtype) -> Tensor:
+def combine(y: Tensor, weights: Tensor, groups: Groups, dtype: torch.dtype) -> Tensor:
     """y [T*K, H] in group order -> [T, H]: each token's local expert outputs, weighted."""
     tokens, top_k = weights.shape
     width = y.shape[-1]
@@ -91,6 +118,24 @@ def combine(y: Tensor, weights: Tensor, groups: ExpertGroups, dtype: torch.dtype
     return out
 
 
+@dataclass(frozen=True)
+class ExpertOps:
+    """The three steps around the grouped GEMMs, in one implementation."""
+
+    gather_quantize: Callable[[Tensor, Groups], tuple[Tensor, Tensor]]
+    silu_mul_quantize: Callable[[Tensor, Tensor, Groups], tuple[Tensor, Tensor]]
+    combine: Callable[[Tensor, Tensor, Groups, torch.dtype], Tensor]
+
+
+TRITON = ExpertOps(gather_quantize, silu_mul_quantize, combine)
+REFERENCE = ExpertOps(gather_quantize_reference, silu_mul_quantize_reference, combine_reference)
+
+
+def ops_for(device: torch.device) -> ExpertOps:
+    """The kernels where `kernels.available(device)`, else the plain-torch references."""
+    return TRITON if kernels.available(device) else REFERENCE
+
+
 @jit
 def _quantize_rows_kernel(
     a_ptr,
@@ -106,6 +151,7 @@ def _quantize_rows_kernel(
     GATHER: tl.constexpr,
     SILU_MUL: tl.constexpr,
     BLOCK: tl.constexpr,  # width rounded up to a power of two
+    FP8_MAX: tl.constexpr,
 ):
     row = tl.program_id(0)
     local = row < tl.load(count_ptr)
@@ -120,8 +166,8 @@ def _quantize_rows_kernel(
         up = tl.load(b_ptr + row * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
         x = x / (1.0 + tl.exp(-x)) * up
     amax = tl.maximum(tl.max(tl.abs(x), 0), 1e-12)
-    scale = amax / 448.0  # 448: the largest e4m3 value
-    q = tl.minimum(tl.maximum(x / scale, -448.0), 448.0)
+    scale = amax / FP8_MAX
+    q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
     tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(scale_ptr + row, scale, mask=local)
 

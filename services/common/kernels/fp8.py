@@ -1,12 +1,21 @@
-"""Block FP8 weights as DeepSeek-V3 stores them: float8_e4m3fn values plus one float32
-`<name>_scale_inv` per block of the last two dims.
+"""The e4m3 FP8 format (`FP8_DTYPE`, its largest value `FP8_MAX`) and every way this codebase
+quantises to it, in plain torch: the one place those facts are written, and the references
+the Triton kernels are tested against.
 
-A weight `w` of shape [..., M, N] is cut into `block` = (bm, bn) tiles; tile (i, j) is stored as
-`q = round_e4m3(w_tile / s)` with `s = amax(|w_tile|) / 448`, and `scale_inv[..., i, j] = s`, so
-`w ~= q.float() * scale_inv` tile by tile. Edge tiles may be partial: the scale has shape
-[..., ceil(M / bm), ceil(N / bn)]. Leading dims (the stacked expert dim) are kept as they are.
+- Block FP8 weights as DeepSeek-V3 stores them: float8_e4m3fn values plus one float32
+  `<name>_scale_inv` per block of the last two dims. A weight `w` of shape [..., M, N] is cut
+  into `block` = (bm, bn) tiles; tile (i, j) is stored as `q = round_e4m3(w_tile / s)` with
+  `s = amax(|w_tile|) / FP8_MAX`, and `scale_inv[..., i, j] = s`, so `w ~= q.float() *
+  scale_inv` tile by tile. Edge tiles may be partial: the scale has shape [..., ceil(M / bm),
+  ceil(N / bn)]. Leading dims (the stacked expert dim) are kept as they are.
+- One scale per row (`quantize_rows_fp8`): the FP8 experts' weights.
+- One scale per token (`quantize_fp8`): the activations that cross from attention to FFN,
+  and the FP8 experts' inputs.
+- One scale per 1 x `GROUP` values of a token (`quantize_activation_reference`): the inputs of
+  the block-FP8 GEMMs (its kernel: `quantize.py`).
 
-This is the plain-torch reference: no kernels, no knowledge of files or tensor names.
+Kernels take `FP8_MAX` as an argument rather than writing the number again.
+What this module does not know: files or tensor names.
 """
 
 from __future__ import annotations
@@ -15,10 +24,12 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite float8_e4m3fn value
 DEFAULT_BLOCK = (128, 128)
+GROUP = 128  # activation values per scale for the block-FP8 GEMMs
 
 
 def scale_shape(shape: tuple[int, ...], block: tuple[int, int]) -> tuple[int, ...]:
@@ -99,3 +110,39 @@ def _dequantize_matrix(
     # Repeat each block's scale over its tile, then crop the partial edge tiles.
     scale = scale_inv.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
     return (q.float() * scale[:m, :n]).to(dtype)
+
+
+def quantize_fp8(h: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-token e4m3: h [n, H] -> (q [n, H] e4m3, scales [n] fp32) with h ~ q * scale."""
+    amax = h.float().abs().amax(dim=-1).clamp(min=1e-12)  # [n]
+    scales = amax / FP8_MAX
+    q = (h.float() / scales[:, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE)
+    return q, scales
+
+
+def dequantize_fp8(q: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """q [n, H] e4m3, scales [n] -> [n, H] in `dtype`."""
+    return (q.float() * scales[:, None]).to(dtype)
+
+
+def quantize_activation_reference(
+    x: Tensor, group: int, row_multiple: int = 1
+) -> tuple[Tensor, Tensor]:
+    """x [T, K] -> (q [T', K] e4m3, scale [T', K / group] float32 column-major); x ~= q * scale.
+
+    Column-major scales (stride (1, T')) are what cuBLASLt's 1 x 128 mode reads; with
+    group = K it is one scale per token, [T', 1]. T' is T rounded up to `row_multiple`; the
+    extra rows are zeros with scale 1. Rounding: e4m3, nearest-even.
+    """
+    tokens, k = x.shape
+    rows = -(-tokens // row_multiple) * row_multiple
+    padding = x.new_zeros((rows - tokens, k), dtype=torch.float32)
+    groups = torch.cat((x.float(), padding)).view(rows, k // group, group)  # [T', G, group]
+    q, scale = quantize_rows_fp8(groups)  # one scale per group, [T', G]
+    return q.view(rows, k), scale.t().contiguous().t()
+
+
+def dequantize_activation(q: Tensor, scale: Tensor) -> Tensor:
+    """q [T, K] e4m3, scale [T, G] -> [T, K] float32."""
+    tokens, k = q.shape
+    return (q.float().view(tokens, scale.shape[1], -1) * scale[..., None]).view(tokens, k)

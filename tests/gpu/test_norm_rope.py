@@ -2,8 +2,9 @@
 inputs at Step-3's shapes (hidden 7168, share_q_dim 2048, 64 query heads and one K/V head of
 256) and odd ones, for 1 to a few hundred tokens.
 
-Skipped without CUDA or Triton (CI has neither); run on a GPU machine with
-`pytest tests/gpu/test_fused_layers.py`.
+Also: a model built on the GPU takes these kernels (and grouped experts) at build time, and a
+float64 one keeps plain torch. Skipped without CUDA or Triton (CI has neither); run on a GPU
+machine with `pytest tests/gpu/test_norm_rope.py`.
 
 Error bounds: both sides compute in float32 and round once to the output dtype. They differ in
 the order of RMSNorm's sum, rsqrt's last bit and whether a multiply-add is fused, all ~1e-7
@@ -21,14 +22,14 @@ import importlib.util
 import pytest
 import torch
 
-from services.common.model import fused
-from services.common.model.layers import (
-    RMSNorm,
-    apply_rope,
-    apply_rope_reference,
-    rms_norm_reference,
-    rope_cos_sin,
-)
+from services.common.kernels import experts, norm_rope
+from services.common.kernels.norm_rope import rms_norm_reference, rope_reference
+from services.common.model.attention import MFAAttention
+from services.common.model.ffn_half import RoutedExperts
+from services.common.model.kernel_choice import choose_kernels
+from services.common.model.layers import RMSNorm, rope_cos_sin
+from services.common.model.moe import grouped_expert_forward
+from tests.support.models import random_model, small_config
 
 pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
@@ -65,6 +66,7 @@ def random_rows(*shape: int, dtype: torch.dtype, gen: torch.Generator) -> torch.
 def random_norm(dim: int, gen: torch.Generator, weight_dtype=torch.float32) -> RMSNorm:
     norm = RMSNorm(dim, EPS).cuda().to(weight_dtype)
     norm.weight.data = 1 + 0.2 * torch.randn(dim, generator=gen, device="cuda").to(weight_dtype)
+    choose_kernels(norm)
     return norm
 
 
@@ -84,9 +86,8 @@ def gen() -> torch.Generator:
 def test_rms_norm_matches_torch(dim, tokens, dtype, gen):
     norm = random_norm(dim, gen)
     x = random_rows(tokens, dim, dtype=dtype, gen=gen)
-    out = norm(x)
-    assert torch.equal(out, fused.rms_norm(x, norm.weight, EPS))  # it took the kernel
-    assert_matches(out, rms_norm_reference(x, norm.weight, EPS))
+    assert norm.impl is norm_rope.rms_norm  # chosen when it was built on the GPU
+    assert_matches(norm(x), rms_norm_reference(x, norm.weight, EPS))
 
 
 def test_rms_norm_fp16_and_bf16_weight(gen):
@@ -111,15 +112,13 @@ def test_rms_norm_on_strided_and_batched_rows(gen):
 def test_rope_matches_torch(heads, dim, tokens, dtype, gen):
     x = random_rows(tokens, heads, dim, dtype=dtype, gen=gen)
     cos, sin = random_cos_sin(tokens, dim, gen)
-    out = apply_rope(x, cos, sin)
-    assert torch.equal(out, fused.rope(x, cos, sin))  # it took the kernel
-    assert_matches(out, apply_rope_reference(x, cos, sin))
+    assert_matches(norm_rope.rope(x, cos, sin), rope_reference(x, cos, sin))
 
 
 def test_rope_fp16(gen):
     x = random_rows(64, 64, 256, dtype=torch.float16, gen=gen)
     cos, sin = random_cos_sin(64, 256, gen)
-    assert_matches(apply_rope(x, cos, sin), apply_rope_reference(x, cos, sin))
+    assert_matches(norm_rope.rope(x, cos, sin), rope_reference(x, cos, sin))
 
 
 def test_rope_on_a_view_of_the_fused_projection(gen):
@@ -127,7 +126,7 @@ def test_rope_on_a_view_of_the_fused_projection(gen):
     qkv = random_rows(64, 2560, dtype=torch.bfloat16, gen=gen)
     k = qkv.split((2048, 256, 256), dim=-1)[1].view(64, 1, 256)
     cos, sin = random_cos_sin(64, 256, gen)
-    assert_matches(apply_rope(k, cos, sin), apply_rope_reference(k, cos, sin))
+    assert_matches(norm_rope.rope(k, cos, sin), rope_reference(k, cos, sin))
 
 
 def test_gradients_come_from_the_reference(gen):
@@ -135,20 +134,28 @@ def test_gradients_come_from_the_reference(gen):
     x = random_rows(5, 4, 96, dtype=torch.float32, gen=gen).requires_grad_()
     cos, sin = random_cos_sin(5, 96, gen)
     grad = torch.randn(5, 4, 96, generator=gen, device="cuda")
-    apply_rope(norm(x), cos, sin).backward(grad)
+    norm_rope.rope(norm(x), cos, sin).backward(grad)
     fast = x.grad.clone(), norm.weight.grad.clone()
     x.grad = norm.weight.grad = None
-    apply_rope_reference(rms_norm_reference(x, norm.weight, EPS), cos, sin).backward(grad)
+    rope_reference(rms_norm_reference(x, norm.weight, EPS), cos, sin).backward(grad)
     torch.testing.assert_close(fast, (x.grad, norm.weight.grad), rtol=1e-5, atol=1e-6)
 
 
-def test_float64_keeps_torch(gen):
-    norm = random_norm(256, gen).double()
-    x = random_rows(7, 4, 256, dtype=torch.float64, gen=gen)
-    cos, sin = random_cos_sin(7, 256, gen)
-    assert torch.equal(norm(x), rms_norm_reference(x, norm.weight, EPS))
-    rotated = apply_rope(x, cos.double(), sin.double())
-    assert torch.equal(rotated, apply_rope_reference(x, cos.double(), sin.double()))
+def test_a_model_built_on_the_gpu_takes_the_kernels_and_float64_keeps_torch():
+    cfg = small_config()
+    for dtype, kernel in ((torch.bfloat16, True), (torch.float32, True), (torch.float64, False)):
+        model = random_model(cfg, dtype, device="cuda")
+        norms = [m.impl for m in model.modules() if isinstance(m, RMSNorm)]
+        ropes = [m.rope for m in model.modules() if isinstance(m, MFAAttention)]
+        expected = (
+            (norm_rope.rms_norm, norm_rope.rope) if kernel else (rms_norm_reference, rope_reference)
+        )
+        assert set(norms) == {expected[0]} and set(ropes) == {expected[1]}, dtype
+    # bf16 experts: grouped GEMMs with the Triton combine, chosen once.
+    model = random_model(cfg, torch.bfloat16, device="cuda")
+    routed = next(m for m in model.modules() if isinstance(m, RoutedExperts))
+    assert routed.expert_forward.func is grouped_expert_forward
+    assert routed.expert_forward.keywords["ops"] is experts.TRITON
 
 
 @pytest.mark.parametrize("tokens", TOKENS)
@@ -158,6 +165,6 @@ def test_rope_qk_is_both_ropes_in_one_launch(tokens, gen):
     qkv = random_rows(tokens, 2560, dtype=torch.bfloat16, gen=gen)
     k = qkv.split((2048, 256, 256), dim=-1)[1].view(tokens, 1, 256)
     cos, sin = random_cos_sin(tokens, 256, gen)
-    q_out, k_out = fused.rope_qk(q, k, cos, sin)
-    assert torch.equal(q_out, fused.rope(q, cos, sin))
-    assert torch.equal(k_out, fused.rope(k, cos, sin))
+    q_out, k_out = norm_rope.rope_qk(q, k, cos, sin)
+    assert torch.equal(q_out, norm_rope.rope(q, cos, sin))
+    assert torch.equal(k_out, norm_rope.rope(k, cos, sin))

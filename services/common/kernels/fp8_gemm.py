@@ -34,7 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from services.common.triton_jit import jit, tl, triton
+from services.common.kernels.triton_jit import jit, tl, triton
 
 if triton is not None:
     from triton.tools.tensor_descriptor import TensorDescriptor

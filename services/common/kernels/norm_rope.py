@@ -1,9 +1,9 @@
-"""Single-kernel Triton RMSNorm and rotate-half RoPE: the fast paths of `layers.py`.
+"""Single-kernel Triton RMSNorm and rotate-half RoPE, beside their plain-torch references.
 
 In decode these run on a few dozen tokens, where plain torch spends its time launching its
 five or six elementwise kernels (~20-35 us a call on an H200) rather than moving bytes. Each
 op here is one launch that reads its input once and writes its output once, with the same
-math as the torch reference in `layers.py`: float32 throughout, one cast back at the end.
+math as the references below: float32 throughout, one cast back at the end.
 
 - `rms_norm`: one program per row of x [..., N]; the whole row sits in registers (N up to
   `MAX_NORM_DIM`), so x is read once.
@@ -11,41 +11,61 @@ math as the torch reference in `layers.py`: float32 throughout, one cast back at
   cos/sin rows once and rotates each head's two halves. `rope_qk` rotates q and k in one
   launch (MFA's 64 query heads and its one K/V head), saving decode a launch per layer.
 
-What this module does not know: which layer calls it, or the torch reference it must match
-(`layers.py` passes that in, for `with_reference_grad`). Callers check `supports` first and
-take their torch path where it says no (CPU, float64, no Triton, another GPU than the current).
+Where autograd wants a gradient, `rms_norm` and `rope` take it from their reference
+recomputed on the saved inputs, so the kernels need no backward of their own.
+
+What this module does not know: which layer calls it. `RMSNorm` and `MFAAttention` start
+with the references (the CPU path and the oracle); `model/kernel_choice.py` gives them these
+kernels when the model is built on a GPU, in one of `DTYPES`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import Tensor
 
-from services.common.triton_jit import jit, tl, triton
+from services.common.kernels.triton_jit import jit, tl, triton
 
 DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 MAX_NORM_DIM = 16384  # a longer row would spill the registers of one program
 HEADS_PER_PROGRAM = 16
 
 
-def supports(*tensors: Tensor) -> bool:
-    """Whether the kernels here can take these tensors: Triton installed, every tensor on the
-    current CUDA device (Triton launches there), in bf16, fp16 or fp32, and not empty."""
-    if triton is None:
-        return False
-    device = tensors[0].device
-    return (
-        device.type == "cuda"
-        and device.index == torch.cuda.current_device()
-        and all(t.device == device and t.dtype in DTYPES and t.numel() for t in tensors)
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm in plain torch: float32 math (float64 stays float64), cast back to x's dtype."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (x32 * weight.float()).to(x.dtype)
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate-half RoPE in plain torch: x [T, heads, D] by cos, sin [T, D] (neox layout),
+    float32 math, cast back to x's dtype."""
+    x32 = x.float()
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x32[..., half:], x32[..., :half]), dim=-1)
+    out = x32 * cos[:, None, :] + rotated * sin[:, None, :]
+    return out.to(x.dtype)
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """`rms_norm_reference` in one Triton launch (its gradient from the reference)."""
+    return _with_reference_grad(
+        partial(_rms_norm, eps=eps), partial(rms_norm_reference, eps=eps), x, weight
     )
 
 
-def with_reference_grad(fast: Callable[..., Tensor], reference: Callable[..., Tensor], *inputs):
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`rope_reference` in one Triton launch (its gradient from the reference)."""
+    return _with_reference_grad(_rope, rope_reference, x, cos, sin)
+
+
+def _with_reference_grad(fast: Callable[..., Tensor], reference: Callable[..., Tensor], *inputs):
     """fast(*inputs); where autograd wants a gradient, it comes from `reference` recomputed on
-    the saved inputs, so the kernels need no backward of their own."""
+    the saved inputs."""
     if torch.is_grad_enabled() and any(t.requires_grad for t in inputs):
         return _ReferenceBackward.apply(fast, reference, *inputs)
     return fast(*inputs)
@@ -70,7 +90,7 @@ class _ReferenceBackward(torch.autograd.Function):
         return None, None, *(next(grads) if n else None for n in needed)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """x [..., N] / rms(x) * weight [N], in float32, returned in x's dtype (contiguous).
 
     x's rows may be strided (a split of a wider tensor); its last dim must be N <= MAX_NORM_DIM.
@@ -82,6 +102,8 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     if rows.stride(-1) != 1:
         rows = rows.contiguous()
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if not out.numel():  # no rows: nothing to launch
+        return out
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(rows.shape[0],)](
         rows, weight.contiguous(), out, rows.stride(0), n, eps,
@@ -90,7 +112,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return out
 
 
-def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def _rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate-half RoPE: x [T, heads, D] by cos, sin [T, D], in float32, returned in x's dtype.
 
     out = x * cos + cat(-x[..., D/2:], x[..., :D/2]) * sin; D must be even. x may be strided
@@ -101,6 +123,8 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         raise ValueError(f"x {list(x.shape)} needs even D and cos, sin [{tokens}, {dim}]")
     x, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, cos, sin))
     out = torch.empty((tokens, heads, dim), dtype=x.dtype, device=x.device)
+    if not out.numel():
+        return out
     block_h = min(triton.next_power_of_2(heads), HEADS_PER_PROGRAM)
     block_half = triton.next_power_of_2(dim // 2)
     _rope_kernel[(tokens, triton.cdiv(heads, block_h))](
@@ -124,6 +148,8 @@ def rope_qk(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Ten
     q, k, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, cos, sin))
     q_out = torch.empty((tokens, q_heads, dim), dtype=q.dtype, device=q.device)
     k_out = torch.empty((tokens, k_heads, dim), dtype=k.dtype, device=k.device)
+    if not tokens:
+        return q_out, k_out
     block_h = min(triton.next_power_of_2(max(q_heads, k_heads)), HEADS_PER_PROGRAM)
     block_half = triton.next_power_of_2(dim // 2)
     q_blocks = triton.cdiv(q_heads, block_h)

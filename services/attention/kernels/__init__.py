@@ -1,1 +1,0 @@
-"""GPU kernels of the attention instance (Triton), each beside a plain-torch reference."""
