@@ -27,6 +27,7 @@ from torch import Tensor
 
 from services.attention.kv_cache import DecodeBatch, KVCache, PagedAttention
 from services.attention.step_inputs import StepInputs
+from services.common.cuda_graph import capture
 from services.common.kernels import mfa_decode
 from services.common.model.moe import GROUPED_DTYPES
 
@@ -124,17 +125,9 @@ class DecodeGraphs:
         return self.forward(self.token_ids[:batch], self.positions[:batch], backend)
 
     def _capture(self, batch: int, blocks: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
-        # One eager run first, on a side stream as capture wants: it compiles the Triton
-        # kernels and sizes cuBLAS's workspaces. It writes the step's own K/V, which the
-        # replay then writes again, unchanged.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._forward(batch, blocks)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            logits = self._forward(batch, blocks)
+        # The eager run before the capture writes the step's own K/V, which the replay then
+        # writes again, unchanged.
+        graph, logits = capture(lambda: self._forward(batch, blocks), self.pool)
         log.info("captured a decode step graph: batch %d, context %d", batch,
                  blocks * self.cache.block_size)  # fmt: skip
         return graph, logits

@@ -22,6 +22,7 @@ from bisect import bisect_left
 import torch
 from torch import Tensor
 
+from services.common.cuda_graph import capture
 from services.common.model.attention_half import FFNInput
 from services.common.model.ffn_half import FFNHalf, Fp8RoutedExperts, MoEFFN
 
@@ -97,15 +98,6 @@ class FFNGraphs:
         self, layer: int, bucket: int, routed: bool
     ) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         x = self._input(bucket, routed)
-        # One eager run first, on a side stream as capture wants: it compiles the Triton
-        # kernels and sizes cuBLAS's workspaces.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.ffn(layer, x)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            out = self.ffn(layer, x)
+        graph, out = capture(lambda: self.ffn(layer, x), self.pool)
         log.info("captured an FFN layer graph: layer %d, %d tokens", layer, bucket)
         return graph, out
