@@ -137,7 +137,8 @@ def test_the_cluster_s_facts_given_to_the_controller_alone_reach_every_instance(
         steps = attention_batch_tokens(metrics)
         with ControlClient(address, secret=CLUSTER_SECRET) as client:
             client.shutdown()
-        assert [child.stop() for child in instances] == [0, 0, 0]
+        # Every member stops on its own, cleanly (a SIGTERM now could land mid-exit).
+        assert [child.process.wait(60) for child in instances] == [0, 0, 0]
     finally:
         for child in instances:
             child.stop()
