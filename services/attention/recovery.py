@@ -34,6 +34,12 @@ class ClusterRecovery:
         return isinstance(error, BROKEN_EPOCH)
 
     def recover(self, why: str) -> None:
+        if self.instance.stopping.is_set() and (
+            self.driver is None or self.driver.open_requests == 0
+        ):
+            # Stopping with nothing left to finish: rejoining would only hold up the stop
+            # (and the peers' re-forming) until the recovery timeout.
+            raise DriverStopped(f"{why}; this instance is stopping with no request left")
         server = self.instance.server
         server.set_serving(False, ("", SERVICE_NAME))
         try:
