@@ -21,8 +21,8 @@ registered from two threads; per opening, the time from the attention member's o
 (which `afd attention` sends asynchronously, never waiting for it) to the FFN member's
 await_step returning, the wake-up latency an idle cluster pays once per busy period.
 
-Data plane: one layer's A2F message and F2A answer between two processes through the
-production `Transport` on gloo, in the wire layout (`Layout`) of the tiny model and of Step-3.
+Data plane (cpu_data_plane.py): one layer's A2F message and F2A answer between two
+processes through the production `Transport` on gloo.
 
 Knows nothing of GPUs; every figure is float32 on whatever CPU runs it.
 """
@@ -42,14 +42,12 @@ import threading
 import time
 import urllib.request
 from dataclasses import dataclass, replace
-from datetime import timedelta
 from pathlib import Path
 from statistics import median
 
 import grpc
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from cpu_data_plane import bench_data_plane  # beside this script
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.attention.api import ERROR_CODES, add_attention_service
@@ -57,12 +55,10 @@ from services.attention.builder import local_engine
 from services.attention.driver import EngineDriver
 from services.attention.engine import Engine, EngineConfig
 from services.common import cluster_secret
-from services.common.activations import Layout
 from services.common.control_client import ControlClient
 from services.common.grpc_server import GrpcServer
 from services.common.model.build import load_model
 from services.common.sampling_params import SamplingParams
-from services.common.transport import Transport
 from services.common.wire import attention as wire
 from services.common.wire.attention_client import AttentionClient
 
@@ -328,63 +324,6 @@ def control_wait(targets_file: Path) -> tuple[float, float, float, int, float]:
     return bound(0.5), bound(0.99), total / count, int(count), step_sum / step_count
 
 
-def ping_pong(rank: int, port: int, messages: list[tuple[int, int]], iterations: int) -> None:
-    """One layer's transfers, over and over: rank 0 (attention) sends a2f bytes, rank 1 (FFN)
-    answers f2a bytes; through the production `Transport` on gloo. Rank 0 stores the medians."""
-    torch.set_num_threads(1)
-    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=timedelta(seconds=60))
-    dist.init_process_group("gloo", store=dist.PrefixStore("pp", store), rank=rank, world_size=2)
-    transport = Transport({0: "attention", 1: "ffn"}, 30.0)
-    peer = 1 - rank
-    medians = []
-    for a2f, f2a in messages:
-        request, answer = torch.zeros(a2f, dtype=torch.uint8), torch.zeros(f2a, dtype=torch.uint8)
-        times = []
-        for _ in range(iterations):
-            start = time.perf_counter()
-            if rank == 0:
-                sent = transport.send(request, peer, 0, "a2f")
-                back = transport.recv(answer, peer, 0, "f2a")
-                transport.wait(sent)
-                transport.wait(back)
-            else:
-                transport.wait(transport.recv(request, peer, 0, "a2f"))
-                transport.wait(transport.send(answer, peer, 0, "f2a"))
-            times.append(time.perf_counter() - start)
-        medians.append(median(times[iterations // 10 :]))
-    if rank == 0:
-        store.set("medians", " ".join(map(str, medians)))
-    dist.destroy_process_group()
-
-
-def bench_data_plane(args: argparse.Namespace) -> list[str]:
-    """A2F + F2A of one layer and micro-batch, in the wire layout `afd serve` uses."""
-    tiny = Layout(64, 3, torch.float32, fp8=False)
-    step3 = Layout(7168, 3, torch.bfloat16, fp8=True)
-    cases = [(f"tiny fp32, {b} tokens", b * tiny.bytes_per_token, b * 64 * 4) for b in args.batches]
-    cases += [
-        (f"Step-3 FP8 dispatch / bf16 return, {n} tokens", n * step3.bytes_per_token, n * 7168 * 2)
-        for n in (128, 2048)
-    ]
-    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
-    messages = [(a2f, f2a) for _, a2f, f2a in cases]
-    mp.start_processes(
-        ping_pong, (store.port, messages, args.pings), nprocs=2, start_method="spawn"
-    )
-    medians = [float(m) for m in store.get("medians").decode().split()]
-    lines = [
-        "| message (one layer, one micro-batch) | A2F bytes | F2A bytes | round trip us "
-        "| / 272 us |",
-        "|---|---|---|---|---|",
-    ]
-    for (name, a2f, f2a), seconds in zip(cases, medians, strict=True):
-        lines.append(
-            f"| {name} | {a2f} | {f2a} | {seconds * 1e6:.0f} "
-            f"| {seconds / PAPER_LAYER_STAGE_S:.2f}x |"
-        )
-    return lines
-
-
 def bench_control_plane(args: argparse.Namespace, logs: Path) -> list[str]:
     command = [
         sys.executable, "-m", "services.controller", "--host", "127.0.0.1", "--port", "0",
@@ -489,7 +428,7 @@ def main() -> int:
         )
         started, load_before = time.perf_counter(), f"{os.getloadavg()[0]:.2f}"
         control = bench_control_plane(args, logs)
-        data = bench_data_plane(args)
+        data = bench_data_plane(args.batches, args.pings, PAPER_LAYER_STAGE_S)
         decode = bench_decode(args, checkpoint, logs)
         sections = ["## Decode", "", *decode, "", "## Control plane", "", *control]
         sections += ["", "## Data plane", "", *data]
