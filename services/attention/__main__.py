@@ -26,6 +26,7 @@ from services.attention.engine import (
     Engine,
     EngineConfig,
     default_num_kv_blocks,
+    max_model_len,
 )
 from services.attention.kv_cache import KVCache
 from services.attention.model_runner import ModelRunner
@@ -70,7 +71,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--enforce-eager",
         action="store_true",
-        help="no CUDA graphs: run the colocated engine's decode steps eagerly on a GPU",
+        help="no CUDA graphs: run decode steps eagerly on a GPU (a disaggregated instance's "
+        "segments between transfers too)",
     )
 
 
@@ -160,6 +162,10 @@ def run(args: argparse.Namespace) -> int:
         )
         monitor = PipelineMonitor(metrics, sampler_for(options.device.type))
         runner = ModelRunner(attention, ffn, cache, pipeline.num_micro_batches, monitor)
+        if config.cuda_graphs and cache.decode_kernel:
+            # Each micro-batch's GPU work between two transfers replays from a graph.
+            per_slot = min(config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
+            runner.use_graphs(per_slot, max_model_len(cfg, config, num_blocks))
         engine = Engine(runner, num_blocks, config, tokenizer)
         recovery = ClusterRecovery(instance, ffn)
         # While any attention instance is busy every one takes each step (an idle one with

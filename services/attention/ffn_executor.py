@@ -1,11 +1,20 @@
 """Where a step's feed-forward runs, as the runner sees it: an FFN executor.
 
-The runner (model_runner.py) walks the attention half over a step's micro-batches; after each
-layer it hands every micro-batch's FFN input to the executor (`dispatch`) and, before that
-micro-batch's next layer, takes back the FFN output (`combine`). Two executors:
+The runner (model_runner.py) walks the attention half over a step's micro-batches. For each
+micro-batch and layer the executor sees, in order:
 
-- `LocalFFN`: the FFN half in this process (the colocated baseline, `afd generate`); dispatch
-  computes at once, so a whole decode step has no host wait and can be one CUDA graph;
+    receive(slot)               host: wait until the slot's last FFN output is here
+    wait_sent(slot)             host: wait until the slot's last FFN input has left
+    output(slot, rows)          GPU:  that FFN output [rows, H], added to the residual stream
+    stage(layer, slot, input)   GPU:  this layer's FFN input, put where `send` takes it from
+    send(layer, slot, rows)     host: hand it to the FFN
+
+`output` and `stage` only queue GPU work on buffers that outlive the step, so the runner may
+capture them, with the attention between them, in a CUDA graph (segment_graphs.py); `receive`,
+`wait_sent` and `send` stay outside. Two executors:
+
+- `LocalFFN`: the FFN half in this process (the colocated baseline, `afd generate`); `stage`
+  computes at once and nothing waits, so a whole decode step can be one CUDA graph;
 - `RemoteFFN` (remote_ffn.py): the FFN instances, over the data plane (AFD).
 """
 
@@ -13,6 +22,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from services.common.model.attention_half import FFNInput
@@ -22,20 +32,33 @@ from services.common.model.ffn_half import FFNHalf
 class FFNExecutor(Protocol):
     capturable: bool  # whether a whole step may be captured in one CUDA graph
 
+    def reserve(self, max_rows: int) -> None:
+        """From now on `output` reads, and `stage` writes, buffers allocated once, of up to
+        `max_rows` rows per slot: what graphs replayed one after another need."""
+        ...
+
     def begin(self, tokens_per_slot: list[int]) -> None:
-        """A step starts: its token count per micro-batch slot (0: the slot is unused)."""
+        """A step starts: its rows per micro-batch slot (0: the slot is unused)."""
         ...
 
-    def dispatch(self, layer: int, slot: int, x: FFNInput) -> None:
-        """Micro-batch `slot`'s FFN input of `layer`; the slot's earlier dispatches are sent."""
+    def stage(self, layer: int, slot: int, x: FFNInput) -> None:
+        """Micro-batch `slot`'s FFN input of `layer` (the slot's last input has left)."""
         ...
 
-    def combine(self, slot: int) -> Tensor:
-        """The FFN output [n, H] of micro-batch `slot`'s last dispatch (waits for it)."""
+    def send(self, layer: int, slot: int, rows: int) -> None:
+        """Send the staged input, `rows` rows, and post the receive of its output."""
+        ...
+
+    def receive(self, slot: int) -> None:
+        """Until the output of the slot's last send is here."""
+        ...
+
+    def output(self, slot: int, rows: int) -> Tensor:
+        """The FFN output [rows, H] of the slot's last send (received)."""
         ...
 
     def wait_sent(self, slot: int) -> None:
-        """Until micro-batch `slot`'s earlier dispatches have left (its buffers are free)."""
+        """Until the slot's last input has left (its buffers are free)."""
         ...
 
     def end(self) -> None:
@@ -44,22 +67,39 @@ class FFNExecutor(Protocol):
 
 
 class LocalFFN:
-    """The FFN half in this process: `dispatch` computes, `combine` returns the result."""
+    """The FFN half in this process: `stage` computes, `output` returns the result."""
 
     capturable = True
 
     def __init__(self, ffn: FFNHalf) -> None:
         self.ffn = ffn
         self._outputs: dict[int, Tensor] = {}
+        self._buffers: dict[int, Tensor] = {}
+        self._max_rows = 0
+
+    def reserve(self, max_rows: int) -> None:
+        self._max_rows = max_rows
 
     def begin(self, tokens_per_slot: list[int]) -> None:
         pass
 
-    def dispatch(self, layer: int, slot: int, x: FFNInput) -> None:
-        self._outputs[slot] = self.ffn(layer, x)
+    def stage(self, layer: int, slot: int, x: FFNInput) -> None:
+        out = self.ffn(layer, x)
+        if self._max_rows:
+            if slot not in self._buffers:
+                size = (self._max_rows, out.shape[1])
+                self._buffers[slot] = torch.empty(size, dtype=out.dtype, device=out.device)
+            out = self._buffers[slot][: out.shape[0]].copy_(out)
+        self._outputs[slot] = out
 
-    def combine(self, slot: int) -> Tensor:
-        return self._outputs.pop(slot)
+    def send(self, layer: int, slot: int, rows: int) -> None:
+        pass
+
+    def receive(self, slot: int) -> None:
+        pass
+
+    def output(self, slot: int, rows: int) -> Tensor:
+        return self._outputs[slot][:rows]
 
     def wait_sent(self, slot: int) -> None:
         pass

@@ -1,21 +1,24 @@
 """The FFN executor of AFD: every layer's feed-forward goes to the FFN instances.
 
-A step begins with a header to every FFN instance (the step number and its tokens per
-micro-batch), so the FFN instances size their receives from the data plane itself and no
-step waits for the controller. Every member follows one rule, so they agree without asking:
+A step begins with a header to every FFN instance (the step number and its rows per
+micro-batch: its tokens, padded up to a bucket when the step replays CUDA graphs), so the
+FFN instances size their receives from the data plane itself and no step waits for the
+controller. Every member follows one rule, so they agree without asking:
 a step with tokens on any attention instance is always followed by another, in which every
 attention instance takes part (with no tokens, if it has none); after a step with none the
 cluster is idle until an attention instance with work opens the next step through the
 controller (step_bell.py), which wakes the others. Attention instances learn a step's total
 from the first FFN instance's summary (with one attention instance, its own count is it).
 
-Each dispatch sends a micro-batch's FFN input (normed activations, plus expert ids and
-weights in MoE layers) to every FFN instance, asynchronously, and posts the receives of their
-partial outputs; `combine` waits for those and sums them in FFN-instance order, so results do
-not depend on arrival order. The runner's pipeline (model_runner.py) computes attention for
-micro-batch i + 1 while the FFN instances work on micro-batch i.
+Each send hands a micro-batch's FFN input (normed activations, plus expert ids and weights
+in MoE layers), packed by `stage`, to every FFN instance, asynchronously, and posts the
+receives of their partial outputs; `receive` waits for those and `output` sums them in
+FFN-instance order, so results do not depend on arrival order. The runner's pipeline
+(model_runner.py) computes attention for micro-batch i + 1 while the FFN instances work on
+micro-batch i.
 
-Buffers are allocated once per micro-batch slot and reused every layer and step.
+Buffers are allocated once per micro-batch slot and reused every layer and step, so `stage`
+and `output` may be replayed from CUDA graphs (segment_graphs.py).
 """
 
 from __future__ import annotations
@@ -81,12 +84,14 @@ class RemoteFFN:
             False: Layout(cfg.hidden_size, 0, dtype, config.fp8_dispatch),
             True: Layout(cfg.hidden_size, cfg.moe_top_k, dtype, config.fp8_dispatch),
         }
+        self.moe = [cfg.is_moe_layer(i) for i in range(cfg.num_hidden_layers)]
+        self.max_rows = max_tokens_per_step
         k, n = config.num_micro_batches, max_tokens_per_step
         self._send_bufs = [self._bytes(n * self.layouts[True].bytes_per_token) for _ in range(k)]
         self._partial_bytes = n * cfg.hidden_size * dtype.itemsize
         self._recv_bufs = self._partial_buffers(len(ffn_ranks))
         self._sends: list[list[Pending]] = [[] for _ in range(k)]
-        self._recvs: list[list[tuple[Tensor, Pending]]] = [[] for _ in range(k)]
+        self._recvs: list[list[Pending]] = [[] for _ in range(k)]
 
     def rebind(
         self, transport: Transport, epoch: int, ffn_ranks: list[int], num_attention: int
@@ -137,28 +142,39 @@ class RemoteFFN:
             what = f"step {step}'s summary"
             self._summary_recv = self.transport.recv_header(self._summary, self.ffn_ranks[0], what)
 
-    def dispatch(self, layer: int, slot: int, x: FFNInput) -> None:
-        self.wait_sent(slot)
-        layout = self.layouts[x.ids is not None]
-        message = layout.pack(self._send_bufs[slot], x.h, x.ids, x.weights)
+    def reserve(self, max_rows: int) -> None:
+        if max_rows > self.max_rows:
+            raise ValueError(
+                f"{max_rows} rows per micro-batch is more than the {self.max_rows} tokens a "
+                "step may have (the cluster's --max-num-batched-tokens)"
+            )
+
+    def stage(self, layer: int, slot: int, x: FFNInput) -> None:
+        self.layouts[self.moe[layer]].pack(self._send_bufs[slot], x.h, x.ids, x.weights)
+
+    def send(self, layer: int, slot: int, rows: int) -> None:
+        message = self._send_bufs[slot][: rows * self.layouts[self.moe[layer]].bytes_per_token]
         what = f"layer {layer}, micro-batch {slot}"
-        n, hidden = x.h.shape
         out, back = channel(A2F, slot), channel(F2A, slot)
         self._sends[slot] = [self.transport.send(message, r, out, what) for r in self.ffn_ranks]
+        size = rows * self.cfg.hidden_size * self.dtype.itemsize
         self._recvs[slot] = [
-            (view, self.transport.recv(view, rank, back, what))
+            self.transport.recv(buf[:size], rank, back, what)
             for rank, buf in zip(self.ffn_ranks, self._recv_bufs[slot], strict=True)
-            for view in (buf[: n * hidden * self.dtype.itemsize],)
         ]
 
-    def combine(self, slot: int) -> Tensor:
-        """Sum the FFN instances' partial outputs, in instance order."""
+    def receive(self, slot: int) -> None:
         recvs, self._recvs[slot] = self._recvs[slot], []
-        acc = torch.promote_types(self.dtype, torch.float32)
-        total = None
-        for view, pending in recvs:
+        for pending in recvs:
             self.transport.wait(pending)
-            part = view.view(self.dtype).view(-1, self.cfg.hidden_size).to(acc)
+
+    def output(self, slot: int, rows: int) -> Tensor:
+        """The FFN instances' partial outputs summed, in instance order."""
+        acc = torch.promote_types(self.dtype, torch.float32)
+        size = rows * self.cfg.hidden_size * self.dtype.itemsize
+        total = None
+        for buf in self._recv_bufs[slot]:
+            part = buf[:size].view(self.dtype).view(rows, self.cfg.hidden_size).to(acc)
             total = part if total is None else total + part
         return total.to(self.dtype)
 

@@ -74,4 +74,4 @@ def test_a_batch_larger_than_max_num_seqs_never_reaches_a_graph_and_float32_neve
     assert engine(model, graphs=True).runner.graphs is None  # the kernel serves 16-bit caches
     bf16 = random_model(CFG, torch.bfloat16, device="cuda")
     graphs = engine(bf16, graphs=True, max_num_seqs=6).runner.graphs
-    assert graphs.batch_buckets == [1, 2, 4, 6] and not graphs.fits(7)
+    assert graphs.inputs.batch_buckets == [1, 2, 4, 6] and not graphs.fits(7)
