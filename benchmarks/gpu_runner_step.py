@@ -65,7 +65,10 @@ def graph_state(engine) -> tuple[bool, int]:
     return bool(graphs.enabled), len(graphs.graphs)
 
 
-def step_times(model, batch: int, context: int, steps: int, graphs: bool):
+def decoding_engine(model, batch: int, context: int, steps: int, graphs: bool):
+    """The colocated engine with `batch` requests of `context` random prompt tokens, each
+    decoding (at least `steps` more decode steps left to every one); the seconds its prefill
+    took."""
     config = EngineConfig(
         kv_cache_bytes=batch
         * (context + steps + 64 + batch * context // 8000)
@@ -83,7 +86,11 @@ def step_times(model, batch: int, context: int, steps: int, graphs: bool):
     t0 = time.perf_counter()
     while len(decoding) < batch:  # prefill (mixed with early requests' decode steps)
         decoding |= {out.request_id for out in engine.step()}
-    prefill_s = time.perf_counter() - t0
+    return engine, time.perf_counter() - t0
+
+
+def step_times(model, batch: int, context: int, steps: int, graphs: bool):
+    engine, prefill_s = decoding_engine(model, batch, context, steps, graphs)
     sync()
     t0 = time.perf_counter()
     outs = engine.step()  # the first decode-only step: captures this bucket's graph
