@@ -14,6 +14,12 @@ in sampling, which reads the tokens back, so a step's host time is its whole cos
 Prints one line per B: label, B, median, p10, p90 and mean step ms, plus the capture step's
 time and whether every timed step replayed an already captured graph.
 
+--segments (trees from c1d6adb on): the step replays per layer and micro-batch segments
+(segment_graphs.py, what a disaggregated attention instance replays between transfers) with
+--micro-batches micro-batches, around the in-process FFN; against the whole-step graph and
+--eager in the same run it shows what the AFD attention side's graphs save and what
+replaying per segment costs.
+
 --tiny: the tiny preset on the CPU (no graphs), only to check that the script runs
 against a tree's API.
 """
@@ -59,24 +65,28 @@ def prompts(batch: int, context: int, vocab: int) -> list[list[int]]:
 
 
 def graph_state(engine) -> tuple[bool, int]:
-    graphs = getattr(engine.runner, "graphs", None)
+    graphs = getattr(engine.runner, "segments", None) or getattr(engine.runner, "graphs", None)
     if graphs is None:
         return False, 0
     return bool(graphs.enabled), len(graphs.graphs)
 
 
-def decoding_engine(model, batch: int, context: int, steps: int, graphs: bool):
+def decoding_engine(model, batch: int, context: int, steps: int, graphs: bool, segments: int = 0):
     """The colocated engine with `batch` requests of `context` random prompt tokens, each
     decoding (at least `steps` more decode steps left to every one); the seconds its prefill
-    took."""
+    took. `segments`: that many micro-batches replayed per segment (0: as `graphs` says)."""
     config = EngineConfig(
         kv_cache_bytes=batch
         * (context + steps + 64 + batch * context // 8000)
         * kv_bytes_per_token(model),
         scheduler=SchedulerConfig(max_num_seqs=batch, max_num_batched_tokens=8192),
-        cuda_graphs=graphs,
+        cuda_graphs=graphs and not segments,
     )
-    engine = local_engine(model, config)
+    if segments:
+        engine = local_engine(model, config, num_micro_batches=segments)
+        engine.runner.use_graphs(batch, context + steps + 64, whole_steps=False)
+    else:
+        engine = local_engine(model, config)
     # Early requests decode while later ones prefill (8192 tokens a step): room for those.
     max_tokens = steps + 16 + batch * context // 8000
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -89,8 +99,8 @@ def decoding_engine(model, batch: int, context: int, steps: int, graphs: bool):
     return engine, time.perf_counter() - t0
 
 
-def step_times(model, batch: int, context: int, steps: int, graphs: bool):
-    engine, prefill_s = decoding_engine(model, batch, context, steps, graphs)
+def step_times(model, batch: int, context: int, steps: int, graphs: bool, segments: int):
+    engine, prefill_s = decoding_engine(model, batch, context, steps, graphs, segments)
     sync()
     t0 = time.perf_counter()
     outs = engine.step()  # the first decode-only step: captures this bucket's graph
@@ -137,6 +147,8 @@ def main() -> int:
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--eager", action="store_true", help="cuda_graphs=False")
+    parser.add_argument("--segments", action="store_true", help="segment graphs (AFD's)")
+    parser.add_argument("--micro-batches", type=int, default=1, help="with --segments")
     parser.add_argument("--tiny", action="store_true", help="tiny preset on the CPU")
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -154,12 +166,14 @@ def main() -> int:
     mem = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     print(f"# {args.label}: services from {services.__path__[0]}; {device}; torch "
           f"{torch.__version__}; {cfg.num_hidden_layers} layers (MoE {list(cfg.moe_layers)}), "
-          f"context {args.context}, {args.steps} timed steps, graphs {not args.eager}; "
+          f"context {args.context}, {args.steps} timed steps, graphs {not args.eager}, "
+          f"segments {args.micro_batches if args.segments else 0}; "
           f"weights {mem:.1f} GiB", flush=True)  # fmt: skip
     for batch in args.batches:
         times, prefill_s, capture_s, before, after = step_times(
-            model, batch, args.context, args.steps, not args.eager
-        )
+            model, batch, args.context, args.steps, not args.eager,
+            args.micro_batches if args.segments else 0,
+        )  # fmt: skip
         ms = [t * 1e3 for t in times]
         peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
         print(f"RESULT label={args.label} B={batch} median_ms={statistics.median(ms):.3f} "

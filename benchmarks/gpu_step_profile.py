@@ -14,7 +14,7 @@ steps:
 - sync steps: the same with a synchronize right after the replay, so `after replay` is the
   host's own work with no GPU left to wait for (what the timed steps partly hide);
 - profiled steps (torch.profiler, CPU and CUDA): the top host ops and the top kernels, per
-  step; then one eager run of the captured function (`DecodeGraphs._forward`, on the
+  step; then one eager run of the captured function (the forward `DecodeGraphs` captured, on the
   graph's own input buffers): the kernels one step's graph holds, in order, with a hash of
   their names to compare the trees' graphs at a glance.
 The generated tokens' hash says whether both trees computed the same thing (same routing).
@@ -145,7 +145,8 @@ def instrument(engine) -> StepClock:
         clock.wrap(ffn, "end", "  ffn.end")
     if runner.graphs is not None:
         clock.wrap(runner.graphs, "run", "  graphs.run")
-        clock.wrap(runner.graphs, "_fill", "    graphs._fill")
+        clock.wrap(runner.graphs, "_fill", "    graphs._fill")  # before static_inputs.py
+        clock.wrap(getattr(runner.graphs, "inputs", None), "load", "    graphs._fill")
     clock.wrap(torch.cuda.CUDAGraph, "replay", "replay", gpu_events=True)
     clock.wrap(engine_module, "sample", "sample")
     clock.wrap(engine, "_update", "update")
@@ -278,15 +279,20 @@ def eager_graph_step(engine, out: Path | None, label: str, table: bool) -> str:
     graphs = engine.runner.graphs
     if graphs is None or not graphs.graphs:
         return "Eager step of the graph: no graph captured (CPU, or graphs off)."
-    batch, blocks = list(graphs.graphs)[-1]
+    key = list(graphs.graphs)[-1]
+    batch, blocks = key
+    if hasattr(graphs, "_forward"):  # before static_inputs.py
+        forward = lambda: graphs._forward(*key)  # noqa: E731
+    else:
+        forward = lambda: graphs.forward(*graphs.inputs.step_inputs(key))  # noqa: E731
     sync()
     start = time.perf_counter()
-    graphs._forward(batch, blocks)
+    forward()
     launch = time.perf_counter() - start
     sync()
     wall = time.perf_counter() - start
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        graphs._forward(batch, blocks)
+        forward()
         sync()
     kernels = sorted(
         (e for e in prof.events() if is_cuda(e) and not e.name.startswith(LABEL)),
