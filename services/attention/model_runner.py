@@ -89,11 +89,19 @@ class ModelRunner:
         self.scale = attention.cfg.head_dim**-0.5
         self.graphs: DecodeGraphs | None = None
         self.segments: SegmentGraphs | None = None
+        self.max_step_rows: int | None = None
 
-    def use_graphs(self, max_batch: int, max_context: int, whole_steps: bool | None = None):
+    def use_graphs(
+        self,
+        max_batch: int,
+        max_context: int,
+        whole_steps: bool | None = None,
+        max_step_rows: int | None = None,
+    ) -> None:
         """Replay decode-only steps of up to `max_batch` sequences (per micro-batch) from CUDA
         graphs: whole steps where the executor may be captured, segments between transfers
-        otherwise. `whole_steps=False` takes segments with any executor."""
+        otherwise. `whole_steps=False` takes segments with any executor; `max_step_rows`:
+        the most rows a step may send, padding included (the FFN instances' limit)."""
         whole = self.ffn.capturable if whole_steps is None else whole_steps
         if whole and not self.ffn.capturable:
             raise ValueError("a step with transfers to FFN instances cannot be one CUDA graph")
@@ -103,6 +111,7 @@ class ModelRunner:
             )
             return
         self.ffn.reserve(max_batch)
+        self.max_step_rows = max_step_rows
         self.segments = SegmentGraphs(
             self.attention.embed, self.segment, self.cache, self.scale,
             max_batch, max_context, self.num_micro_batches,
@@ -140,7 +149,9 @@ class ModelRunner:
         """Replayed micro-batches when segment graphs serve every one, else eager ones."""
         if self.segments is not None and inputs:
             keys = {slot: self.segments.load(slot, i) for slot, i in inputs.items()}
-            if None not in keys.values():
+            limit = self.max_step_rows
+            padded = None not in keys.values() and sum(key[0] for key in keys.values())
+            if padded and (limit is None or padded <= limit):
                 return [_Replayed(self.segments, s, keys[s], i) for s, i in inputs.items()]
         return [_Eager(self, slot, i) for slot, i in inputs.items()]
 
