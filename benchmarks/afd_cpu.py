@@ -11,8 +11,9 @@ of a fixed length (random 32-token prompts, 64 output tokens, ignore_eos), serve
 - `AFD K=1`, `AFD K=3`: `afd serve` with 1 attention and 1 FFN instance.
 TPOT is the median over requests of (last token time - first token time) / (tokens - 1);
 decode tokens/s is B / TPOT; end to end counts every token from the first submit to the last
-token, prefill included. Each figure is the median of --repeats runs; every process runs
-torch with --threads intra-op threads (1 by default).
+token, prefill included. Each figure is the median of --repeats runs, the systems taking
+turns on the same prompts (all servers stay up; an idle one costs under 0.1 core); every
+process runs torch with --threads intra-op threads (1 by default).
 
 Control plane: busy steps make no control-plane call (their sizes travel in the data plane's
 step headers); only a step after an idle one is opened through the controller. Measured: a
@@ -41,7 +42,9 @@ import tempfile
 import threading
 import time
 import urllib.request
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from statistics import median
 
@@ -69,6 +72,7 @@ SECRET = os.environ.setdefault(cluster_secret.ENV, cluster_secret.new_secret())
 START_TIMEOUT_S = 120.0
 PAPER_TPOT_S = 0.050  # Step-3's SLA: 50 ms per output token
 PAPER_LAYER_STAGE_S = 272e-6  # its budget per layer and pipeline stage (16.6 ms / 61 layers)
+SECTIONS = ("decode", "control", "data")
 
 
 @dataclass(frozen=True)
@@ -110,7 +114,7 @@ def summarise(system: str, stamps: list[list[tuple[float, int]]], start: float) 
     return Result(system, len(stamps), tpot, len(stamps) / tpot, tokens / (end - start))
 
 
-def run_local(engine: Engine, batch_prompts: list[list[int]], params: SamplingParams) -> Result:
+def run_local(engine: Engine, batch_prompts: list[list[int]], *, params: SamplingParams) -> Result:
     stamps: dict[str, list[tuple[float, int]]] = {}
     start = time.perf_counter()
     for i, prompt in enumerate(batch_prompts):
@@ -125,7 +129,7 @@ def run_local(engine: Engine, batch_prompts: list[list[int]], params: SamplingPa
 
 
 def run_client(
-    system: str, client: AttentionClient, batch_prompts: list[list[int]], params: SamplingParams
+    system: str, client: AttentionClient, batch_prompts: list[list[int]], *, params: SamplingParams
 ) -> Result:
     """B concurrent streams, one thread each."""
     stamps: list[list[tuple[float, int]]] = [[] for _ in batch_prompts]
@@ -199,47 +203,17 @@ def afd(*args: str) -> list[str]:
     return [sys.executable, "-m", "services.cli", *args]
 
 
-def bench_served(
-    system: str, child: Child, args: argparse.Namespace, rng: random.Random
-) -> tuple[list[Result], float]:
-    """Every batch size against one server; also the server's idle CPU use (cores)."""
-    channel = grpc.insecure_channel(child.address)
-    try:
-        grpc.channel_ready_future(channel).result(START_TIMEOUT_S)
-        client = AttentionClient(channel, SECRET)
-        params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
-        run_client(system, client, prompts(rng, 1, args.prompt_tokens), params)  # warm-up
-        results = []
-        for batch in args.batches:
-            runs = [
-                run_client(system, client, prompts(rng, batch, args.prompt_tokens), params)
-                for _ in range(args.repeats)
-            ]
-            results.append(typical(runs))
-        before = child.cpu_seconds()
-        time.sleep(args.idle_seconds)
-        idle_cores = (child.cpu_seconds() - before) / args.idle_seconds
-        return results, idle_cores
-    finally:
-        channel.close()
+def idle_cores(child: Child, seconds: float) -> float:
+    """The server's CPU use (cores) over `seconds` with no request."""
+    before = child.cpu_seconds()
+    time.sleep(seconds)
+    return (child.cpu_seconds() - before) / seconds
 
 
 def bench_decode(args: argparse.Namespace, checkpoint: Path, logs: Path) -> list[str]:
     rng = random.Random(0)
     params = SamplingParams(max_tokens=args.output_tokens, temperature=0.0, ignore_eos=True)
     engine = local_engine(load_model(checkpoint, "float32", progress=False), EngineConfig())
-    run_local(engine, prompts(rng, 1, args.prompt_tokens), params)  # warm-up
-    local = {}
-    for batch in args.batches:
-        runs = [
-            run_local(engine, prompts(rng, batch, args.prompt_tokens), params)
-            for _ in range(args.repeats)
-        ]
-        local[batch] = typical(runs)
-
-    served: list[Result] = []
-    idle: dict[str, float] = {}
-    control: dict[str, tuple[float, float, float, int, float]] = {}
     here = Path(__file__).resolve()
     commands = {
         "local gRPC": [sys.executable, str(here), "serve-local", str(checkpoint)],
@@ -262,17 +236,40 @@ def bench_decode(args: argparse.Namespace, checkpoint: Path, logs: Path) -> list
             for k in args.micro_batches
         },
     }
-    for system, command in commands.items():
-        log = logs / f"{system.replace(' ', '_').replace('=', '')}.log"
-        ready = r"^serving on (\S+)" if system == "local gRPC" else r"attention instances at (\S+)"
-        child = Child(command, ready, log)
-        try:
-            results, idle[system] = bench_served(system, child, args, rng)
-            served += results
-            if system != "local gRPC":
-                control[system] = control_wait(logs / f"targets-{system[-1]}.json")
-        finally:
-            child.stop()
+    with ExitStack() as stack:
+        children: dict[str, Child] = {}
+        systems = {"local": partial(run_local, engine, params=params)}
+        for system, command in commands.items():
+            log = logs / f"{system.replace(' ', '_').replace('=', '')}.log"
+            ready = (
+                r"^serving on (\S+)" if system == "local gRPC" else r"attention instances at (\S+)"
+            )
+            children[system] = child = Child(command, ready, log)
+            stack.callback(child.stop)
+            channel = grpc.insecure_channel(child.address)
+            stack.callback(channel.close)
+            grpc.channel_ready_future(channel).result(START_TIMEOUT_S)
+            client = AttentionClient(channel, SECRET)
+            systems[system] = partial(run_client, system, client, params=params)
+        for run in systems.values():
+            run(prompts(rng, 1, args.prompt_tokens))  # warm-up
+        # Every system in turn on the same prompts, repeat after repeat: a shared machine's
+        # load drifts over minutes, and run back to back each system would meet another.
+        runs: dict[tuple[str, int], list[Result]] = {}
+        for batch in args.batches:
+            for _ in range(args.repeats):
+                batch_prompts = prompts(rng, batch, args.prompt_tokens)
+                for system, run in systems.items():
+                    runs.setdefault((system, batch), []).append(run(batch_prompts))
+        idle = {system: idle_cores(child, args.idle_seconds) for system, child in children.items()}
+        control = {
+            system: control_wait(logs / f"targets-{system[-1]}.json")
+            for system in children
+            if system != "local gRPC"
+        }
+    results = {key: typical(group) for key, group in runs.items()}
+    local = {batch: results["local", batch] for batch in args.batches}
+    served = [results[system, batch] for system in commands for batch in args.batches]
 
     lines = [
         "| system | B | TPOT ms | TPOT range ms | decode tok/s | end-to-end tok/s | TPOT / local |",
@@ -409,6 +406,13 @@ def main() -> int:
     parser.add_argument("--pings", type=int, default=300, help="round trips per message size")
     parser.add_argument("--idle-seconds", type=float, default=3.0)
     parser.add_argument(
+        "--sections",
+        nargs="+",
+        choices=SECTIONS,
+        default=list(SECTIONS),
+        help="which parts to run (decode alone is what the TPOT targets need)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -427,12 +431,15 @@ def main() -> int:
             capture_output=True,
         )
         started, load_before = time.perf_counter(), f"{os.getloadavg()[0]:.2f}"
-        control = bench_control_plane(args, logs)
-        data = bench_data_plane(args.batches, args.pings, PAPER_LAYER_STAGE_S)
-        decode = bench_decode(args, checkpoint, logs)
-        sections = ["## Decode", "", *decode, "", "## Control plane", "", *control]
-        sections += ["", "## Data plane", "", *data]
-        print("\n".join(sections))
+        sections = []
+        if "decode" in args.sections:
+            sections += ["## Decode", "", *bench_decode(args, checkpoint, logs), ""]
+        if "control" in args.sections:
+            sections += ["## Control plane", "", *bench_control_plane(args, logs), ""]
+        if "data" in args.sections:
+            data = bench_data_plane(args.batches, args.pings, PAPER_LAYER_STAGE_S)
+            sections += ["## Data plane", "", *data, ""]
+        print("\n".join(sections).rstrip())
         print(
             f"\n(total {time.perf_counter() - started:.0f} s; load average before "
             f"{load_before}, after {os.getloadavg()[0]:.2f})"

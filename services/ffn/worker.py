@@ -214,13 +214,11 @@ class FFNWorker:
         for view, n, pending in received:
             timer.waited("attention", self.transport.wait, pending)
             parts.append(layout.unpack(view, n))
-        h = torch.cat([p[0] for p in parts])  # [n_total, H], attention instances in order
-        ids = torch.cat([p[1] for p in parts]) if layout.top_k else None
-        weights = torch.cat([p[2] for p in parts]) if layout.top_k else None
-        out = timer.computed(self._forward, layer, FFNInput(h, ids, weights), mlp_rows)
-        if timer.active and ids is not None:
-            self._count_experts(ids)
-        self.num_tokens_computed += h.shape[0]
+        x = _joined(parts)  # [n_total, H], attention instances in order
+        out = timer.computed(self._forward, layer, x, mlp_rows)
+        if timer.active and x.ids is not None:
+            self._count_experts(x.ids)
+        self.num_tokens_computed += x.h.shape[0]
 
         self.transport.drain(self._sends[slot])  # the slot's send buffer is free again
         hidden = self.cfg.hidden_size
@@ -269,3 +267,17 @@ class FFNWorker:
         if not rows:
             return torch.empty(0, dtype=torch.long, device=self.device)
         return torch.cat(rows)
+
+
+def _joined(parts: list[tuple[Tensor, Tensor | None, Tensor | None]]) -> FFNInput:
+    """The attention instances' unpacked messages as one FFN input, in instance order. One
+    message (one attention instance, the common case) is used as it is: no copy."""
+    if len(parts) == 1:
+        return FFNInput(*parts[0])
+    h, ids, weights = zip(*parts, strict=True)
+    routed = ids[0] is not None
+    return FFNInput(
+        torch.cat(h),
+        torch.cat(ids) if routed else None,
+        torch.cat(weights) if routed else None,
+    )
