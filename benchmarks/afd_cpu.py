@@ -232,6 +232,7 @@ def bench_decode(args: argparse.Namespace, checkpoint: Path, logs: Path) -> list
                 "float32",
                 "--prometheus-targets",
                 str(logs / f"targets-{k}.json"),
+                "--no-gateway",  # this script speaks to the attention instance; all stay up
             )  # fmt: skip
             for k in args.micro_batches
         },
