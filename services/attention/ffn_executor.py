@@ -31,6 +31,9 @@ from services.common.model.ffn_half import FFNHalf
 
 class FFNExecutor(Protocol):
     capturable: bool  # whether a whole step may be captured in one CUDA graph
+    # Counts replacements of the buffers `stage` and `output` use (graphs captured over the
+    # old ones must be captured again).
+    generation: int
 
     def reserve(self, max_rows: int) -> None:
         """From now on `output` reads, and `stage` writes, buffers allocated once, of up to
@@ -70,6 +73,7 @@ class LocalFFN:
     """The FFN half in this process: `stage` computes, `output` returns the result."""
 
     capturable = True
+    generation = 0  # its buffers are never replaced
 
     def __init__(self, ffn: FFNHalf) -> None:
         self.ffn = ffn

@@ -148,6 +148,7 @@ class ModelRunner:
     def _micro_batches(self, inputs: dict[int, StepInputs]) -> list[_Eager | _Replayed]:
         """Replayed micro-batches when segment graphs serve every one, else eager ones."""
         if self.segments is not None and inputs:
+            self.segments.follow(self.ffn.generation)
             keys = {slot: self.segments.load(slot, i) for slot, i in inputs.items()}
             limit = self.max_step_rows
             padded = None not in keys.values() and sum(key[0] for key in keys.values())

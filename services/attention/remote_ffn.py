@@ -74,6 +74,7 @@ class RemoteFFN:
         self.config = config
         self.on_control_wait = on_control_wait
         self.step = 0
+        self.generation = 0
         self.idle = True  # the last step had no tokens anywhere (an epoch starts idle)
         self._own = 0
         self._summary = torch.zeros(2, dtype=torch.int64)  # (step, its total tokens)
@@ -100,6 +101,7 @@ class RemoteFFN:
         another number when the FFN side was scaled), its step numbers from 0."""
         if len(ffn_ranks) != len(self.ffn_ranks):
             self._recv_bufs = self._partial_buffers(len(ffn_ranks))
+            self.generation += 1
         self.transport = transport
         self.ffn_ranks = ffn_ranks
         self.num_attention = num_attention

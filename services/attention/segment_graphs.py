@@ -70,6 +70,14 @@ class SegmentGraphs:
         self.graphs: dict[tuple[int, int, GraphKey], torch.cuda.CUDAGraph] = {}
         self.pool = torch.cuda.graph_pool_handle()
         self.enabled = True
+        self.generation = 0  # of the executor's buffers the graphs read and write
+
+    def follow(self, generation: int) -> None:
+        """Drop every graph if the executor's buffers were replaced since they were captured
+        (a new epoch with another number of FFN instances): they are captured again."""
+        if generation != self.generation:
+            self.graphs.clear()
+            self.generation = generation
 
     def load(self, slot: int, inputs: StepInputs) -> GraphKey | None:
         """Copy a decode micro-batch's inputs into `slot`'s buffers; the key of the graphs
@@ -105,7 +113,9 @@ class SegmentGraphs:
         x, cos, sin = s.x[index % 2][:batch], s.cos[:batch], s.sin[:batch]
         if index == 0:
             x0, cos0, sin0 = self.embed(token_ids, positions)
-            x.copy_(x0), cos.copy_(cos0), sin.copy_(sin0)
+            x.copy_(x0)
+            cos.copy_(cos0)
+            sin.copy_(sin0)
         out = self.segment(index, slot, batch, x, cos, sin, backend, s.padding[:batch])
         s.x[(index + 1) % 2][:batch].copy_(out)
 

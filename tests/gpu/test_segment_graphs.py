@@ -105,3 +105,16 @@ def test_a_step_whose_padding_would_pass_the_ffn_limit_runs_eagerly():
     assert_same_generations(three + two, plain.generate(PROMPTS[:5], PARAMS))
     batches = {key[0] for _, _, key in limited.runner.segments.graphs}
     assert 2 in batches and 4 not in batches
+
+
+def test_graphs_over_replaced_executor_buffers_are_captured_again():
+    # A new epoch with another number of FFN instances replaces the receive buffers.
+    model = random_model(CFG, torch.bfloat16, device="cuda")
+    segmented = engine(model, 1, segments=True)
+    first = segmented.generate(PROMPTS[:2], PARAMS)
+    old = dict(segmented.runner.segments.graphs)
+    segmented.runner.ffn.generation = 1
+    again = segmented.generate(PROMPTS[:2], PARAMS)
+    assert [g.token_ids for g in again] == [g.token_ids for g in first]
+    graphs = segmented.runner.segments.graphs
+    assert graphs and not any(graphs.get(key) is graph for key, graph in old.items())
