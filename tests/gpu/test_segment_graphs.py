@@ -115,6 +115,6 @@ def test_graphs_over_replaced_executor_buffers_are_captured_again():
     old = dict(segmented.runner.segments.graphs)
     segmented.runner.ffn.generation = 1
     again = segmented.generate(PROMPTS[:2], PARAMS)
-    assert [g.token_ids for g in again] == [g.token_ids for g in first]
+    assert_same_generations(again, first)
     graphs = segmented.runner.segments.graphs
     assert graphs and not any(graphs.get(key) is graph for key, graph in old.items())
