@@ -164,10 +164,8 @@ def run(args: argparse.Namespace) -> int:
         runner = ModelRunner(attention, ffn, cache, pipeline.num_micro_batches, monitor)
         if config.cuda_graphs and cache.decode_kernel:
             # Each micro-batch's GPU work between two transfers replays from a graph.
-            budget = config.scheduler.max_num_batched_tokens
-            per_slot = min(config.scheduler.max_num_seqs, budget)
-            longest = max_model_len(cfg, config, num_blocks)
-            runner.use_graphs(per_slot, longest, max_step_rows=budget)
+            per_slot = min(config.scheduler.max_num_seqs, config.scheduler.max_num_batched_tokens)
+            runner.use_graphs(per_slot, max_model_len(cfg, config, num_blocks))
         engine = Engine(runner, num_blocks, config, tokenizer)
         recovery = ClusterRecovery(instance, ffn)
         # While any attention instance is busy every one takes each step (an idle one with

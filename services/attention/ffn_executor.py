@@ -5,7 +5,7 @@ micro-batch and layer the executor sees, in order:
 
     receive(slot)               host: wait until the slot's last FFN output is here
     wait_sent(slot)             host: wait until the slot's last FFN input has left
-    output(slot, rows)          GPU:  that FFN output [rows, H], added to the residual stream
+    output(layer - 1, slot, rows)  GPU: that FFN output [rows, H], added to the residual stream
     stage(layer, slot, input)   GPU:  this layer's FFN input, put where `send` takes it from
     send(layer, slot, rows)     host: hand it to the FFN
 
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from typing import Protocol
 
-import torch
 from torch import Tensor
 
 from services.common.model.attention_half import FFNInput
@@ -56,8 +55,8 @@ class FFNExecutor(Protocol):
         """Until the output of the slot's last send is here."""
         ...
 
-    def output(self, slot: int, rows: int) -> Tensor:
-        """The FFN output [rows, H] of the slot's last send (received)."""
+    def output(self, layer: int, slot: int, rows: int) -> Tensor:
+        """The FFN output [rows, H] of the slot's last send, of `layer` (received)."""
         ...
 
     def wait_sent(self, slot: int) -> None:
@@ -70,15 +69,21 @@ class FFNExecutor(Protocol):
 
 
 class LocalFFN:
-    """The FFN half in this process: `stage` computes, `output` returns the result."""
+    """The FFN half in this process: `stage` computes, `output` returns the result.
+
+    Reserved (for segment graphs), a slot's outputs of up to `max_rows` rows live in two
+    buffers, even and odd layers: a segment reads the layer before's output and stages its
+    own, and with one buffer its eager run before a capture would leave its own output where
+    the replay reads the one before. Which buffer serves depends only on (layer, rows), not on
+    what Python last ran, since a replay runs no Python."""
 
     capturable = True
     generation = 0  # its buffers are never replaced
 
     def __init__(self, ffn: FFNHalf) -> None:
         self.ffn = ffn
-        self._outputs: dict[int, Tensor] = {}
-        self._buffers: dict[int, Tensor] = {}
+        self._outputs: dict[int, Tensor] = {}  # unreserved or larger: slot -> output
+        self._buffers: dict[tuple[int, int], Tensor] = {}  # (slot, layer % 2) -> [max_rows, H]
         self._max_rows = 0
 
     def reserve(self, max_rows: int) -> None:
@@ -89,12 +94,13 @@ class LocalFFN:
 
     def stage(self, layer: int, slot: int, x: FFNInput) -> None:
         out = self.ffn(layer, x)
-        if self._max_rows:
-            if slot not in self._buffers:
-                size = (self._max_rows, out.shape[1])
-                self._buffers[slot] = torch.empty(size, dtype=out.dtype, device=out.device)
-            out = self._buffers[slot][: out.shape[0]].copy_(out)
-        self._outputs[slot] = out
+        if out.shape[0] <= self._max_rows:
+            key = (slot, layer % 2)
+            if key not in self._buffers:  # the first staging is eager (a capture's warm-up)
+                self._buffers[key] = out.new_empty(self._max_rows, out.shape[1])
+            self._buffers[key][: out.shape[0]].copy_(out)
+        else:
+            self._outputs[slot] = out
 
     def send(self, layer: int, slot: int, rows: int) -> None:
         pass
@@ -102,8 +108,10 @@ class LocalFFN:
     def receive(self, slot: int) -> None:
         pass
 
-    def output(self, slot: int, rows: int) -> Tensor:
-        return self._outputs[slot][:rows]
+    def output(self, layer: int, slot: int, rows: int) -> Tensor:
+        if rows <= self._max_rows:
+            return self._buffers[(slot, layer % 2)][:rows]
+        return self._outputs[slot]
 
     def wait_sent(self, slot: int) -> None:
         pass

@@ -89,19 +89,16 @@ class ModelRunner:
         self.scale = attention.cfg.head_dim**-0.5
         self.graphs: DecodeGraphs | None = None
         self.segments: SegmentGraphs | None = None
-        self.max_step_rows: int | None = None
 
     def use_graphs(
         self,
         max_batch: int,
         max_context: int,
         whole_steps: bool | None = None,
-        max_step_rows: int | None = None,
     ) -> None:
         """Replay decode-only steps of up to `max_batch` sequences (per micro-batch) from CUDA
         graphs: whole steps where the executor may be captured, segments between transfers
-        otherwise. `whole_steps=False` takes segments with any executor; `max_step_rows`:
-        the most rows a step may send, padding included (the FFN instances' limit)."""
+        otherwise. `whole_steps=False` takes segments with any executor."""
         whole = self.ffn.capturable if whole_steps is None else whole_steps
         if whole and not self.ffn.capturable:
             raise ValueError("a step with transfers to FFN instances cannot be one CUDA graph")
@@ -111,7 +108,6 @@ class ModelRunner:
             )
             return
         self.ffn.reserve(max_batch)
-        self.max_step_rows = max_step_rows
         self.segments = SegmentGraphs(
             self.attention.embed, self.segment, self.cache, self.scale,
             max_batch, max_context, self.num_micro_batches,
@@ -121,15 +117,19 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> Tensor:
         """Compute every chunk; logits [sampling chunks, V] in chunk order. A step with no
         chunks still begins and ends (AFD's FFN instances step with every attention one)."""
-        groups = split_micro_batches(chunks, self.num_micro_batches)
-        inputs = {s: prepare_inputs(g, self.cache, self.scale) for s, g in enumerate(groups) if g}
+        whole = None
         if self.graphs is not None and chunks:
-            whole = (
-                inputs[0] if len(groups) == 1 else prepare_inputs(chunks, self.cache, self.scale)
-            )
+            whole = prepare_inputs(chunks, self.cache, self.scale)
             logits = self.graphs.run(whole)
             if logits is not None:
                 return logits[whole.sample_rows]
+        groups = split_micro_batches(chunks, self.num_micro_batches)
+        if len(groups) == 1 and whole is not None:
+            inputs = {0: whole}
+        else:
+            inputs = {
+                s: prepare_inputs(g, self.cache, self.scale) for s, g in enumerate(groups) if g
+            }
         batches = self._micro_batches(inputs)
         rows = [0] * len(groups)
         for mb in batches:
@@ -150,9 +150,7 @@ class ModelRunner:
         if self.segments is not None and inputs:
             self.segments.follow(self.ffn.generation)
             keys = {slot: self.segments.load(slot, i) for slot, i in inputs.items()}
-            limit = self.max_step_rows
-            padded = None not in keys.values() and sum(key[0] for key in keys.values())
-            if padded and (limit is None or padded <= limit):
+            if None not in keys.values():
                 return [_Replayed(self.segments, s, keys[s], i) for s, i in inputs.items()]
         return [_Eager(self, slot, i) for slot, i in inputs.items()]
 
@@ -171,7 +169,7 @@ class ModelRunner:
         added to the residual stream x [rows, H], layer `index`'s attention half, its FFN
         input staged; the new x. `padding` [rows, 1]: rows that route to no expert."""
         if index > 0:
-            x = x + self.ffn.output(slot, rows)
+            x = x + self.ffn.output(index - 1, slot, rows)
         x, ffn_input = self.attention.layers[index](x, cos, sin, backend)
         if padding is not None and ffn_input.ids is not None:
             no_expert = self.model_config.moe_num_experts
@@ -198,9 +196,9 @@ class ModelRunner:
                 timer.waited("a2f", ffn.wait_sent, mb.slot)  # the slot's buffer is free
                 timer.computed(mb.segment, index)
                 ffn.send(index, mb.slot, mb.rows)
-        residuals = []
+        residuals, last = [], len(self.attention.layers) - 1
         for mb in batches:
             timer.waited("f2a", ffn.receive, mb.slot)
-            residuals.append(mb.residual() + ffn.output(mb.slot, mb.rows))
+            residuals.append(mb.residual() + ffn.output(last, mb.slot, mb.rows))
         timer.waited("a2f", ffn.end)
         return residuals

@@ -170,7 +170,7 @@ class RemoteFFN:
         for pending in recvs:
             self.transport.wait(pending)
 
-    def output(self, slot: int, rows: int) -> Tensor:
+    def output(self, layer: int, slot: int, rows: int) -> Tensor:
         """The FFN instances' partial outputs summed, in instance order."""
         acc = torch.promote_types(self.dtype, torch.float32)
         size = rows * self.cfg.hidden_size * self.dtype.itemsize

@@ -98,6 +98,7 @@ class FFNGraphs:
         self, layer: int, bucket: int, routed: bool
     ) -> tuple[torch.cuda.CUDAGraph, Tensor]:
         x = self._input(bucket, routed)
-        graph, out = capture(lambda: self.ffn(layer, x), self.pool)
+        # Other threads (the data plane's, NCCL's watchdog) use CUDA while this one captures.
+        graph, out = capture(lambda: self.ffn(layer, x), self.pool, "thread_local")
         log.info("captured an FFN layer graph: layer %d, %d tokens", layer, bucket)
         return graph, out

@@ -164,12 +164,14 @@ class FFNWorker:
         return counts
 
     def _compute(self, counts: list[list[int]]) -> None:
+        # Per micro-batch, not per step: a micro-batch replayed from CUDA graphs arrives
+        # padded to its bucket, so a step's micro-batches may add up to a little more.
         for a, row in enumerate(counts):
-            if sum(row) > self.max_tokens_per_step:
+            if max(row) > self.max_tokens_per_step:
                 raise ValueError(
-                    f"attention instance {a} sent {sum(row)} tokens in one step, more than "
-                    f"the cluster's max_num_batched_tokens {self.max_tokens_per_step}: the "
-                    "members disagree on the cluster's facts (cluster_config.py)"
+                    f"attention instance {a} sent {max(row)} rows in one micro-batch, more "
+                    f"than the cluster's max_num_batched_tokens {self.max_tokens_per_step}: "
+                    "the members disagree on the cluster's facts (cluster_config.py)"
                 )
         slots = [
             (slot, [row[slot] for row in counts])
@@ -242,7 +244,9 @@ class FFNWorker:
 
     def _count_experts(self, ids: Tensor) -> None:
         """Add a sampled layer's assignments per expert (every expert, this step's total)."""
-        counts = torch.bincount(ids.flatten(), minlength=self.cfg.moe_num_experts)
+        # Padding rows route to expert E (none): counted past the end, then dropped.
+        experts = self.cfg.moe_num_experts
+        counts = torch.bincount(ids.flatten(), minlength=experts + 1)[:experts]
         self._expert_counts = (
             counts if self._expert_counts is None else self._expert_counts + counts
         )

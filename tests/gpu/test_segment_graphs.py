@@ -95,26 +95,14 @@ def test_padding_rows_route_to_no_expert():
     assert (ids[3] == no_expert).all() and (ids[:3] < no_expert).all()
 
 
-def test_a_step_whose_padding_would_pass_the_ffn_limit_runs_eagerly():
-    model = random_model(CFG, torch.bfloat16, device="cuda")
-    limited = engine(model, 1, segments=False)
-    limited.runner.use_graphs(32, MAX_CONTEXT, whole_steps=False, max_step_rows=3)
-    three = limited.generate(PROMPTS[:3], PARAMS)  # 3 rows pad to 4: over the limit
-    two = limited.generate(PROMPTS[3:5], PARAMS)  # 2 rows: replayed
-    plain = engine(model, 1, segments=False)
-    assert_same_generations(three + two, plain.generate(PROMPTS[:5], PARAMS))
-    batches = {key[0] for _, _, key in limited.runner.segments.graphs}
-    assert 2 in batches and 4 not in batches
-
-
 def test_graphs_over_replaced_executor_buffers_are_captured_again():
     # A new epoch with another number of FFN instances replaces the receive buffers.
     model = random_model(CFG, torch.bfloat16, device="cuda")
     segmented = engine(model, 1, segments=True)
-    first = segmented.generate(PROMPTS[:2], PARAMS)
+    segmented.generate(PROMPTS[:2], PARAMS)
     old = dict(segmented.runner.segments.graphs)
     segmented.runner.ffn.generation = 1
-    again = segmented.generate(PROMPTS[:2], PARAMS)
-    assert_same_generations(again, first)
+    again = segmented.generate(PROMPTS[2:4], PARAMS)
+    assert_same_generations(again, engine(model, 1, segments=False).generate(PROMPTS[2:4], PARAMS))
     graphs = segmented.runner.segments.graphs
     assert graphs and not any(graphs.get(key) is graph for key, graph in old.items())
