@@ -139,6 +139,20 @@ def pct(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
+def bench_model(tiny: bool, layers: int):
+    """(config, model, device name): `layers` layers at Step-3's shapes on the GPU, or the
+    tiny preset on the CPU (only to check that a script runs against a tree's API)."""
+    if tiny:
+        cfg = dataclasses.replace(tiny_config(), vocab_size=512, eos_token_ids=(511,))
+        model, device = random_model(cfg, "cpu", torch.float32), "cpu"
+    else:
+        cfg = step3_config(layers)
+        model = random_model(cfg, "cuda", torch.bfloat16)
+        device = torch.cuda.get_device_name()
+    sync()
+    return cfg, model, device
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="tree")
@@ -154,15 +168,7 @@ def main() -> int:
     torch.manual_seed(0)
     import services
 
-    if args.tiny:
-        cfg = dataclasses.replace(tiny_config(), vocab_size=512, eos_token_ids=(511,))
-        model = random_model(cfg, "cpu", torch.float32)
-        device = "cpu"
-    else:
-        cfg = step3_config(args.layers)
-        model = random_model(cfg, "cuda", torch.bfloat16)
-        device = torch.cuda.get_device_name()
-    sync()
+    cfg, model, device = bench_model(args.tiny, args.layers)
     mem = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     print(f"# {args.label}: services from {services.__path__[0]}; {device}; torch "
           f"{torch.__version__}; {cfg.num_hidden_layers} layers (MoE {list(cfg.moe_layers)}), "

@@ -27,7 +27,6 @@ on the CPU (no graphs, no CUDA), only to check that the script runs against a tr
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import shutil
 import statistics
@@ -38,13 +37,12 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from gpu_runner_step import decoding_engine, pct, random_model, sync
+from gpu_runner_step import bench_model, decoding_engine, pct, sync
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import services
 import services.attention.engine as engine_module
 import services.attention.model_runner as runner_module
-from services.common.presets import step3_config, tiny_config
 
 CUDA = torch.cuda.is_available()
 LABEL = "## "  # prefix of the profiler ranges this script opens
@@ -412,15 +410,7 @@ def main() -> int:
     parser.add_argument("--smoke", action="store_true", help="tiny preset on the CPU")
     args = parser.parse_args()
     torch.manual_seed(0)
-    if args.smoke:
-        cfg = dataclasses.replace(tiny_config(), vocab_size=512, eos_token_ids=(511,))
-        model = random_model(cfg, "cpu", torch.float32)
-        device = "cpu"
-    else:
-        cfg = step3_config(args.layers)
-        model = random_model(cfg, "cuda", torch.bfloat16)
-        device = torch.cuda.get_device_name()
-    sync()
+    cfg, model, device = bench_model(args.smoke, args.layers)
     print(
         f"# {args.label}: services from {services.__path__[0]}; {device}; torch "
         f"{torch.__version__}; {cfg.num_hidden_layers} layers (MoE {list(cfg.moe_layers)}), "
