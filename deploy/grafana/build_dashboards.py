@@ -221,6 +221,31 @@ def pipeline() -> dict:
                 "s",
             ),
             panel(
+                "Data plane: bytes per second by direction (attention instances' view)",
+                [
+                    (
+                        f"sum by (direction, way) (rate(afd_data_plane_bytes_total"
+                        f'{{component="attention"}}[{RATE}]))',
+                        "{{direction}} {{way}}",
+                    )
+                ],
+                "Bps",
+            ),
+            panel(
+                "Data plane: bytes sent to the FFN side per computed token (all layers)",
+                [
+                    (
+                        f'sum(rate(afd_data_plane_bytes_total{{direction="a2f", way="sent", '
+                        f'component="attention"}}[{RATE}])) / sum(rate('
+                        f"afd_attention_batch_tokens_sum[{RATE}]))",
+                        "A2F bytes / token",
+                    )
+                ],
+                "bytes",
+                description="Each token crosses every layer to every FFN instance: what FFN "
+                "instances of several GPUs cut.",
+            ),
+            panel(
                 "Pipeline bubble ratio (attention waiting on FFN)",
                 [("afd_attention_pipeline_bubble_ratio", "attention {{index}}")],
                 "percentunit",

@@ -38,7 +38,7 @@ from services.attention.step_bell import StepBell
 from services.common.cluster_config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from services.common.config import load_config
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
-from services.common.metrics import AttentionMetrics, sampler_for, serve_metrics
+from services.common.metrics import AttentionMetrics, DataPlaneBytes, sampler_for, serve_metrics
 from services.common.model.build import build_attention_half, fp8_weights_on, resolve_dtype
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.model.weights import load_weights
@@ -147,6 +147,7 @@ def run(args: argparse.Namespace) -> int:
         bell.rebind(membership.epoch)
         registry = CollectorRegistry()
         metrics = AttentionMetrics(registry)
+        DataPlaneBytes(registry, lambda: dict(instance.traffic.bytes))
         pipeline = PipelineConfig(cluster.num_micro_batches, cluster.fp8_dispatch)
         ffn = RemoteFFN(
             cfg,

@@ -29,7 +29,7 @@ from services.common.dist import join_group, leave_group, peer_names, wait_for_a
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, ErrorCodes, GrpcServer
 from services.common.metrics import add_metrics_argument
-from services.common.transport import Transport, channel_groups, steps_group
+from services.common.transport import Traffic, Transport, channel_groups, steps_group
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +137,7 @@ class Instance:
         self._cluster_epoch = 0  # the newest epoch a heartbeat reported
         self._unknown = False  # the controller did not know this member (it restarted)
         self.membership: Membership | None = None
+        self.traffic = Traffic()  # data-plane bytes over every epoch (metrics)
         self.config: ClusterConfig | None = None
         self.server = GrpcServer(error_codes, max_workers, secret=options.cluster_secret)
         self.port = self.server.bind(options.host, options.port)
@@ -199,7 +200,8 @@ class Instance:
         groups, headers = (
             (channel_groups(), steps_group()) if o.device.type == "cuda" else (None, None)
         )
-        return membership, Transport(peer_names(membership), o.step_timeout_s, groups, headers)
+        names = peer_names(membership)
+        return membership, Transport(names, o.step_timeout_s, groups, headers, self.traffic)
 
     def _register(self, timeout_s: float, last_epoch: int, interruptible: bool) -> Membership:
         """Register and wait for the membership, in short polls so that SIGTERM interrupts

@@ -12,7 +12,10 @@ This module knows nothing of torch or of the services' internals: they call in w
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily
 
 TOKEN_LATENCY_BUCKETS = (
     0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.035, 0.04, 0.045, 0.05,
@@ -102,6 +105,29 @@ class GatewayMetrics:
         )  # fmt: skip
         for outcome in FINISH_REASONS:  # every series exists from the start, at zero
             self.finished.labels(outcome)
+
+
+class DataPlaneBytes:
+    """`afd_data_plane_bytes_total{direction, way}` of an AFD instance, read at each scrape
+    from the counts its transfers keep (`read`: (direction, way) -> bytes), so the hot path
+    adds to an integer instead of taking a metric's lock per message."""
+
+    def __init__(
+        self, registry: CollectorRegistry, read: Callable[[], dict[tuple[str, str], int]]
+    ) -> None:
+        self.read = read
+        registry.register(self)
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(
+            "afd_data_plane_bytes",
+            "Bytes the data plane carried for this instance, by direction (a2f: attention to "
+            "FFN, f2a: FFN to attention) and way (sent, received); step headers not counted.",
+            labels=["direction", "way"],
+        )
+        for (direction, way), value in sorted(self.read().items()):
+            family.add_metric([direction, way], value)
+        yield family
 
 
 class AttentionMetrics:

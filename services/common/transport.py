@@ -53,6 +53,19 @@ def steps_group() -> dist.ProcessGroup:
     return dist.new_group(backend="gloo")
 
 
+class Traffic:
+    """Bytes this process's data-plane transfers carried, by direction (a2f: attention to
+    FFN, f2a: back) and way (sent, received), over every epoch: what the metrics export.
+    Plain integers, added to on each posted transfer (a metric's lock would cost more)."""
+
+    def __init__(self) -> None:
+        self.bytes = {(d, w): 0 for d in ("a2f", "f2a") for w in ("sent", "received")}
+
+    def add(self, channel: int, way: str, tensor: Tensor) -> None:
+        direction = "a2f" if channel < MAX_SLOTS else "f2a"
+        self.bytes[(direction, way)] += tensor.numel() * tensor.element_size()
+
+
 class PeerFailure(RuntimeError):
     """A peer did not deliver within the step timeout, or its connection broke."""
 
@@ -74,20 +87,24 @@ class Transport:
         timeout_s: float,
         groups: list[dist.ProcessGroup] | None = None,
         headers: dist.ProcessGroup | None = None,
+        traffic: Traffic | None = None,
     ) -> None:
         """`groups`: NCCL, one group per channel (`channel_groups`), and `headers` the gloo
-        group of the step headers (`steps_group`); None: gloo throughout, tags."""
+        group of the step headers (`steps_group`); None: gloo throughout, tags. `traffic`: where
+        the data channels' bytes are counted (headers are not)."""
         self.peer_names = peer_names  # rank -> "ffn instance 1" etc.
         self.timeout = timedelta(seconds=timeout_s)
         self.groups = groups
         self.headers = headers
         self.on_gpu = groups is not None  # NCCL: waits are stream dependencies
+        self.traffic = traffic or Traffic()
 
     def send(self, tensor: Tensor, dst: int, channel: int, what: str) -> Pending:
         try:
             work = dist.isend(tensor, dst, group=self._group(channel), tag=channel)
         except RuntimeError as err:  # the connection to the peer is already broken
             raise self._failure(dst, what, err) from err
+        self.traffic.add(channel, "sent", tensor)
         return Pending(work, self.peer_names[dst], what)
 
     def recv(self, tensor: Tensor, src: int, channel: int, what: str) -> Pending:
@@ -95,6 +112,7 @@ class Transport:
             work = dist.irecv(tensor, src, group=self._group(channel), tag=channel)
         except RuntimeError as err:
             raise self._failure(src, what, err) from err
+        self.traffic.add(channel, "received", tensor)
         return Pending(work, self.peer_names[src], what)
 
     def send_header(self, tensor: Tensor, dst: int, what: str) -> Pending:

@@ -28,7 +28,7 @@ from services.common.control_client import (
     Membership,
 )
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
-from services.common.metrics import FFNMetrics, sampler_for, serve_metrics
+from services.common.metrics import DataPlaneBytes, FFNMetrics, sampler_for, serve_metrics
 from services.common.model.build import resolve_dtype
 from services.common.transport import PeerFailure, Transport
 from services.ffn.loader import ShardLoader, expected_ffn_count
@@ -62,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         )
         shard = loader.load(expected_ffn_count(state, options.index))
         registry = CollectorRegistry()
+        DataPlaneBytes(registry, lambda: dict(instance.traffic.bytes))
         monitor = FFNMonitor(
             FFNMetrics(registry), sampler_for(options.device.type), shard.expert_range
         )

@@ -19,7 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.attention.builder import local_engine
 from services.attention.engine import EngineConfig
 from services.attention.scheduler import SchedulerConfig
+from services.common.activations import Layout
 from services.common.cluster_config import ClusterConfig
+from services.common.config import load_config
 from services.common.control_client import ControlClient
 from services.common.model.build import load_model
 from services.common.sampling_params import SamplingParams
@@ -135,6 +137,7 @@ def test_the_cluster_s_facts_given_to_the_controller_alone_reach_every_instance(
         with ThreadPoolExecutor(len(prompts)) as pool:
             results = list(pool.map(generate, [serving] * len(prompts), prompts, range(len(prompts))))
         steps = attention_batch_tokens(metrics)
+        carried = data_plane_bytes(metrics)
         with ControlClient(address, secret=CLUSTER_SECRET) as client:
             client.shutdown()
         # Every member stops on its own, cleanly (a SIGTERM now could land mid-exit).
@@ -148,6 +151,18 @@ def test_the_cluster_s_facts_given_to_the_controller_alone_reach_every_instance(
         assert abs(logprobs[0] - reference.logprobs[0].logprob) < FP8_LOGPROB_TOLERANCE
     # The prompts' 289 tokens were prefilled in steps of at most the controller's budget.
     assert steps["+Inf"] == steps[str(float(BUDGET))] and steps["+Inf"] > 289 // BUDGET
+    # Every computed token went through every layer to both FFN instances, e4m3 with a scale
+    # (and its routing in MoE layers), and came back as two float32 partial sums per layer.
+    cfg = load_config(checkpoint)
+    tokens = steps["sum"]
+    per_token = sum(
+        Layout(cfg.hidden_size, cfg.moe_top_k if cfg.is_moe_layer(i) else 0, torch.float32, True)
+        .bytes_per_token
+        for i in range(cfg.num_hidden_layers)
+    )  # fmt: skip
+    assert carried[("a2f", "sent")] == tokens * 2 * per_token
+    assert carried[("f2a", "received")] == tokens * 2 * cfg.num_hidden_layers * cfg.hidden_size * 4
+    assert carried[("a2f", "received")] == carried[("f2a", "sent")] == 0
 
 
 def test_instances_stop_when_the_controller_comes_back_with_other_facts(checkpoint):
@@ -197,11 +212,23 @@ def generate(address: str, prompt: list[int], i: int) -> tuple[list[int], list[f
 
 
 def attention_batch_tokens(address: str) -> dict[str, float]:
-    """The attention instance's steps by tokens computed: {bucket bound: steps at most it}."""
+    """The attention instance's steps by tokens computed: {bucket bound: steps at most it},
+    and "sum": the tokens computed in all."""
+    (family,) = families(address, "afd_attention_batch_tokens")
+    buckets = {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    (total,) = [s.value for s in family.samples if s.name.endswith("_sum")]
+    return {**buckets, "sum": total}
+
+
+def data_plane_bytes(address: str) -> dict[tuple[str, str], float]:
+    """An instance's afd_data_plane_bytes_total: {(direction, way): bytes}."""
+    (family,) = families(address, "afd_data_plane_bytes")
+    return {(s.labels["direction"], s.labels["way"]): s.value for s in family.samples}
+
+
+def families(address: str, name: str) -> list:
     text = urllib.request.urlopen(f"http://{address}/metrics", timeout=10).read().decode()
-    families = text_string_to_metric_families(text)
-    (family,) = [f for f in families if f.name == "afd_attention_batch_tokens"]
-    return {s.labels["le"]: s.value for s in family.samples if s.name.endswith("_bucket")}
+    return [f for f in text_string_to_metric_families(text) if f.name == name]
 
 
 def test_an_instance_serving_another_model_is_refused(checkpoint, tmp_path):

@@ -9,7 +9,14 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry
 
-from services.common.metrics import AttentionMetrics, ControllerMetrics, FFNMetrics, GatewayMetrics
+from services.common.metrics import (
+    AttentionMetrics,
+    ControllerMetrics,
+    DataPlaneBytes,
+    FFNMetrics,
+    GatewayMetrics,
+)
+from services.common.transport import Traffic
 from tests.support.dashboards import builder, committed, queries
 
 RECORDED = {"up"}  # Prometheus's own
@@ -23,6 +30,7 @@ def exported_names() -> set[str]:
     registry = CollectorRegistry()
     for metrics in (GatewayMetrics, AttentionMetrics, FFNMetrics, ControllerMetrics):
         metrics(registry)
+    DataPlaneBytes(registry, lambda: Traffic().bytes)  # AFD instances' data plane
     return {
         family.name + suffix for family in registry.collect() for suffix in SUFFIXES[family.type]
     }
@@ -64,6 +72,7 @@ def test_every_metric_is_documented():
     registry = CollectorRegistry()
     for metrics in (GatewayMetrics, AttentionMetrics, FFNMetrics, ControllerMetrics):
         metrics(registry)
+    DataPlaneBytes(registry, lambda: Traffic().bytes)  # AFD instances' data plane
     for family in registry.collect():
         name = family.name + ("_total" if family.type == "counter" else "")
         assert f"`{name}`" in doc, f"{name} is missing from docs/observability.md"
