@@ -21,6 +21,7 @@ from services.common.model.ffn_half import FFNHalf
 from services.common.pipeline_timer import PipelineTimer
 from services.common.transport import A2F, F2A, PeerFailure, Pending, Transport, channel
 from services.ffn.ffn_graphs import FFNGraphs, capturable
+from services.ffn.instance_group import InstanceGroup
 
 
 class FFNMonitor:
@@ -68,10 +69,18 @@ class FFNWorker:
         monitor: FFNMonitor | None = None,
         summarises: bool = True,
         cuda_graphs: bool = True,
+        instance: InstanceGroup | None = None,
     ) -> None:
         """`monitor`: where tokens per micro-batch and sampled steps' times go; `summarises`:
         see `rebind`; `cuda_graphs`: replay each micro-batch's layer from a CUDA graph where
-        the shard can be captured (ffn_graphs.py)."""
+        the shard can be captured (ffn_graphs.py); `instance`: this process is one of an
+        FFN instance's several (instance_group.py; None: the instance is this process)."""
+        if instance is not None and not shard.spec.split_mlp:
+            raise ValueError(
+                "an FFN instance of several processes splits its MLPs: the replicated layout "
+                "takes one-process FFN instances"
+            )
+        self.instance = instance
         self.monitor = monitor
         self.cfg = cfg
         self.shard = shard
@@ -139,29 +148,42 @@ class FFNWorker:
         if self.summarises:
             summary = torch.tensor([step, total], dtype=torch.int64)
             what = f"step {step}'s summary"
-            summaries = [self.transport.send_header(summary, r, what) for r in self.attention_ranks]
+            summaries = [
+                self.transport.send_header(summary, r, what)
+                for a, r in enumerate(self.attention_ranks)
+                if self._door(a)
+            ]
         self._compute(counts)
         self.transport.drain(summaries)
         return total
 
     def _headers(self, step: int) -> list[list[int]]:
+        """Every attention instance's tokens per micro-batch: from its header, or (several
+        processes per instance) from the process it sent its header to."""
         what = f"step {step}'s header"
         size = 1 + self.num_micro_batches  # the step, then tokens per micro-batch
-        headers = [torch.zeros(size, dtype=torch.int64) for _ in self.attention_ranks]
-        pending = [
-            self.transport.recv_header(header, rank, what)
-            for header, rank in zip(headers, self.attention_ranks, strict=True)
-        ]
-        counts = []
-        for header, wait in zip(headers, pending, strict=True):
+        doors = [a for a in range(len(self.attention_ranks)) if self._door(a)]
+        headers = {a: torch.zeros(size, dtype=torch.int64) for a in doors}
+        pending = {
+            a: self.transport.recv_header(headers[a], self.attention_ranks[a], what) for a in doors
+        }
+        counts = torch.zeros(len(self.attention_ranks), self.num_micro_batches, dtype=torch.int64)
+        for a in doors:
+            wait = pending[a]
             self.transport.wait(wait)
-            if int(header[0]) != step:
+            if int(headers[a][0]) != step:
                 raise PeerFailure(
-                    f"{wait.peer} sent the header of step {int(header[0])} for step {step}: "
-                    "the members are out of step"
+                    f"{wait.peer} sent the header of step {int(headers[a][0])} for step "
+                    f"{step}: the members are out of step"
                 )
-            counts.append(header[1:].tolist())
-        return counts
+            counts[a] = headers[a][1:]
+        if self.instance is not None:
+            counts = self.instance.share_counts(counts)
+        return counts.tolist()
+
+    def _door(self, attention_index: int) -> bool:
+        """Whether this process receives from (and answers) that attention instance."""
+        return self.instance is None or self.instance.serves(attention_index)
 
     def _compute(self, counts: list[list[int]]) -> None:
         # Per micro-batch, not per step: a micro-batch replayed from CUDA graphs arrives
@@ -209,15 +231,21 @@ class FFNWorker:
         sources = self._sources(sizes)
         received = []
         for a, n in sources:
+            if not self._door(a):
+                continue
             view = self._recv_bufs[slot][a][: n * layout.bytes_per_token]
             pending = self.transport.recv(view, self.attention_ranks[a], channel(A2F, slot), what)
             received.append((view, n, pending))
-        parts = []
-        for view, n, pending in received:
+        for _, _, pending in received:
             timer.waited("attention", self.transport.wait, pending)
-            parts.append(layout.unpack(view, n))
+        if self.instance is None:
+            parts = [layout.unpack(view, n) for view, n, _ in received]
+        else:
+            parts = self._exchanged(layout, sources, [view for view, _, _ in received])
         x = _joined(parts)  # [n_total, H], attention instances in order
         out = timer.computed(self._forward, layer, x, mlp_rows)
+        if self.instance is not None:
+            out = self.instance.reduce(out)  # this instance's partial sum
         if timer.active and x.ids is not None:
             self._count_experts(x.ids)
         self.num_tokens_computed += x.h.shape[0]
@@ -229,11 +257,31 @@ class FFNWorker:
         sends, start = [], 0
         for a, n in sources:
             size = n * hidden * self.dtype.itemsize
-            rank = self.attention_ranks[a]
-            part = packed[start : start + size]
-            sends.append(self.transport.send(part, rank, channel(F2A, slot), what))
+            if self._door(a):
+                part = packed[start : start + size]
+                rank = self.attention_ranks[a]
+                sends.append(self.transport.send(part, rank, channel(F2A, slot), what))
             start += size
         self._sends[slot] = sends
+
+    def _exchanged(
+        self, layout: Layout, sources: list[tuple[int, int]], mine: list[Tensor]
+    ) -> list[tuple[Tensor, Tensor | None, Tensor | None]]:
+        """Every attention instance's message of this micro-batch, unpacked in instance
+        order, from the processes of this FFN instance that received them (`mine`: this
+        one's, in attention order)."""
+        group, per_token = self.instance, layout.bytes_per_token
+        sizes = [0] * group.size
+        for a, n in sources:
+            sizes[group.door_of(a)] += n * per_token
+        empty = torch.empty(0, dtype=torch.uint8, device=self.device)
+        rows = group.gather(torch.cat(mine) if mine else empty, sizes)
+        offsets, parts = [0] * group.size, []
+        for a, n in sources:
+            door, size = group.door_of(a), n * per_token
+            parts.append(layout.unpack(rows[door][offsets[door] : offsets[door] + size], n))
+            offsets[door] += size
+        return parts
 
     def _forward(self, layer: int, x: FFNInput, mlp_rows: Tensor | None) -> Tensor:
         if self.graphs is not None and mlp_rows is None:
