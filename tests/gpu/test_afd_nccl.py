@@ -38,34 +38,31 @@ def checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_nccl_cluster_equals_single_process_on_gpu(checkpoint, k):
-    model = load_model(checkpoint, dtype="float32", device="cuda:0", progress=False)
+def served(checkpoint: Path, dtype: str, k: int):
+    """(the single-process engine's completions on GPU 0, the 1 x 1 NCCL cluster's)."""
+    model = load_model(checkpoint, dtype=dtype, device="cuda:0", progress=False)
     expected = local_engine(model, EngineConfig()).generate(PROMPTS, PARAMS)
     del model
+    torch.cuda.empty_cache()
     cluster = Cluster(
-        "--model",
-        str(checkpoint),
-        "--device",
-        "cuda",
-        "--dtype",
-        "float32",
-        "--attention-instances",
-        "1",
-        "--ffn-instances",
-        "1",
-        "--micro-batches",
-        str(k),
-    )
+        "--model", str(checkpoint), "--device", "cuda", "--dtype", dtype,
+        "--attention-instances", "1", "--ffn-instances", "1", "--micro-batches", str(k),
+    )  # fmt: skip
     try:
         results = cluster.generate_all(PROMPTS, PARAMS)
     finally:
         assert cluster.stop() == 0
+    assert wait_until_gone(str(checkpoint)) == []
+    return expected, results
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_nccl_cluster_equals_single_process_on_gpu(checkpoint, k):
+    expected, results = served(checkpoint, "float32", k)
     assert [r.token_ids for r in results] == [e.token_ids for e in expected]
     for result, reference in zip(results, expected, strict=True):
         for got, want in zip(result.logprobs, reference.logprobs, strict=True):
             assert got == pytest.approx(want.logprob, abs=1e-3)
-    assert wait_until_gone(str(checkpoint)) == []
 
 
 @pytest.fixture(scope="module")
@@ -84,18 +81,7 @@ def graphable(tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize("k", [1, 3])
 def test_segment_graphs_over_nccl_give_the_engines_tokens(graphable, k):
-    model = load_model(graphable, dtype="bfloat16", device="cuda:0", progress=False)
-    expected = local_engine(model, EngineConfig()).generate(PROMPTS, PARAMS)
-    del model
-    torch.cuda.empty_cache()
-    cluster = Cluster(
-        "--model", str(graphable), "--device", "cuda", "--dtype", "bfloat16",
-        "--attention-instances", "1", "--ffn-instances", "1", "--micro-batches", str(k),
-    )  # fmt: skip
-    try:
-        results = cluster.generate_all(PROMPTS, PARAMS)
-    finally:
-        assert cluster.stop() == 0
+    expected, results = served(graphable, "bfloat16", k)
     # bf16 sums in another order (padded buckets, split batches) may flip one near-tie.
     same = [r.token_ids == e.token_ids for r, e in zip(results, expected, strict=True)]
     assert sum(same) >= len(same) - 1
@@ -103,4 +89,3 @@ def test_segment_graphs_over_nccl_give_the_engines_tokens(graphable, k):
         if agree:
             for got, want in zip(result.logprobs, reference.logprobs, strict=True):
                 assert got == pytest.approx(want.logprob, abs=0.05)
-    assert wait_until_gone(str(graphable)) == []
