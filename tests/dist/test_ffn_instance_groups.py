@@ -27,6 +27,7 @@ from services.attention.kv_cache import KVCache
 from services.attention.model_runner import ModelRunner
 from services.attention.remote_ffn import PipelineConfig, RemoteFFN
 from services.attention.scheduler import SchedulerConfig
+from services.common.activations import Layout
 from services.common.model.build import build_attention_half, build_ffn_half
 from services.common.model.checkpoint_writer import random_tensor
 from services.common.model.ffn_half import ShardSpec
@@ -99,7 +100,7 @@ def attention_process(port: int, a: int, m: int, n: int, g: int, k: int) -> None
     try:
         attention = build_attention_half(CFG, _tensors(ffn_side=False))
         cache = KVCache(CFG, ENGINE.num_kv_blocks, ENGINE.block_size, DTYPE, CPU)
-        ffn = RemoteFFN(
+        ffn = CountingFFN(
             CFG, DTYPE, CPU, transport, doors, m, StoreBell(store), PipelineConfig(k), BUDGET
         )
         engine = Engine(ModelRunner(attention, ffn, cache, k), ENGINE.num_kv_blocks, ENGINE)
@@ -112,12 +113,24 @@ def attention_process(port: int, a: int, m: int, n: int, g: int, k: int) -> None
                 if out.finished:
                     tokens[out.request_id] = out.token_ids
         store.set(f"tokens/{a}", json.dumps(tokens))
+        sent = transport.traffic.bytes[("a2f", "sent")]
+        store.set(f"bytes/{a}", json.dumps([sent, ffn.computed]))
         store.set(f"done/{a}", str(ffn.step))
         if a == 0:  # every attention instance is idle at the same step: the FFN side stops
             store.wait([f"done/{b}" for b in range(m)])
             store.set(f"open/{ffn.step}", "stop")
     finally:
         dist.destroy_process_group()
+
+
+class CountingFFN(RemoteFFN):
+    """The production executor, counting the tokens it sends (every step's)."""
+
+    computed = 0
+
+    def begin(self, tokens_per_slot: list[int]) -> None:
+        self.computed += sum(tokens_per_slot)
+        super().begin(tokens_per_slot)
 
 
 def ffn_process(port: int, f: int, p: int, m: int, n: int, g: int, k: int) -> None:
@@ -138,7 +151,8 @@ def ffn_process(port: int, f: int, p: int, m: int, n: int, g: int, k: int) -> No
         dist.destroy_process_group()
 
 
-def run_cluster(m: int, n: int, g: int, k: int) -> dict[str, list[int]]:
+def run_cluster(m: int, n: int, g: int, k: int) -> tuple[dict[str, list[int]], list]:
+    """Every request's tokens; per attention instance, (A2F bytes sent, tokens computed)."""
     store = dist.TCPStore(
         "127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5)
     )
@@ -161,7 +175,7 @@ def run_cluster(m: int, n: int, g: int, k: int) -> dict[str, list[int]]:
         tokens: dict[str, list[int]] = {}
         for a in range(m):
             tokens |= json.loads(store.get(f"tokens/{a}"))
-        return tokens
+        return tokens, [json.loads(store.get(f"bytes/{a}")) for a in range(m)]
     finally:
         for process in processes:
             if process.is_alive():
@@ -172,5 +186,14 @@ def run_cluster(m: int, n: int, g: int, k: int) -> dict[str, list[int]]:
 @pytest.mark.parametrize(("m", "n", "g", "k"), [(2, 1, 2, 2), (1, 2, 2, 3)])
 def test_ffn_instances_of_several_processes_give_the_reference_tokens(m, n, g, k):
     expected = local_engine(random_model(CFG, DTYPE), ENGINE).generate(PROMPTS, PARAMS)
-    tokens = run_cluster(m, n, g, k)
+    tokens, traffic = run_cluster(m, n, g, k)
     assert [tokens[f"p{i}"] for i in range(len(PROMPTS))] == [e.token_ids for e in expected]
+    # Each attention instance sent every token of every layer once per FFN instance, not
+    # once per FFN process: the traffic a G-process instance exists to cut.
+    per_token = sum(
+        Layout(CFG.hidden_size, CFG.moe_top_k if CFG.is_moe_layer(i) else 0, DTYPE, False)
+        .bytes_per_token
+        for i in range(CFG.num_hidden_layers)
+    )  # fmt: skip
+    for sent, computed in traffic:
+        assert computed > 0 and sent == computed * n * per_token
