@@ -142,8 +142,8 @@ class ModelRunner:
         residuals = self._pipeline(batches, timer)
         if timer.active:
             self.monitor.record(timer)
-        rows = [x[mb.inputs.sample_rows] for mb, x in zip(batches, residuals, strict=True)]
-        return self.attention.logits(torch.cat(rows))
+        sampled = [x[mb.inputs.sample_rows] for mb, x in zip(batches, residuals, strict=True)]
+        return self.attention.logits(torch.cat(sampled))
 
     def _micro_batches(self, inputs: dict[int, StepInputs]) -> list[_Eager | _Replayed]:
         """Replayed micro-batches when segment graphs serve every one, else eager ones."""

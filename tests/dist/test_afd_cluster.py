@@ -19,7 +19,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from services.attention.builder import local_engine
 from services.attention.engine import EngineConfig
 from services.attention.scheduler import SchedulerConfig
-from services.common.activations import Layout
 from services.common.cluster_config import ClusterConfig
 from services.common.config import load_config
 from services.common.control_client import ControlClient
@@ -27,6 +26,7 @@ from services.common.model.build import load_model
 from services.common.sampling_params import SamplingParams
 from services.common.wire.attention_client import AttentionClient
 from tests.support.cluster import CLUSTER_SECRET, Cluster, afd, wait_until_gone
+from tests.support.models import a2f_bytes_per_token
 from tests.support.processes import Child
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, ignore_eos=True)
@@ -155,11 +155,7 @@ def test_the_cluster_s_facts_given_to_the_controller_alone_reach_every_instance(
     # (and its routing in MoE layers), and came back as two float32 partial sums per layer.
     cfg = load_config(checkpoint)
     tokens = steps["sum"]
-    per_token = sum(
-        Layout(cfg.hidden_size, cfg.moe_top_k if cfg.is_moe_layer(i) else 0, torch.float32, True)
-        .bytes_per_token
-        for i in range(cfg.num_hidden_layers)
-    )  # fmt: skip
+    per_token = a2f_bytes_per_token(cfg, torch.float32, fp8=True)
     assert carried[("a2f", "sent")] == tokens * 2 * per_token
     assert carried[("f2a", "received")] == tokens * 2 * cfg.num_hidden_layers * cfg.hidden_size * 4
     assert carried[("a2f", "received")] == carried[("f2a", "sent")] == 0

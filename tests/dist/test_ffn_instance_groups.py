@@ -27,7 +27,6 @@ from services.attention.kv_cache import KVCache
 from services.attention.model_runner import ModelRunner
 from services.attention.remote_ffn import PipelineConfig, RemoteFFN
 from services.attention.scheduler import SchedulerConfig
-from services.common.activations import Layout
 from services.common.model.build import build_attention_half, build_ffn_half
 from services.common.model.checkpoint_writer import random_tensor
 from services.common.model.ffn_half import ShardSpec
@@ -36,7 +35,7 @@ from services.common.sampling_params import SamplingParams
 from services.common.transport import Transport
 from services.ffn.instance_group import InstanceGroup
 from services.ffn.worker import FFNWorker
-from tests.support.models import random_model, small_config
+from tests.support.models import a2f_bytes_per_token, random_model, small_config
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -190,10 +189,6 @@ def test_ffn_instances_of_several_processes_give_the_reference_tokens(m, n, g, k
     assert [tokens[f"p{i}"] for i in range(len(PROMPTS))] == [e.token_ids for e in expected]
     # Each attention instance sent every token of every layer once per FFN instance, not
     # once per FFN process: the traffic a G-process instance exists to cut.
-    per_token = sum(
-        Layout(CFG.hidden_size, CFG.moe_top_k if CFG.is_moe_layer(i) else 0, DTYPE, False)
-        .bytes_per_token
-        for i in range(CFG.num_hidden_layers)
-    )  # fmt: skip
+    per_token = a2f_bytes_per_token(CFG, DTYPE, fp8=False)
     for sent, computed in traffic:
         assert computed > 0 and sent == computed * n * per_token

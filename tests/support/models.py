@@ -6,6 +6,7 @@ import dataclasses
 
 import torch
 
+from services.common.activations import Layout
 from services.common.config import ModelConfig
 from services.common.model.build import build_model
 from services.common.model.checkpoint_writer import random_tensor
@@ -31,3 +32,13 @@ def small_config(**overrides) -> ModelConfig:
     return dataclasses.replace(
         tiny_config(), **{"vocab_size": 512, "eos_token_ids": (511,), **overrides}
     )
+
+
+def a2f_bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, fp8: bool) -> int:
+    """Bytes one token sends one FFN instance over all layers (activations, and its routing
+    in MoE layers), as the wire layout packs them."""
+    return sum(
+        Layout(cfg.hidden_size, cfg.moe_top_k if cfg.is_moe_layer(i) else 0, dtype, fp8)
+        .bytes_per_token
+        for i in range(cfg.num_hidden_layers)
+    )  # fmt: skip
