@@ -46,10 +46,13 @@ def stack(checkpoint, tmp_path_factory):
         # Every counter scraped at zero before the load, so rates see the whole of it.
         prometheus.wait_for("sum(up)", lambda v: v == 5)
         received = serve_load(cluster.gateway_url)
-        # Until the scrapes after the load are in: the gateway's count is the last to settle.
-        prometheus.wait_for(
-            "sum(afd_gateway_generation_tokens_total)", lambda v: v == received, timeout_s=60
-        )
+        # Until the scrapes after the load are in, each process's (a scrape may time out on a
+        # busy machine, so the attention instance's can lag the gateway's).
+        for counter in (
+            "afd_gateway_generation_tokens_total",
+            "afd_attention_generation_tokens_total",
+        ):
+            prometheus.wait_for(f"sum({counter})", lambda v: v == received, timeout_s=60)
         yield cluster, prometheus, received, json.loads(targets.read_text())
     finally:
         if prometheus is not None:
