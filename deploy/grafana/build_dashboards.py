@@ -221,6 +221,19 @@ def pipeline() -> dict:
                 "s",
             ),
             panel(
+                "Network's share of the step (attention waiting on transfers)",
+                [
+                    (
+                        f"{mean_per('afd_attention_transfer_wait_seconds', 'direction')} / "
+                        f"scalar({mean_per('afd_attention_step_seconds', '')})",
+                        "{{direction}}",
+                    )
+                ],
+                "percentunit",
+                description="Mean wait per sampled step on each transfer direction over the mean "
+                "step time: the part of a step the pipeline did not hide.",
+            ),
+            panel(
                 "Data plane: bytes per second by direction (attention instances' view)",
                 [
                     (

@@ -37,6 +37,7 @@ from services.attention.scheduler import SchedulerConfig
 from services.attention.step_bell import StepBell
 from services.common.cluster_config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from services.common.config import load_config
+from services.common.ffn_instances import door_ranks
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
 from services.common.metrics import AttentionMetrics, DataPlaneBytes, sampler_for, serve_metrics
 from services.common.model.build import build_attention_half, fp8_weights_on, resolve_dtype
@@ -154,7 +155,7 @@ def run(args: argparse.Namespace) -> int:
             dtype,
             options.device,
             transport,
-            membership.ffn_ranks,
+            door_ranks(membership, instance.rank),  # one process of each FFN instance
             len(membership.attention_ranks),
             bell,
             pipeline,

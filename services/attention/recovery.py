@@ -12,6 +12,7 @@ from __future__ import annotations
 from services.attention.driver import DriverStopped, EngineDriver
 from services.attention.remote_ffn import RemoteFFN
 from services.common.control_client import ClusterShutdown, ControlError
+from services.common.ffn_instances import door_ranks
 from services.common.instance import Instance
 from services.common.transport import PeerFailure
 from services.common.wire.attention import SERVICE_NAME
@@ -48,5 +49,6 @@ class ClusterRecovery:
         except ClusterShutdown as err:
             raise DriverStopped(f"the cluster is shutting down: {err}") from err
         num_attention = len(membership.attention_ranks)
-        self.ffn.rebind(transport, membership.epoch, membership.ffn_ranks, num_attention)
+        doors = door_ranks(membership, self.instance.rank)
+        self.ffn.rebind(transport, membership.epoch, doors, num_attention)
         server.set_serving(True, ("", SERVICE_NAME))

@@ -12,9 +12,9 @@ import importlib
 import sys
 from collections.abc import Callable
 
-from services.cli import bench, generate, init_checkpoint, plan, serve
+from services.cli import bench, ffn_pod, generate, init_checkpoint, plan, serve
 
-TOOLS = (init_checkpoint, generate, serve, bench, plan)
+TOOLS = (init_checkpoint, generate, serve, ffn_pod, bench, plan)
 ROLES = {
     "attention": ("services.attention.__main__", "run one attention instance"),
     "ffn": ("services.ffn.__main__", "run one FFN instance"),
@@ -57,7 +57,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         module.add_parser(commands)
     for role, (_, help_text) in ROLES.items():  # listed for --help; main() dispatches them
         commands.add_parser(role, help=f"{help_text} (see afd {role} --help)")
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and not getattr(args, "passes_unknown", False):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = rest  # a launcher's flags for the processes it starts
     args.argv = argv  # recorded by tools whose results name the command that made them
     return args
 

@@ -2,12 +2,15 @@
 
   afd plan cost --model step3 --context 8K [--hardware H800,H20,A800,910B | all] [--json]
   afd plan deploy --model step3 --context 4K --tpot-ms 50 --gpu H800 [--gpus-per-instance 8]
-                  [--calibration FILE] [--json | --format helm-values] [--plot FILE.png]
+                  [--calibration FILE] [--json | --format helm-values | serve] [--plot FILE.png]
 
 --model is a preset (step3, deepseek-v3, kimi-k2, qwen3-235b-a22b, qwen3-32b) or a checkpoint
-folder with a config.json. An instance is --gpus-per-instance GPUs: 1 in this system (one
-process and one GPU per attention or FFN instance), 8 in the paper. docs/planner.md has the
-equations, their assumptions and how near the paper the predictions land.
+folder with a config.json. An instance is --gpus-per-instance GPUs (the paper: 8, a node): an
+attention instance of G GPUs is G data-parallel attention instances of one GPU, an FFN
+instance of G GPUs one instance of G processes (`afd serve --gpus-per-ffn-instance G`, the
+chart's ffn.gpusPerInstance). `--format helm-values` and `--format serve` print what deploys
+the plan. docs/planner.md has the equations, their assumptions and how near the paper the
+predictions land.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import json
 import math
 from pathlib import Path
 
-from services.common.cluster_config import LAYOUTS
+from services.common.cluster_config import LAYOUTS, REPLICATED, SPLIT
 from services.planner import output
 from services.planner.calibration import load_calibration
 from services.planner.cost import cost_report
@@ -27,7 +30,7 @@ from services.planner.models import PRESETS, load_model
 from services.planner.stages import Cluster, Efficiency
 
 KV_DTYPES = {"fp8": 1.0, "bf16": 2.0}
-FORMATS = ("table", "json", "helm-values")
+FORMATS = ("table", "json", "helm-values", "serve")
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -121,13 +124,15 @@ def run_deploy(args: argparse.Namespace) -> int:
                 f"plan with --gpu {calibration.gpu} or leave out --calibration"
             )
         efficiency = calibration.efficiency
-    if args.format == "helm-values" and args.gpus_per_instance != 1:
-        # The prediction depends on it: every attention GPU exchanges activations with every
-        # FFN instance, so 8-GPU instances are not 8 of this system's instances.
-        raise ValueError(
-            "--format helm-values plans for this system's instances (one GPU each, as the "
-            "chart runs them): leave out --gpus-per-instance"
-        )
+    layouts = (args.layout,) if args.layout else LAYOUTS
+    if args.gpus_per_instance > 1:
+        # The processes of an FFN instance add up partial sums: split MLPs only.
+        if args.layout == REPLICATED:
+            raise ValueError(
+                f"--gpus-per-instance {args.gpus_per_instance} takes --layout {SPLIT}: an FFN "
+                "instance of several GPUs adds up its processes' partial sums"
+            )
+        layouts = (SPLIT,)
     cluster = Cluster(
         model=load_model(args.model),
         accelerator=accelerator,
@@ -142,7 +147,7 @@ def run_deploy(args: argparse.Namespace) -> int:
         tpot_s=args.tpot_ms / 1e3,
         max_gpus=args.max_gpus,
         micro_batch_counts=_counts(args.micro_batches),
-        layouts=(args.layout,) if args.layout else LAYOUTS,
+        layouts=layouts,
         memory_fraction=args.memory_fraction,
         attention_instances=args.attention_instances,
         ffn_instances=args.ffn_instances,
@@ -157,6 +162,9 @@ def run_deploy(args: argparse.Namespace) -> int:
         print(json.dumps(output.plan_dict(chosen), indent=2))
     elif fmt == "helm-values":
         print(output.helm_values(chosen), end="")
+    elif fmt == "serve":
+        model = args.model if Path(args.model).is_dir() else None
+        print(output.serve_command(chosen, model), end="")
     else:
         print(output.plan_table(chosen))
         if args.plot:

@@ -1,12 +1,13 @@
 """`afd serve --model DIR`: a whole disaggregated cluster on this machine (127.0.0.1).
 
-Starts the controller, M attention and N FFN instances and the OpenAI-compatible gateway
-as separate processes, prints where they listen, restarts any of them that dies (as
-Kubernetes would: supervisor.py), and on Ctrl-C or SIGTERM drains and stops all of them:
-the gateway and the attention instances first (they finish the requests in flight), then
-the FFN instances and the controller. With `--colocated` it starts M instances that each
-hold the whole model instead (no controller, no FFN instances) behind the same gateway: the
-baseline that AFD is compared with on the same machine, model and load.
+Starts the controller, M attention and N FFN instances (each of G processes with
+`--gpus-per-ffn-instance G`) and the OpenAI-compatible gateway as separate processes, prints
+where they listen, restarts any of them that dies (as Kubernetes would: supervisor.py), and
+on Ctrl-C or SIGTERM drains and stops all of them: the gateway and the attention instances
+first (they finish the requests in flight), then the FFN instances and the controller. With
+`--colocated` it starts M instances that each hold the whole model instead (no controller,
+no FFN instances) behind the same gateway: the baseline that AFD is compared with on the
+same machine, model and load.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from services.cli.local_cluster import LocalCluster
 from services.cli.supervisor import Supervisor
 from services.common import cluster_config, cluster_secret
+from services.common.cluster import FFN, place_name
 from services.common.cluster_config import ClusterConfig
 
 READY_TIMEOUT_S = 300.0
@@ -90,7 +92,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.set_defaults(run=run)
 
 
-AFD_ONLY = ("ffn_instances", "micro_batches", "ffn_layout", "fp8_dispatch")
+AFD_ONLY = ("ffn_instances", "micro_batches", "ffn_layout", "fp8_dispatch", "gpus_per_ffn_instance")
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -131,8 +133,8 @@ def run(args: argparse.Namespace) -> int:
         signal.signal(signum, lambda *_: stop.set())
     if args.colocated:
         return run_colocated(args, stop)
-    m, n = args.attention_instances, args.ffn_instances
-    cluster = LocalCluster(m + n)
+    m, n, g = args.attention_instances, args.ffn_instances, args.cluster.ffn_instance_size
+    cluster = LocalCluster(m + n * g)
     # Every process of this cluster gets one fresh secret (unless the user set one), so no
     # other process on the machine can join it.
     cluster.env[cluster_secret.ENV] = cluster.env.get(cluster_secret.ENV) or (
@@ -142,7 +144,7 @@ def run(args: argparse.Namespace) -> int:
         controller = cluster.start("controller", controller_args(args), stage=2)
         address = cluster.wait_ready(controller, READY_TIMEOUT_S)
         common = instance_args(args, address)
-        devices = instance_devices(args.device, m + n)
+        devices = instance_devices(args.device, m + n * g)
         attention = [
             cluster.start(
                 f"attention instance {i}",
@@ -163,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
         ]
         ffn = [
             cluster.start(
-                f"ffn instance {i}",
+                place_name(FFN, i, g),
                 [
                     "ffn",
                     "--index",
@@ -175,7 +177,7 @@ def run(args: argparse.Namespace) -> int:
                 ],
                 stage=1,
             )  # fmt: skip
-            for i in range(n)
+            for i in range(n * g)  # the FFN places: instance x G + process
         ]
         addresses = [cluster.wait_ready(child, READY_TIMEOUT_S) for child in attention]
         for child in ffn:
@@ -249,14 +251,17 @@ def serve_until_stopped(
 
 def metrics_targets(cluster: LocalCluster) -> list[dict]:
     """Each child's metrics endpoint as a Prometheus file_sd entry: "attention instance 1"
-    becomes component attention, index 1. (Not "role": the controller's own metrics carry a
+    becomes component attention, index 1; "ffn instance 1 process 0" component ffn, index 1,
+    process 0. (Not "role": the controller's own metrics carry a
     `role` label, which a target label of that name would rename.)"""
     targets = []
     for child in cluster.children:
         if child.metrics is None:
             continue
-        component, _, index = child.name.partition(" instance ")
+        component, _, place = child.name.partition(" instance ")
+        index, _, process = place.partition(" process ")
         labels = {"component": component} | ({"index": index} if index else {})
+        labels |= {"process": process} if process else {}
         targets.append({"targets": [child.metrics], "labels": labels})
     return targets
 
@@ -271,6 +276,7 @@ def controller_args(args: argparse.Namespace) -> list[str]:
         "--micro-batches", str(cluster.num_micro_batches),
         "--max-num-batched-tokens", str(cluster.max_num_batched_tokens),
         "--ffn-layout", cluster.ffn_layout, "--metrics-port", "0",
+        "--gpus-per-ffn-instance", str(cluster.ffn_instance_size),
     ]  # fmt: skip
     return [*controller, "--fp8-dispatch"] if cluster.fp8_dispatch else controller
 

@@ -29,16 +29,22 @@ class _Record:
 
 
 class Supervisor:
-    def __init__(self, cluster: LocalCluster, clock=time.monotonic) -> None:
+    def __init__(
+        self, cluster: LocalCluster, clock=time.monotonic, restart_clean_exits: bool = True
+    ) -> None:
+        """`restart_clean_exits`: start again a process that exited with 0 too (`afd serve`:
+        every process is meant to run until the cluster is stopped)."""
         self.cluster = cluster
         self.clock = clock
+        self.restart_clean_exits = restart_clean_exits
         self.restarts = 0
         self._records: dict[int, _Record] = {}
 
     def check(self) -> None:
         """Restart every child that exited and whose back-off is over; call it often."""
         for child in self.cluster.children:
-            if child.process.poll() is None:
+            code = child.process.poll()
+            if code is None or (code == 0 and not self.restart_clean_exits):
                 continue
             record = self._records.setdefault(id(child), _Record())
             now = self.clock()

@@ -5,6 +5,10 @@ attention members take the first ranks by index, then the FFN members by index. 
 place is always filled (they hold the experts); an attention place may be empty for an epoch
 (its instance died and was left out), so attention indices may have gaps.
 
+A place is one process. An FFN instance of G processes (the cluster's `ffn_instance_size`)
+holds the G places instance x G .. instance x G + G - 1, so the membership lists its processes
+in order and every member derives the instances from it (ffn_instances.py).
+
 Plain values; knows nothing of gRPC or torch. `services.common.control_client` re-exports them.
 """
 
@@ -25,6 +29,15 @@ HEARTBEAT_INTERVAL_S = 1.0  # how often a member tells the controller it is aliv
 SILENT_AFTER_S = 3 * HEARTBEAT_INTERVAL_S  # not heard from this long: presumed dead
 MEMBER_STATES = ("missing", "alive", "silent")  # not registered / heard from / not lately
 WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")  # bind addresses that name no one host
+
+
+def place_name(role: str, index: int, ffn_instance_size: int = 1) -> str:
+    """How messages name a place: "attention instance 2", "ffn instance 1", or, for a
+    process of a several-process FFN instance, "ffn instance 1 process 3"."""
+    if role == FFN and ffn_instance_size > 1:
+        instance, position = divmod(index, ffn_instance_size)
+        return f"{role} instance {instance} process {position}"
+    return f"{role} instance {index}"
 
 
 def reachable_host(bind_host: str) -> str:
@@ -77,6 +90,14 @@ class Membership:
         ffn = [member.index for member in self.members if member.role == FFN]
         if ffn != list(range(len(ffn))) or not ffn:
             raise ValueError(f"ffn indices must be 0..{len(ffn) - 1}, got {ffn}")
+        if len(ffn) % self.config.ffn_instance_size:
+            raise ValueError(
+                f"{len(ffn)} FFN processes do not make whole FFN instances of "
+                f"{self.config.ffn_instance_size}"
+            )
+
+    def name_of(self, member: Member) -> str:
+        return place_name(member.role, member.index, self.config.ffn_instance_size)
 
     def address_of(self, role: str, index: int) -> str | None:
         """The address of the member in place (role, index), or None if it is empty."""

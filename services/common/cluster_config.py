@@ -12,6 +12,9 @@ of its own for them, so two instances cannot disagree and fail mid-run:
   model's dtype); a sender and a receiver that differ read garbage.
 - `ffn_layout`: how the FFN instances share the dense MLPs and the shared expert; every FFN
   instance must hold its part of the same split.
+- `ffn_instance_size`: processes (GPUs) per FFN instance, G. Every member derives from it
+  which FFN processes form an instance and which one each attention instance sends to
+  (services/common/ffn_instances.py); the experts are split over all N x G processes.
 
 Per instance, and so not here: the KV cache (its dtype, size and block size) never leaves its
 attention instance, so instances on different GPUs may choose differently; likewise
@@ -45,6 +48,7 @@ class ClusterConfig:
     max_num_batched_tokens: int = DEFAULT_MAX_NUM_BATCHED_TOKENS  # per attention instance, step
     fp8_dispatch: bool = False  # activations towards the FFN side as e4m3 + per-token scales
     ffn_layout: str = SPLIT  # dense MLPs and the shared expert: SPLIT or REPLICATED
+    ffn_instance_size: int = 1  # G: processes (GPUs) per FFN instance
 
     def __post_init__(self) -> None:
         if not _is_int(self.num_micro_batches) or not (
@@ -65,6 +69,17 @@ class ClusterConfig:
             raise ValueError(
                 f"ffn_layout (--ffn-layout) must be one of {', '.join(LAYOUTS)}, "
                 f"got {self.ffn_layout!r}"
+            )
+        if not _is_int(self.ffn_instance_size) or self.ffn_instance_size < 1:
+            raise ValueError(
+                "ffn_instance_size (--gpus-per-ffn-instance) must be a positive integer, "
+                f"got {self.ffn_instance_size!r}"
+            )
+        if self.ffn_instance_size > 1 and self.ffn_layout != SPLIT:
+            raise ValueError(
+                f"--gpus-per-ffn-instance {self.ffn_instance_size} takes --ffn-layout {SPLIT}: "
+                "the processes of an FFN instance add up partial sums, which replicated MLPs "
+                "do not make"
             )
 
     @classmethod
@@ -93,6 +108,7 @@ _DEST = {
     "max_num_batched_tokens": "max_num_batched_tokens",
     "fp8_dispatch": "fp8_dispatch",
     "ffn_layout": "ffn_layout",
+    "ffn_instance_size": "gpus_per_ffn_instance",
 }
 
 
@@ -125,6 +141,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=LAYOUTS,
         help="dense MLPs and the shared expert: split across FFN instances (partial sums) or "
         f"replicated on each (default {defaults.ffn_layout})",
+    )
+    parser.add_argument(
+        "--gpus-per-ffn-instance",
+        type=int,
+        metavar="G",
+        help="processes (one GPU each) per FFN instance: each attention instance sends a "
+        "micro-batch to one of them, and they exchange it inside the instance (default "
+        f"{defaults.ffn_instance_size})",
     )
 
 

@@ -72,8 +72,9 @@ def wait_for_all(store: dist.Store, membership: Membership, rank: int, timeout_s
 
 
 def peer_names(membership: Membership) -> dict[int, str]:
-    """rank -> "attention instance 0" / "ffn instance 2", for error messages."""
-    return {m.rank: f"{m.role} instance {m.index}" for m in membership.members}
+    """rank -> "attention instance 0" / "ffn instance 2" / "ffn instance 1 process 0", for
+    error messages."""
+    return {m.rank: membership.name_of(m) for m in membership.members}
 
 
 def leave_group() -> None:

@@ -21,11 +21,13 @@ from services.common.cluster import (
     HEARTBEAT_INTERVAL_S,
     SILENT_AFTER_S,
     ClusterState,
+    place_name,
     reachable_host,
 )
 from services.common.cluster_config import ClusterConfig
 from services.common.control_client import ControlClient, ControlError, Membership, PlaceTaken
 from services.common.dist import join_group, leave_group, peer_names, wait_for_all
+from services.common.ffn_instances import InstanceGroups, form_instance_groups
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, ErrorCodes, GrpcServer
 from services.common.metrics import add_metrics_argument
@@ -122,7 +124,9 @@ class Instance:
     """One member's lifecycle. `membership` and `rank` are set by `join`; `needs_rejoin()`
     says when the heartbeat learnt that the cluster moved on without it (call `rejoin`).
     `config`: the cluster's facts, from the first `cluster_state()` or `join()`; the
-    instance is built for them, so a later answer with others raises ClusterConfigChanged."""
+    instance is built for them, so a later answer with others raises ClusterConfigChanged.
+    `ffn_groups`: set by `join` for a process of an FFN instance of several, its instance's
+    own groups (ffn_instances.py); None otherwise."""
 
     def __init__(
         self,
@@ -137,6 +141,7 @@ class Instance:
         self._cluster_epoch = 0  # the newest epoch a heartbeat reported
         self._unknown = False  # the controller did not know this member (it restarted)
         self.membership: Membership | None = None
+        self.ffn_groups: InstanceGroups | None = None
         self.traffic = Traffic()  # data-plane bytes over every epoch (metrics)
         self.config: ClusterConfig | None = None
         self.server = GrpcServer(error_codes, max_workers, secret=options.cluster_secret)
@@ -149,6 +154,13 @@ class Instance:
         self._heartbeat.start()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: self.stopping.set())
+
+    @property
+    def name(self) -> str:
+        """ "ffn instance 1", or "ffn instance 1 process 0" once the cluster's facts say its
+        FFN instances are of several processes."""
+        size = 1 if self.config is None else self.config.ffn_instance_size
+        return place_name(self.options.role, self.options.index, size)
 
     @property
     def address(self) -> str:
@@ -166,7 +178,7 @@ class Instance:
                 state = self.control.state()
             except (TimeoutError, ConnectionError) as err:
                 if self.stopping.is_set():
-                    raise InterruptedError(f"{self.options.name} is stopping") from err
+                    raise InterruptedError(f"{self.name} is stopping") from err
                 log.info("waiting for the controller: %s", err)
                 continue
             self._adopt(state.config)
@@ -200,6 +212,7 @@ class Instance:
         groups, headers = (
             (channel_groups(), steps_group()) if o.device.type == "cuda" else (None, None)
         )
+        self.ffn_groups = form_instance_groups(membership, self.rank, o.device)
         names = peer_names(membership)
         return membership, Transport(names, o.step_timeout_s, groups, headers, self.traffic)
 
@@ -212,7 +225,7 @@ class Instance:
         start = time.monotonic()
         while True:
             if interruptible and self.stopping.is_set():
-                raise InterruptedError(f"{o.name} is stopping")
+                raise InterruptedError(f"{self.name} is stopping")
             left = timeout_s - (time.monotonic() - start)
             try:
                 return self.control.register(
@@ -238,7 +251,7 @@ class Instance:
         timeout): a new membership and group. `prepare(membership)` runs before this member
         says it is ready (an FFN instance re-shards there when the FFN count changed)."""
         old = self.membership.epoch if self.membership else 0
-        log.warning("%s leaves epoch %d: %s", self.options.name, old, why)
+        log.warning("%s leaves epoch %d: %s", self.name, old, why)
         try:
             leave_group()
         except RuntimeError as err:  # a broken group may fail to close; it is dropped anyway
@@ -247,7 +260,7 @@ class Instance:
         if prepare is not None:
             prepare(membership)
         self.wait_for_peers(self.options.recovery_timeout_s)
-        log.info("%s joined epoch %d as rank %d", self.options.name, membership.epoch, self.rank)
+        log.info("%s joined epoch %d as rank %d", self.name, membership.epoch, self.rank)
         return membership, transport
 
     def needs_rejoin(self) -> bool:

@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         servicer = ControllerServicer(registry, steps)
         # A long-poll holds a thread; a member may hold two (a step wait and a heartbeat).
         # A cluster that can be scaled gets room for four times its starting size.
-        num_members = spec.num_attention_instances + spec.num_ffn_instances
+        num_members = len(spec.slots())
         if discovery is not None:
             num_members *= 4
         max_workers = args.max_workers or max(DEFAULT_MAX_WORKERS, 2 * num_members + 16)

@@ -44,6 +44,7 @@ from services.common.cluster import (
     Member,
     Membership,
     Slot,
+    place_name,
 )
 from services.common.cluster_config import ClusterConfig
 from services.controller.errors import Conflict, Refused, ShuttingDown
@@ -73,6 +74,18 @@ class ClusterSpec:
     def num_instances(self, role: str) -> int:
         return self.num_attention_instances if role == ATTENTION else self.num_ffn_instances
 
+    def num_places(self, role: str) -> int:
+        """Places are processes: an FFN instance holds `ffn_instance_size` of them."""
+        return self.num_instances(role) * (self.group_size if role == FFN else 1)
+
+    @property
+    def group_size(self) -> int:
+        """Processes per FFN instance: FFN places join and go in whole groups of them."""
+        return self.config.ffn_instance_size
+
+    def name(self, role: str, index: int) -> str:
+        return place_name(role, index, self.group_size)
+
     def resized(self, num_attention_instances: int, num_ffn_instances: int) -> ClusterSpec:
         return replace(
             self,
@@ -82,7 +95,7 @@ class ClusterSpec:
 
     def slots(self) -> list[Slot]:
         """Every expected place, in rank order."""
-        return [(role, index) for role in ROLES for index in range(self.num_instances(role))]
+        return [(role, index) for role in ROLES for index in range(self.num_places(role))]
 
 
 @dataclass(frozen=True)
@@ -143,10 +156,11 @@ class Registry:
         process taking it again while the epoch forms, or after it formed with this member
         in it, is a no-op (a retry); a new process at the same address is a new member."""
         if not address:
-            raise ValueError(f"{role} instance {index} registered without an address")
+            raise ValueError(f"{self.spec.name(role, index)} registered without an address")
         if fingerprint != self.spec.fingerprint:
             raise Refused(
-                f"{role} instance {index} serves model fingerprint {fingerprint or '(none)'} "
+                f"{self.spec.name(role, index)} serves model fingerprint "
+                f"{fingerprint or '(none)'} "
                 f"but the cluster serves {self.spec.fingerprint}: start it with the same "
                 "checkpoint"
             )
@@ -159,8 +173,8 @@ class Registry:
             holder = (formed.address_of(*slot) if formed else None) or self._addresses.get(slot)
             if holder is not None and holder != address and not self._silent(slot):
                 raise Conflict(
-                    f"{role} instance {index} is already registered from {holder}; "
-                    f"{address} cannot take it too: give each {role} instance its own index"
+                    f"{self.spec.name(role, index)} is already registered from {holder}; "
+                    f"{address} cannot take it too: give each {role} process its own index"
                 )
             self._last_seen[slot] = self._clock()
             same_process = self._incarnations.get(slot, incarnation) == incarnation
@@ -176,7 +190,7 @@ class Registry:
                     why = "its process restarted"
                 else:
                     why = f"{address} takes the place"
-                self._open_next(f"{role} instance {index} registered: {why}")
+                self._open_next(f"{self.spec.name(role, index)} registered: {why}")
             self._addresses[slot] = address
             self._try_form()
 
@@ -198,8 +212,10 @@ class Registry:
                 return self._membership
             expected = self._expected()
             missing = expected - set(self._addresses)
-            if (role, index) not in expected:  # an FFN place past a gap waits for the gap
-                missing |= {(FFN, i) for i in range(index) if (FFN, i) not in self._last_seen}
+            if (role, index) not in expected:  # an FFN place past a gap waits for the gap,
+                g = self.spec.group_size  # and for the rest of its instance
+                end = (index // g + 1) * g
+                missing |= {(FFN, i) for i in range(end) if (FFN, i) not in self._last_seen}
             return RegistrationPending(tuple(sorted(missing, key=rank_order)))
 
     def heartbeat(self, role: str, index: int) -> tuple[bool, int]:
@@ -211,7 +227,7 @@ class Registry:
                 return False, self._epoch
             if (role, index) not in self._last_seen:
                 raise Refused(
-                    f"{role} instance {index} sent a heartbeat but is not registered (the "
+                    f"{self.spec.name(role, index)} sent a heartbeat but is not registered (the "
                     "controller restarted, or the member left): register again"
                 )
             self._last_seen[(role, index)] = self._clock()
@@ -229,7 +245,7 @@ class Registry:
             self._incarnations.pop(slot, None)
             formed = self._membership
             if formed is not None and formed.address_of(*slot) is not None:
-                self._open_next(f"{role} instance {index} left")
+                self._open_next(f"{self.spec.name(role, index)} left")
             self._try_form()
 
     def tick(self) -> None:
@@ -243,11 +259,7 @@ class Registry:
             if formed is None:
                 self._try_form()
                 return
-            silent = [
-                f"{m.role} instance {m.index}"
-                for m in formed.members
-                if self._silent((m.role, m.index))
-            ]
+            silent = [formed.name_of(m) for m in formed.members if self._silent((m.role, m.index))]
             if silent:
                 self._open_next(
                     f"{', '.join(silent)} silent for over {self.silent_after_s:g} s, presumed dead"
@@ -255,16 +267,21 @@ class Registry:
                 self._try_form()
 
     def gone(self, role: str, index: int, host: str) -> None:
-        """The pod that ran (role, index) at `host` no longer exists: its member is gone,
-        drained or not (no need to wait for its silence). A member that registered from
-        another host since (its replacement) stays."""
+        """Pod `index` of `role` at `host` no longer exists: its members (an FFN pod runs
+        its instance's processes) are gone, drained or not (no need to wait for their
+        silence). A member that registered from another host since (its replacement) stays."""
+        size = self.spec.group_size if role == FFN else 1
+        for place in range(index * size, (index + 1) * size):
+            self._gone(role, place, host)
+
+    def _gone(self, role: str, index: int, host: str) -> None:
         slot = (role, index)
         with self._cond:
             formed = self._membership
             address = (formed.address_of(*slot) if formed else None) or self._addresses.get(slot)
             if address is None or address.rsplit(":", 1)[0].strip("[]") != host:
                 return
-            log.info("%s instance %d: its pod at %s is gone", role, index, host)
+            log.info("%s: its pod at %s is gone", self.spec.name(role, index), host)
             self.leave(role, index)
 
     def resize(self, num_attention_instances: int, num_ffn_instances: int) -> None:
@@ -293,8 +310,8 @@ class Registry:
             return ClusterState(
                 self._epoch,
                 self._membership or self._previous,
-                self.spec.num_attention_instances,
-                self.spec.num_ffn_instances,
+                self.spec.num_places(ATTENTION),
+                self.spec.num_places(FFN),
                 self.spec.config,
             )
 
@@ -314,7 +331,7 @@ class Registry:
         within `silent_after_s`) or "silent" (registered, not heard from since)."""
         now = self._clock()
         with self._cond:
-            indices = range(self.spec.num_instances(role))
+            indices = range(self.spec.num_places(role))
             seen = [self._last_seen.get((role, i)) for i in indices]
         if state == "missing":
             return sum(t is None for t in seen)
@@ -331,11 +348,13 @@ class Registry:
         size is valid only while its member is known (scaled down, still draining)."""
         if role not in ROLES:
             raise ValueError(f"role must be one of {ROLES}, got {role!r}")
-        expected = self.spec.num_instances(role)
+        expected = self.spec.num_places(role)
         if not 0 <= index < expected and (role, index) not in self._last_seen:
+            processes = f" of {self.spec.group_size} processes" if role == FFN else ""
             raise Refused(
-                f"{role} index {index} is out of range: the cluster expects {expected} "
-                f"{role} instance(s), indices 0..{expected - 1}"
+                f"{role} index {index} is out of range: the cluster expects "
+                f"{self.spec.num_instances(role)} {role} instance(s){processes}, indices "
+                f"0..{expected - 1}"
             )
 
     def _silent(self, slot: Slot) -> bool:
@@ -346,9 +365,9 @@ class Registry:
         """The places the current epoch waits for. The first epoch: every place. Later ones:
         FFN places 0..n-1, where n covers the last epoch's FFN places within the size (a
         dead member's experts wait for its replacement) and every FFN place heard from up to
-        the first never heard from (new places, members above the size still draining); and
-        the places of the attention members alive (a dead one's place stays empty; its
-        replacement joins a later epoch)."""
+        the first never heard from (new places, members above the size still draining), in
+        whole FFN instances; and the places of the attention members alive (a dead one's
+        place stays empty; its replacement joins a later epoch)."""
         last = self._membership or self._previous
         if last is None:
             return set(self.spec.slots())
@@ -356,7 +375,8 @@ class Registry:
         heard = 0
         while (FFN, heard) in known:
             heard += 1
-        num_ffn = max(min(len(last.ffn_ranks), self.spec.num_ffn_instances), heard)
+        heard -= heard % self.spec.group_size  # an instance joins when all of it is heard
+        num_ffn = max(min(len(last.ffn_ranks), self.spec.num_places(FFN)), heard)
         ffn = {(FFN, i) for i in range(num_ffn)}
         attention = {slot for slot in known if slot[0] == ATTENTION and not self._silent(slot)}
         return ffn | attention
@@ -367,7 +387,7 @@ class Registry:
         removed = [
             (role, index)
             for role, index in self._last_seen
-            if index >= self.spec.num_instances(role) and self._silent((role, index))
+            if index >= self.spec.num_places(role) and self._silent((role, index))
         ]
         for slot in removed:
             del self._last_seen[slot]
@@ -376,7 +396,7 @@ class Registry:
         formed = self._membership
         gone = [s for s in removed if formed is not None and formed.address_of(*s) is not None]
         if gone:
-            names = ", ".join(f"{role} instance {index}" for role, index in gone)
+            names = ", ".join(self.spec.name(role, index) for role, index in gone)
             self._open_next(f"{names} removed by a resize and silent")
 
     def _open_next(self, why: str) -> None:
@@ -416,7 +436,7 @@ class Registry:
         log.info(
             "epoch %d formed: %s",
             self._epoch,
-            ", ".join(f"{m.role} {m.index}" for m in members),
+            ", ".join(self.spec.name(m.role, m.index) for m in members),
         )
         if self._on_change is not None:
             self._on_change(self._membership)

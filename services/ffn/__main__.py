@@ -1,4 +1,6 @@
-"""`afd ffn --index I --controller HOST:PORT --model DIR`: one FFN instance.
+"""`afd ffn --index I --controller HOST:PORT --model DIR`: one FFN instance, or one process
+of an FFN instance of G (the cluster's `--gpus-per-ffn-instance`): then I is the process's
+FFN place, instance x G + position, and its peers are the places beside it.
 
 It reads its share of every layer's feed-forward weights, joins the cluster, and then runs
 steps until the cluster shuts down: while the cluster is busy one after another, each sized
@@ -27,10 +29,12 @@ from services.common.control_client import (
     ControlError,
     Membership,
 )
+from services.common.ffn_instances import instance_ranks
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
 from services.common.metrics import DataPlaneBytes, FFNMetrics, sampler_for, serve_metrics
 from services.common.model.build import resolve_dtype
 from services.common.transport import PeerFailure, Transport
+from services.ffn.instance_group import InstanceGroup
 from services.ffn.loader import ShardLoader, expected_ffn_count
 from services.ffn.worker import FFNMonitor, FFNWorker
 
@@ -80,20 +84,26 @@ def run(args: argparse.Namespace) -> int:
             monitor,
             summarises=first_ffn(instance, membership),
             cuda_graphs=not args.enforce_eager,
+            instance=instance_group(instance),
         )
         del shard  # the worker's from now on: a re-shard must be able to free it
         loader.refit(worker, membership)
         serve_metrics(registry, options.host, args.metrics_port)
         instance.wait_for_peers()
         instance.server.set_serving(True)
-        print(f"{options.name} serving on {instance.address}", flush=True)
+        print(f"{instance.name} serving on {instance.address}", flush=True)
         while (why := serve(worker, instance)) is not None:
             instance.server.set_serving(False)
             joined = rejoin(instance, why, lambda m: loader.refit(worker, m))
             if joined is None:
                 break
             membership, transport = joined
-            worker.rebind(transport, membership.attention_ranks, first_ffn(instance, membership))
+            worker.rebind(
+                transport,
+                membership.attention_ranks,
+                first_ffn(instance, membership),
+                instance_group(instance),
+            )
             instance.server.set_serving(True)
         instance.leave()
         return 0
@@ -118,8 +128,14 @@ def rejoin(
 
 
 def first_ffn(instance: Instance, membership: Membership) -> bool:
-    """Whether this is the epoch's first FFN instance (it summarises every step)."""
-    return membership.ffn_ranks[0] == instance.rank
+    """Whether this is (a process of) the epoch's first FFN instance: it summarises every
+    step to the attention instances it is the door of."""
+    return instance.rank in instance_ranks(membership)[0]
+
+
+def instance_group(instance: Instance) -> InstanceGroup | None:
+    """This process's FFN instance's exchange, where the instance is several processes."""
+    return None if instance.ffn_groups is None else InstanceGroup(instance.ffn_groups)
 
 
 def serve(worker: FFNWorker, instance: Instance) -> str | None:

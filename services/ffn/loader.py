@@ -31,13 +31,15 @@ log = logging.getLogger(__name__)
 
 
 def expected_ffn_count(state: ClusterState, index: int) -> int:
-    """How many FFN instances the epoch this instance joins will likely have: the cluster's
-    size before the first epoch; later, the current count, or one past this index for a new
-    place (scaled up), never more than the size."""
+    """How many FFN places (processes) the epoch this one joins will likely have: the
+    cluster's size before the first epoch; later, the current count, or up to this place's
+    whole instance for a new one (scaled up), never more than the size."""
     formed = state.membership
     if formed is None:
         return state.num_ffn_places
-    return min(state.num_ffn_places, max(len(formed.ffn_ranks), index + 1))
+    g = state.config.ffn_instance_size
+    through_mine = (index // g + 1) * g
+    return min(state.num_ffn_places, max(len(formed.ffn_ranks), through_mine))
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,6 @@ class FFNWorker:
                 "an FFN instance of several processes splits its MLPs: the replicated layout "
                 "takes one-process FFN instances"
             )
-        self.instance = instance
         self.monitor = monitor
         self.cfg = cfg
         self.shard = shard
@@ -97,7 +96,7 @@ class FFNWorker:
         self.cuda_graphs = cuda_graphs
         self.graphs: FFNGraphs | None = None
         self.attention_ranks: list[int] = []
-        self.rebind(transport, attention_ranks, summarises)
+        self.rebind(transport, attention_ranks, summarises, instance)
 
     def reshard(self, shard: FFNHalf | None) -> None:
         """Hold another share of the weights (the FFN side was scaled); None drops this one
@@ -116,11 +115,17 @@ class FFNWorker:
             self.graphs = FFNGraphs(self.shard, max_tokens, self.dtype)
 
     def rebind(
-        self, transport: Transport, attention_ranks: list[int], summarises: bool = True
+        self,
+        transport: Transport,
+        attention_ranks: list[int],
+        summarises: bool = True,
+        instance: InstanceGroup | None = None,
     ) -> None:
-        """Serve a new membership epoch: its group, its attention members. `summarises`:
-        this is the first FFN instance, which sends every step's total to the attention side."""
+        """Serve a new membership epoch: its group, its attention members, its instance's
+        groups. `summarises`: this is (a process of) the first FFN instance, which sends
+        every step's total to the attention side."""
         resized = len(attention_ranks) != len(self.attention_ranks)
+        self.instance = instance
         self.transport = transport
         self.attention_ranks = attention_ranks
         self.summarises = summarises and len(attention_ranks) > 1

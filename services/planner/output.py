@@ -13,7 +13,7 @@ from typing import Any
 
 from services.planner.cost import CostReport
 from services.planner.deploy import Plan
-from services.planner.stages import StageFit, attention_memory
+from services.planner.stages import StageFit, attention_memory, message_bytes
 
 STAGE_LABELS = {"attention": "attention", "ffn": "FFN", "a2f": "A2F", "f2a": "F2A"}
 
@@ -111,6 +111,10 @@ def plan_dict(plan: Plan) -> dict[str, Any]:
         "kv_cache_bytes_per_attention_gpu": attention_memory(cluster)[1]
         * plan.batch_per_attention_gpu,
         "ffn_layout": shape.layout,
+        # What one attention GPU sends and receives per token of one MoE (or, in a dense
+        # model, dense) layer: one message to each FFN instance, one partial back from each.
+        "network_bytes_per_token_layer": shape.ffn_instances
+        * sum(message_bytes(cluster.model, cluster.model.ffn.is_moe)),
         "predicted_tpot_ms": plan.tpot_s * 1e3,
         "tokens_per_gpu_s": plan.tokens_per_gpu_s,
         "tokens_per_s": tokens_per_s,
@@ -142,6 +146,8 @@ def plan_table(plan: Plan) -> str:
         f"  FFN instances        {d['ffn_instances']:>4}  ({d['ffn_gpus']} GPUs), layout "
         f"{d['ffn_layout']}",
         f"  micro-batches        {d['micro_batches']:>4}",
+        f"  network per token    {d['network_bytes_per_token_layer'] / 1e3:7.1f} KB per {layer} "
+        "layer per attention GPU (both directions)",
         f"  predicted TPOT       {d['predicted_tpot_ms']:7.1f} ms",
         f"  tokens/GPU/s         {d['tokens_per_gpu_s']:7.0f}  ({d['tokens_per_s']:,.0f} tokens/s "
         f"on {d['total_gpus']} GPUs, {d['cost_per_1m_tokens']:.3f} USD per 1M tokens)",
@@ -159,16 +165,20 @@ def plan_table(plan: Plan) -> str:
 
 
 def helm_values(plan: Plan) -> str:
-    """Values for deploy/helm/afd: one pod (one GPU) per attention or FFN instance, as the
-    plan was made (`afd plan` refuses another instance size for these values)."""
+    """Values for deploy/helm/afd: an attention GPU is a one-GPU pod (an attention instance
+    of G GPUs is G data-parallel ones), an FFN instance a pod of G GPUs (ffn.gpusPerInstance)."""
     d = plan_dict(plan)
+    g = d["gpus_per_instance"]
     header = [
         f"# afd plan: {d['model']}, {d['context']} tokens of context, TPOT SLA "
         f"{d['tpot_sla_ms']:g} ms, {d['gpu']}",
         f"# predicted {d['tokens_per_gpu_s']:.0f} tokens/GPU/s at TPOT "
         f"{d['predicted_tpot_ms']:.1f} ms; binding: {d['binding']}",
     ]
-    gpu_limit = ["  resources:", "    limits:", "      nvidia.com/gpu: 1"]
+
+    def gpu_limit(gpus: int) -> list[str]:
+        return ["  resources:", "    limits:", f"      nvidia.com/gpu: {gpus}"]
+
     body = [
         "controller:",
         f"  microBatches: {d['micro_batches']}",
@@ -181,11 +191,30 @@ def helm_values(plan: Plan) -> str:
         # dtype when planned with 2 bytes per element).
         f"  kvCacheDtype: {'fp8' if d['kv_bytes_per_element'] == 1 else 'auto'}",
         f"  kvCacheGiB: {max(1, math.ceil(d['kv_cache_bytes_per_attention_gpu'] / 2**30))}",
-        *gpu_limit,
+        *gpu_limit(1),
         "ffn:",
-        f"  replicas: {d['ffn_gpus']}",
-        *gpu_limit,
+        f"  replicas: {d['ffn_instances']}",
+        *([f"  gpusPerInstance: {g}"] if g > 1 else []),
+        *gpu_limit(g),
         "gateway:",
         f"  tpotSlaMs: {d['tpot_sla_ms']:g}",
     ]
     return "\n".join(header + body) + "\n"
+
+
+def serve_command(plan: Plan, model: str | None) -> str:
+    """`afd serve`'s command line for the plan on one machine of enough GPUs: the topology
+    the chart deploys. `model`: the checkpoint folder (None: planned from a preset, whose
+    checkpoint the user names)."""
+    d = plan_dict(plan)
+    header = [] if model else [f"# CHECKPOINT: a folder holding a {d['model']} checkpoint"]
+    command = " ".join([
+        "afd serve --device cuda --model", model or "CHECKPOINT",
+        f"--attention-instances {d['attention_gpus']}",
+        f"--ffn-instances {d['ffn_instances']}",
+        f"--gpus-per-ffn-instance {d['gpus_per_instance']}",
+        f"--micro-batches {d['micro_batches']}",
+        f"--ffn-layout {d['ffn_layout']}",
+        f"--kv-cache-dtype {'fp8' if d['kv_bytes_per_element'] == 1 else 'auto'}",
+    ])  # fmt: skip
+    return "\n".join([*header, command]) + "\n"

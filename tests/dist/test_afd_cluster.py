@@ -4,7 +4,9 @@ micro-batch count; and it stops without leaving a process behind."""
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import subprocess
 import time
 import urllib.request
@@ -27,7 +29,7 @@ from services.common.sampling_params import SamplingParams
 from services.common.wire.attention_client import AttentionClient
 from tests.support.cluster import CLUSTER_SECRET, Cluster, afd, wait_until_gone
 from tests.support.models import a2f_bytes_per_token
-from tests.support.processes import Child
+from tests.support.processes import Child, pid_of
 
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, ignore_eos=True)
 FP8_LOGPROB_TOLERANCE = 0.25  # e4m3 keeps 3 mantissa bits: ~6% per activation
@@ -82,6 +84,16 @@ def test_disaggregated_equals_single_process(checkpoint, prompts, expected, m, n
         )
     assert code == 0
     assert wait_until_gone(str(checkpoint)) == []
+
+
+def test_ffn_instances_of_two_processes_give_the_same_tokens(checkpoint, prompts, expected):
+    cluster = serve(checkpoint, 1, 2, 3, "--gpus-per-ffn-instance", "2")
+    try:
+        results = cluster.generate_all(prompts, PARAMS)
+    finally:
+        assert cluster.stop() == 0
+    assert [r.token_ids for r in results] == [e.token_ids for e in expected]
+    assert sum("ffn instance 1 process 1 serving on" in line for line in cluster.lines) == 1
 
 
 def test_replicated_ffn_layout_gives_the_same_tokens(checkpoint, prompts, expected):
@@ -257,3 +269,58 @@ def test_a_lone_attention_instance_idles_past_the_step_timeout(checkpoint, promp
     finally:
         assert cluster.stop() == 0
     assert [r.token_ids for r in results] == [e.token_ids for e in expected[:2]]
+
+
+def test_an_ffn_pod_runs_its_instance_s_processes_and_restarts_one_that_dies(
+    checkpoint, prompts, expected
+):
+    """`afd ffn-pod`, what an FFN pod of G GPUs runs: every process of one FFN instance, by
+    one command beside the controller and attention instances as the Helm chart starts them.
+    Each attention instance sends its tokens to the instance once (to its door process); a
+    process killed with SIGKILL is started again by the pod, and the cluster re-forms around
+    it; a cluster shut down by the controller ends the pod cleanly."""
+    controller = Child(afd(
+        "controller", "--attention-instances", "2", "--ffn-instances", "1",
+        "--gpus-per-ffn-instance", "2", "--model", str(checkpoint), "--micro-batches", "2",
+        "--max-num-batched-tokens", str(BUDGET), stdout=subprocess.PIPE,
+    ))  # fmt: skip
+    children: list[Child] = []
+    try:
+        address = controller.wait_for(r"controller listening on (\S+)")[1]
+        instance = ["--controller", address, "--model", str(checkpoint), "--dtype", "float32"]
+        instance += ["--step-timeout", "3", "--metrics-port", "0"]
+        attention = [
+            Child(afd("attention", "--index", str(i), *instance, stdout=subprocess.PIPE))
+            for i in range(2)
+        ]
+        pod = Child(afd("ffn-pod", "--index", "0", "--processes", "2", *instance,
+                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT))  # fmt: skip
+        children = [*attention, pod]
+        serving = [child.wait_for(r"serving on (\S+)")[1] for child in attention]
+        metrics = [child.wait_for(r"metrics on (\S+)")[1] for child in attention]
+        pod.wait_for(r"\[ffn instance 0 process 1\] ffn instance 0 process 1 serving on")
+
+        def served() -> list[list[int]]:
+            where = [serving[i % 2] for i in range(len(prompts))]
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                return [ids for ids, _ in pool.map(generate, where, prompts, range(len(prompts)))]
+
+        assert served() == [e.token_ids for e in expected]
+        # Each attention instance sent every token it computed once: to its door process.
+        cfg = load_config(checkpoint)
+        per_token = a2f_bytes_per_token(cfg, torch.float32, fp8=False)
+        for where in metrics:
+            tokens = attention_batch_tokens(where)["sum"]
+            assert tokens > 0 and data_plane_bytes(where)[("a2f", "sent")] == tokens * per_token
+
+        os.kill(pid_of("ffn --index 1", str(checkpoint)), signal.SIGKILL)
+        pod.wait_for("ffn instance 0 process 1 exited with code -9; restarting it")
+        assert served() == [e.token_ids for e in expected]
+
+        with ControlClient(address, secret=CLUSTER_SECRET) as client:
+            client.shutdown()
+        assert [child.process.wait(60) for child in children] == [0, 0, 0]
+    finally:
+        for child in children:
+            child.stop()
+        controller.stop()

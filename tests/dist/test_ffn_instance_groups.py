@@ -33,6 +33,7 @@ from services.common.model.ffn_half import ShardSpec
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.sampling_params import SamplingParams
 from services.common.transport import Transport
+from services.common.ffn_instances import InstanceGroups
 from services.ffn.instance_group import InstanceGroup
 from services.ffn.worker import FFNWorker
 from tests.support.models import a2f_bytes_per_token, random_model, small_config
@@ -140,7 +141,7 @@ def ffn_process(port: int, f: int, p: int, m: int, n: int, g: int, k: int) -> No
         shard = build_ffn_half(CFG, _tensors(ffn_side=True), spec, dtype=DTYPE)
         worker = FFNWorker(
             CFG, shard, transport, list(range(m)), k, BUDGET, DTYPE, CPU,
-            summarises=f == 0, instance=InstanceGroup(data, headers, p, g),
+            summarises=f == 0, instance=InstanceGroup(InstanceGroups(data, headers, p, g)),
         )  # fmt: skip
         step, idle = 0, True
         while not idle or store.get(f"open/{step}") != b"stop":
@@ -182,7 +183,9 @@ def run_cluster(m: int, n: int, g: int, k: int) -> tuple[dict[str, list[int]], l
             process.join(5)
 
 
-@pytest.mark.parametrize(("m", "n", "g", "k"), [(2, 1, 2, 2), (1, 2, 2, 3)])
+@pytest.mark.parametrize(
+    ("m", "n", "g", "k"), [(2, 1, 2, 2), (1, 2, 2, 3), (2, 2, 2, 4), (1, 1, 3, 1)]
+)
 def test_ffn_instances_of_several_processes_give_the_reference_tokens(m, n, g, k):
     expected = local_engine(random_model(CFG, DTYPE), ENGINE).generate(PROMPTS, PARAMS)
     tokens, traffic = run_cluster(m, n, g, k)

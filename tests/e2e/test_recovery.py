@@ -169,6 +169,22 @@ def test_killing_an_ffn_instance_mid_stream_loses_no_request(checkpoint):
         served_within(client_of(cluster), 30)
 
 
+def test_killing_one_process_of_an_ffn_instance_of_two_loses_no_request(checkpoint):
+    # Two attention instances enter the FFN instance at a process each (a % 2): the killed
+    # process is attention instance 1's door, and its partner computes half the experts.
+    with serving(checkpoint, 2, 1, "--gpus-per-ffn-instance", "2") as cluster:
+        reference, outs = killed_mid_stream(cluster, checkpoint, PROMPTS[:16], "ffn --index 1")
+        assert all(r.error is None and r.finish_reason == "length" for r in reference)
+        assert [o.error for o in outs] == [None] * 16
+        assert [o.text for o in outs] == [r.text for r in reference]
+        assert any(
+            "ffn instance 0 process 1 exited with code -9; restarting it" in x
+            for x in cluster.lines
+        )
+        assert any("epoch 2 formed" in line for line in cluster.lines)
+        served_within(client_of(cluster), 30)
+
+
 def test_killing_an_attention_instance_ends_its_requests_clearly_and_the_rest_go_on(checkpoint):
     with serving(checkpoint, 2, 1) as cluster:
         reference, outs = killed_mid_stream(

@@ -90,3 +90,10 @@ def test_the_count_to_load_for_comes_from_the_controller():
     assert expected_ffn_count(state(membership(2), 2), 1) == 2, "a replacement"
     assert expected_ffn_count(state(membership(2), 3), 2) == 3, "a new place (scaled up)"
     assert expected_ffn_count(state(membership(3), 2), 0) == 2, "never above the size"
+
+    def grouped(formed: Membership | None, size: int) -> ClusterState:
+        return ClusterState(1, formed, 1, size, ClusterConfig(ffn_instance_size=2))
+
+    # A new FFN instance of 2 processes: either of them loads for the places through both.
+    assert expected_ffn_count(grouped(membership(2), 4), 2) == 4
+    assert expected_ffn_count(grouped(membership(2), 4), 3) == 4

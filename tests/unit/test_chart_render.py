@@ -345,3 +345,44 @@ def test_every_autoscaling_query_is_promql_prometheus_accepts(tmp_path):
     path.write_text(yaml.safe_dump(rules))
     check = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True)
     assert len(queries) >= 3 and check.returncode == 0, check.stdout + check.stderr
+
+
+def test_an_ffn_pod_of_four_gpus_runs_its_four_processes_and_each_is_scraped():
+    values = copy.deepcopy(GPU_2A2F)
+    values["ffn"]["gpusPerInstance"] = 4
+    values["ffn"]["resources"]["limits"]["nvidia.com/gpu"] = 4
+    values["ffn"]["autoscaling"]["maxReplicas"] = 8
+    rendered = render(values)
+    errors = [
+        e for o in rendered.objects if o["kind"] not in CUSTOM_KINDS for e in validation_errors(o)
+    ]
+    assert not errors, "\n".join(errors)
+    ffn = rendered.container("ffn")
+    assert ffn["args"][:3] == ["ffn-pod", "--processes=4", "--index=$(POD_INDEX)"]
+    assert {"--port=50051", "--metrics-port=9400", "--device=cuda"} <= set(ffn["args"])
+    assert [p["containerPort"] for p in ffn["ports"]] == [50051, 9400, 9401, 9402, 9403]
+    controller = rendered.container("controller")
+    assert "--gpus-per-ffn-instance=4" in controller["args"]
+    # Two long-polls per process, at most 8 attention + 8 FFN pods of 4: 16 + 2 x 40.
+    assert "--max-workers=96" in controller["args"]
+    (monitor,) = rendered.of_kind("ServiceMonitor")
+    ports = {e["port"]: e for e in monitor["spec"]["endpoints"]}
+    assert set(ports) == {"metrics", "http", "metrics-1", "metrics-2", "metrics-3"}
+    assert {"targetLabel": "process", "replacement": "3"} in ports["metrics-3"]["relabelings"]
+    (service,) = [s for s in rendered.of_kind("Service") if s["metadata"]["name"] == "afd-ffn"]
+    assert {p["name"] for p in service["spec"]["ports"]} >= {"metrics-1", "metrics-3"}
+    (policy,) = [p for p in rendered.of_kind("NetworkPolicy") if p["metadata"]["name"] == "afd-ffn"]
+    assert {"port": 9400, "endPort": 9403, "protocol": "TCP"} in policy["spec"]["ingress"][-1][
+        "ports"
+    ]
+
+
+def test_an_ffn_pod_whose_gpus_differ_from_its_processes_is_refused():
+    values = copy.deepcopy(GPU_2A2F)
+    values["ffn"]["gpusPerInstance"] = 4
+    with pytest.raises(helm_python.HelmError, match="nvidia.com/gpu is 1 but ffn.gpusPerInstance"):
+        render(values)
+    values["ffn"]["resources"]["limits"]["nvidia.com/gpu"] = 4
+    values["controller"]["ffnLayout"] = "replicated"
+    with pytest.raises(helm_python.HelmError, match="takes controller.ffnLayout split"):
+        render(values)

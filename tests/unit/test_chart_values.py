@@ -64,8 +64,8 @@ REFUSED = [
         "/attention/resources/limits/nvidia.com~1gpu': value must be one of 0, 1",
     ),
     (
-        {"ffn": {"resources": {"limits": {"nvidia.com/gpu": 8}}}},
-        "/ffn/resources/limits/nvidia.com~1gpu': value must be one of 0, 1",
+        {"ffn": {"resources": {"limits": {"nvidia.com/gpu": -1}}}},
+        "/ffn/resources/limits/nvidia.com~1gpu': minimum: got -1",
     ),
     (
         {"gateway": {"resources": {"limits": {"nvidia.com/gpu": 1}}}},

@@ -19,6 +19,11 @@ from services.common.cluster_config import ClusterConfig, ClusterConfigChanged
         ({"max_num_batched_tokens": 0}, r"\(--max-num-batched-tokens\) must be a positive .* 0"),
         ({"fp8_dispatch": "yes"}, "fp8_dispatch must be True or False, got 'yes'"),
         ({"ffn_layout": "sharded"}, "must be one of split, replicated, got 'sharded'"),
+        ({"ffn_instance_size": 0}, r"\(--gpus-per-ffn-instance\) must be a positive .* 0"),
+        (
+            {"ffn_instance_size": 2, "ffn_layout": "replicated"},
+            "--gpus-per-ffn-instance 2 takes --ffn-layout split",
+        ),
     ],
 )
 def test_a_bad_fact_is_refused_by_name_and_value(fields, message):
@@ -38,6 +43,7 @@ def test_flags_build_it_and_those_not_given_take_the_defaults():
         "--micro-batches", "2", "--max-num-batched-tokens", "64", "--fp8-dispatch",
         "--ffn-layout", "replicated",
     ) == ClusterConfig(2, 64, fp8_dispatch=True, ffn_layout="replicated")  # fmt: skip
+    assert parse("--gpus-per-ffn-instance", "4").ffn_instance_size == 4
     with pytest.raises(ValueError, match="got 9"):
         parse("--micro-batches", "9")
 

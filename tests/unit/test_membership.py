@@ -6,6 +6,7 @@ import pytest
 
 from services.common.cluster import ClusterState, Member, Membership
 from services.common.cluster_config import ClusterConfig
+from services.common.ffn_instances import door_ranks, instance_ranks
 from services.controller.errors import Conflict, Refused, ShuttingDown
 from services.controller.membership import ClusterSpec, RegistrationPending, Registry
 from tests.support.threads import run_in_threads
@@ -337,3 +338,77 @@ def test_a_deleted_pod_takes_its_member_out_at_once_but_not_its_replacement():
     registry.gone("attention", 1, "attention1")  # killed without leaving; pod deleted
     rejoin(registry, [("attention", 0), ("ffn", 0)], last_epoch=1)
     assert registry.wait("attention", 0, "attention0:1", 0).attention_indices == [0]
+
+
+# ---- FFN instances of several processes ------------------------------------------------------
+
+GROUPED = ClusterConfig(num_micro_batches=1, ffn_instance_size=2)
+
+
+def grouped_cluster(now, num_attention=3, num_ffn=2):
+    spec = ClusterSpec(num_attention, num_ffn, GROUPED, fingerprint=FP)
+    registry = Registry(spec, "h", 1, clock=lambda: now[0])
+    for role, index in spec.slots():
+        registry.register(role, index, f"{role}{index}:1", FP)
+    return registry
+
+
+def test_an_ffn_instance_of_g_processes_takes_g_places_named_by_instance_and_process():
+    now = [0.0]
+    registry = grouped_cluster(now)
+    assert registry.spec.slots()[3:] == [("ffn", p) for p in range(4)]
+    membership = registry.wait("ffn", 3, "ffn3:1", 0)
+    assert membership.ffn_ranks == [3, 4, 5, 6] and membership.world_size == 7
+    assert instance_ranks(membership) == [[3, 4], [5, 6]]
+    # Attention instance a enters every FFN instance at its process a % G.
+    assert [door_ranks(membership, a) for a in membership.attention_ranks] == [
+        [3, 5], [4, 6], [3, 5],
+    ]  # fmt: skip
+    assert membership.name_of(membership.members[6]) == "ffn instance 1 process 1"
+    state = registry.state()
+    assert (state.num_attention_places, state.num_ffn_places) == (3, 4)
+    with pytest.raises(Refused, match=r"2 ffn instance\(s\) of 2 processes, indices 0..3"):
+        registry.register("ffn", 4, "x:1", FP)
+
+
+def test_a_dead_process_takes_its_instance_out_and_the_cluster_reforms_when_it_is_back():
+    now = [0.0]
+    registry = grouped_cluster(now)
+    now[0] = 2.0
+    alive = [("attention", i) for i in range(3)] + [("ffn", p) for p in (0, 1, 3)]
+    for role, index in alive:
+        registry.heartbeat(role, index)
+    now[0] = 3.5  # ffn 2 (instance 1, process 0) is silent
+    registry.tick()
+    assert registry.epoch == 0
+    rejoin(registry, alive, last_epoch=1)
+    pending = registry.wait("ffn", 3, "ffn3:1", 0)
+    assert pending == RegistrationPending(missing=(("ffn", 2),))
+    registry.register("ffn", 2, "restarted:1", FP)
+    membership = registry.wait("ffn", 2, "restarted:1", 0)
+    assert membership.epoch == 2 and len(membership.ffn_ranks) == 4
+
+
+def test_scaling_ffn_adds_and_removes_whole_instances():
+    now = [0.0]
+    registry = grouped_cluster(now, num_attention=1, num_ffn=1)
+    registry.resize(1, 2)
+    registry.register("ffn", 2, "ffn2:1", FP)  # half of the new instance: it waits
+    assert registry.wait("ffn", 2, "ffn2:1", 0) == RegistrationPending(missing=(("ffn", 3),))
+    registry.register("ffn", 3, "ffn3:1", FP)
+    rejoin(registry, [("attention", 0), ("ffn", 0), ("ffn", 1), ("ffn", 2)], last_epoch=1)
+    membership = registry.wait("ffn", 3, "ffn3:1", 0)
+    assert membership.epoch == 2 and instance_ranks(membership) == [[1, 2], [3, 4]]
+    # The pod of instance 1 is deleted: both its processes go at once.
+    registry.resize(1, 1)
+    registry.gone("ffn", 1, "ffn2")
+    registry.gone("ffn", 1, "ffn3")
+    rejoin(registry, [("attention", 0), ("ffn", 0), ("ffn", 1)], last_epoch=2)
+    membership = registry.wait("ffn", 0, "ffn0:1", 0)
+    assert membership.epoch == 3 and instance_ranks(membership) == [[1, 2]]
+
+
+def test_a_membership_of_part_of_an_instance_is_refused():
+    members = (Member("attention", 0, 0, "a:1"), Member("ffn", 0, 1, "f:1"))
+    with pytest.raises(ValueError, match="1 FFN processes do not make whole FFN instances of 2"):
+        Membership(1, 2, "h", 1, GROUPED, members)

@@ -92,10 +92,39 @@ def test_helm_values_have_exactly_the_charts_shape(capsys):
     }
 
 
-def test_helm_values_are_refused_for_instances_the_chart_does_not_run(capsys):
-    code, _, err = run(capsys, *PAPER_4K, "--format", "helm-values")
-    assert code == 2
-    assert "one GPU each" in err and "leave out --gpus-per-instance" in err
+def test_helm_values_of_eight_gpu_instances_give_ffn_pods_of_eight_and_attention_pods_of_one(
+    capsys,
+):
+    code, out, _ = run(capsys, *PAPER_4K, "--format", "helm-values")
+    assert code == 0
+    planned = json.loads(run(capsys, *PAPER_4K, "--json")[1])
+    values = yaml.safe_load(out)
+    assert values["controller"]["ffnLayout"] == "split"
+    assert values["attention"]["replicas"] == planned["attention_gpus"] == 16
+    assert values["attention"]["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert values["ffn"] == {
+        "replicas": planned["ffn_instances"],
+        "gpusPerInstance": 8,
+        "resources": {"limits": {"nvidia.com/gpu": 8}},
+    }
+
+
+def test_the_serve_format_prints_the_plan_s_afd_serve_command(capsys):
+    code, out, _ = run(capsys, *PAPER_4K, "--format", "serve")
+    assert code == 0
+    planned = json.loads(run(capsys, *PAPER_4K, "--json")[1])
+    comment, command = out.splitlines()
+    assert comment == "# CHECKPOINT: a folder holding a step3 checkpoint"
+    assert command == (
+        "afd serve --device cuda --model CHECKPOINT --attention-instances 16 --ffn-instances "
+        f"2 --gpus-per-ffn-instance 8 --micro-batches {planned['micro_batches']} --ffn-layout "
+        "split --kv-cache-dtype fp8"
+    )
+
+
+def test_instances_of_several_gpus_take_the_split_layout(capsys):
+    code, _, err = run(capsys, *PAPER_4K, "--layout", "replicated")
+    assert code == 2 and "--gpus-per-instance 8 takes --layout split" in err
 
 
 def test_deploy_table_shows_the_plan_and_its_stages(capsys):
@@ -160,3 +189,16 @@ def test_a_bad_context_is_an_argument_error(capsys):
         main(["plan", "cost", "--model", "step3", "--context", "lots"])
     assert exit_.value.code == 2
     assert "'lots' is not a token count like 8192 or 8K" in capsys.readouterr().err
+
+
+def test_ffn_instances_of_eight_gpus_cut_an_attention_gpu_s_traffic_eightfold(capsys):
+    # 16 attention and 16 FFN GPUs, as one-GPU instances and as the paper's 8-GPU ones.
+    fixed = ["--attention-instances", "16", "--ffn-instances", "16", "--json"]
+    one = json.loads(run(capsys, *PAPER_4K[:-2], *fixed)[1])
+    fixed = ["--attention-instances", "2", "--ffn-instances", "2", "--json"]
+    eight = json.loads(run(capsys, *PAPER_4K, *fixed)[1])
+    assert one["ffn_gpus"] == eight["ffn_gpus"] == 16
+    # Per FFN instance: the FP8 hidden state, its scale and 3 routes out; 7,168 bf16 back.
+    per_instance = (7168 + 4 + 3 * 8) + 2 * 7168
+    assert one["network_bytes_per_token_layer"] == 16 * per_instance  # 344 KB
+    assert eight["network_bytes_per_token_layer"] == 2 * per_instance  # 43 KB: 1/8

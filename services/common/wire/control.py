@@ -64,6 +64,7 @@ def cluster_config_to_proto(config: ClusterConfig) -> pb.ClusterConfig:
         max_num_batched_tokens=config.max_num_batched_tokens,
         fp8_dispatch=config.fp8_dispatch,
         ffn_layout=_LAYOUT_TO_PROTO[config.ffn_layout],
+        ffn_instance_size=config.ffn_instance_size,
     )
 
 
@@ -78,6 +79,7 @@ def cluster_config_from_proto(message: pb.ClusterConfig) -> ClusterConfig:
         max_num_batched_tokens=message.max_num_batched_tokens,
         fp8_dispatch=message.fp8_dispatch,
         ffn_layout=_LAYOUT_FROM_PROTO[message.ffn_layout],
+        ffn_instance_size=message.ffn_instance_size or 1,
     )
 
 

@@ -281,14 +281,20 @@ Prometheus. */}}
 - from:
     {{- include "afd.metricsPeers" .ctx | nindent 4 }}
   ports:
+    {{- $processes := int (.processes | default 1) }}
+    {{- if gt $processes 1 }}
+    - {port: 9400, endPort: {{ add 9400 (sub $processes 1) }}, protocol: TCP}
+    {{- else }}
     - {port: 9400, protocol: TCP}
+    {{- end }}
 {{- end -}}
 
 {{/* The controller's gRPC threads: a member may hold two (a plan wait and a heartbeat), at
-the most members the release can have; as `afd controller` sizes it, at least 64. */}}
+the most members (processes: an FFN pod runs gpusPerInstance) the release can have; as `afd controller` sizes it, at least 64. */}}
 {{- define "afd.controllerWorkers" -}}
 {{- $a := .Values.attention -}}
 {{- $f := .Values.ffn -}}
-{{- $members := add (max $a.replicas $a.autoscaling.maxReplicas) (max $f.replicas $f.autoscaling.maxReplicas) -}}
+{{- $ffn := mul (max $f.replicas $f.autoscaling.maxReplicas) (int $f.gpusPerInstance) -}}
+{{- $members := add (max $a.replicas $a.autoscaling.maxReplicas) $ffn -}}
 {{- max 64 (add 16 (mul 2 $members)) -}}
 {{- end }}
