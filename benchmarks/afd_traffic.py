@@ -72,6 +72,18 @@ def serve(
     return process, addresses
 
 
+def read_targets(path: Path) -> list[dict]:
+    """`afd serve`'s target list, written just after the line `serve` waited for."""
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            return json.loads(path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def generate(address: str, request_id: str, prompt: list[int], params: SamplingParams):
     with grpc.insecure_channel(address) as channel:
         ids = []
@@ -99,7 +111,7 @@ def measure(args: argparse.Namespace, checkpoint: Path, g: int, prompts, params,
     targets = logs / f"targets-{g}.json"
     process, addresses = serve(checkpoint, args.attention, n, g, targets)
     try:
-        entries = json.loads(targets.read_text())
+        entries = read_targets(targets)
         attention = [e for e in entries if e["labels"]["component"] == "attention"]
         metrics = [e["targets"][0] for e in sorted(attention, key=lambda e: e["labels"]["index"])]
         with ThreadPoolExecutor(len(prompts)) as pool:

@@ -45,7 +45,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 def child_args(args: argparse.Namespace, position: int) -> list[str]:
     """`afd ffn`'s command line for process `position` of the instance."""
     device = f"cuda:{position}" if args.device == "cuda" else args.device
-    command = ["ffn", "--index", str(args.index * args.processes + position), "--device", device]
+    place = args.index * args.processes + position
+    command = ["ffn", "--index", str(place), "--instance-size", str(args.processes)]
+    command += ["--device", device]
     command += ["--port", str(args.port + position) if args.port else "0"]
     if args.metrics_port is not None:
         command += ["--metrics-port", str(args.metrics_port + position if args.metrics_port else 0)]

@@ -48,6 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="no CUDA graphs: run each micro-batch's FFN layer eagerly on a GPU",
     )
+    parser.add_argument(
+        "--instance-size",
+        type=int,
+        metavar="G",
+        help="the processes its FFN instance runs (`afd ffn-pod` passes it): it stops, saying "
+        "so, when the cluster's --gpus-per-ffn-instance differs",
+    )
     parser.set_defaults(run=run)
 
 
@@ -61,6 +68,13 @@ def run(args: argparse.Namespace) -> int:
         # controller's, read before loading (the share depends on the layout).
         state = instance.cluster_state()
         cluster = state.config
+        if args.instance_size not in (None, cluster.ffn_instance_size):
+            raise ValueError(
+                f"this pod runs FFN instances of {args.instance_size} processes but the "
+                f"cluster's are of {cluster.ffn_instance_size} (the controller's "
+                "--gpus-per-ffn-instance): give both the same count (the chart's "
+                "ffn.gpusPerInstance)"
+            )
         loader = ShardLoader(
             args.model, cfg, dtype, options.device, options.index, cluster.ffn_layout
         )

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.support.chart import render
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -73,3 +75,18 @@ def merge(base: dict, override: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def test_helm_values_of_eight_gpu_instances_render_ffn_pods_of_eight_processes():
+    # `afd plan deploy --gpus-per-instance 8 --format helm-values | helm template -f -`.
+    result = afd("plan", "deploy", "--model", "step3", "--context", "8K", "--gpu", "H200",
+                 "--gpus-per-instance", "8", "--format", "helm-values")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    rendered = render(yaml.safe_load(result.stdout))
+    ffn, attention = rendered.container("ffn"), rendered.container("attention")
+    assert ffn["args"][:2] == ["ffn-pod", "--processes=8"]
+    assert ffn["resources"]["limits"]["nvidia.com/gpu"] == 8
+    assert attention["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert "--gpus-per-ffn-instance=8" in rendered.container("controller")["args"]
+    assert rendered.workload("attention")["spec"]["replicas"] == 16
+    assert rendered.workload("ffn")["spec"]["replicas"] == 2
