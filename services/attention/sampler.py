@@ -1,6 +1,7 @@
-"""Picks each sequence's next token from its logits: presence and frequency penalties first,
-then greedy, or temperature with top-k and top-p filtering. Every request draws from its own
-generator, so a seeded request gives the same tokens whatever else shares its batch."""
+"""Picks each sequence's next token from its logits: presence and frequency penalties and
+logit biases first, then greedy, or temperature with top-k and top-p filtering. Every request
+draws from its own generator, so a seeded request gives the same tokens whatever else shares
+its batch."""
 
 from __future__ import annotations
 
@@ -40,24 +41,30 @@ def filter_rows(logits: Tensor, top_k: Tensor, top_p: Tensor) -> Tensor:
     return logits.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
 
 
-def apply_penalties(
-    logits: Tensor, params: list[SamplingParams], output_token_ids: list[list[int]]
+def adjust_logits(
+    logits: Tensor, params: list[SamplingParams], output_token_ids: list[list[int]] | None
 ) -> Tensor:
-    """logits: [N, V] -> a penalised copy (at least float32); `logits` itself is untouched.
+    """logits: [N, V] -> an adjusted copy (at least float32); `logits` itself is untouched.
 
     For each row and token j generated c_j times so far (OpenAI's definition):
-    logits[j] -= presence_penalty * (c_j > 0) + frequency_penalty * c_j.
+    logits[j] -= presence_penalty * (c_j > 0) + frequency_penalty * c_j; then each biased
+    token's logit += its bias. `output_token_ids`: None when no row has penalties.
     """
-    penalised = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
+    adjusted = logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
     num_vocab = logits.shape[-1]
-    for row, (p, generated) in enumerate(zip(params, output_token_ids, strict=True)):
-        if not p.has_penalties or not generated:
-            continue
-        ids = torch.tensor(generated, dtype=torch.long, device=logits.device)
-        counts = torch.bincount(ids, minlength=num_vocab).to(penalised.dtype)  # [V]
-        present = (counts > 0).to(penalised.dtype)  # [V]
-        penalised[row] -= p.presence_penalty * present + p.frequency_penalty * counts
-    return penalised
+    for row, p in enumerate(params):
+        generated = output_token_ids[row] if output_token_ids is not None else None
+        if p.has_penalties and generated:
+            ids = torch.tensor(generated, dtype=torch.long, device=logits.device)
+            counts = torch.bincount(ids, minlength=num_vocab).to(adjusted.dtype)  # [V]
+            present = (counts > 0).to(adjusted.dtype)  # [V]
+            adjusted[row] -= p.presence_penalty * present + p.frequency_penalty * counts
+        biased = [(token, bias) for token, bias in p.logit_bias if token < num_vocab]
+        if biased:
+            tokens, biases = zip(*biased, strict=True)
+            index = torch.tensor(tokens, dtype=torch.long, device=logits.device)
+            adjusted[row, index] += torch.tensor(biases, dtype=adjusted.dtype, device=logits.device)
+    return adjusted
 
 
 def sample(
@@ -69,15 +76,15 @@ def sample(
     """logits: [N, V] -> one token id per row.
 
     output_token_ids: each row's generated tokens so far, needed only when some row has
-    penalties; None (the common case) skips them at no cost.
+    penalties; None (the common case) skips them. Logit biases apply whenever a row has them.
 
     Greedy rows take the argmax. The others are filtered and drawn together: a token is the
     argmax of p / e with e ~ Exp(1) per token, which picks token i with probability p_i (the
     exponential race), each row's noise from its own generator, so a seeded row gets the
     same token whatever else shares its batch. One read-back for the whole batch.
     """
-    if output_token_ids is not None:
-        logits = apply_penalties(logits, params, output_token_ids)
+    if output_token_ids is not None or any(p.logit_bias for p in params):
+        logits = adjust_logits(logits, params, output_token_ids)
     tokens = logits.argmax(dim=-1)
     drawn = [row for row, p in enumerate(params) if not p.greedy]
     if drawn:

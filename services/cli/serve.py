@@ -65,6 +65,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="the gateway's TPOT target: it admits fewer running requests while TPOT is above",
     )
     parser.add_argument("--no-gateway", action="store_true", help="attention API (gRPC) only")
+    parser.add_argument("--chat-template", metavar="FILE", help="the gateway's (afd gateway)")
+    parser.add_argument(
+        "--reasoning-parser", choices=("step3", "none"), help="the gateway's (afd gateway)"
+    )
     parser.add_argument(
         "--prometheus-targets",
         metavar="FILE",
@@ -301,4 +305,8 @@ def gateway_args(
     gateway += ["--tpot-sla-ms", str(args.tpot_sla_ms), "--drain-timeout", str(args.drain_timeout)]
     if args.api_key:
         gateway += ["--api-key", args.api_key]
+    if args.chat_template:
+        gateway += ["--chat-template", str(Path(args.chat_template).resolve())]
+    if args.reasoning_parser:
+        gateway += ["--reasoning-parser", args.reasoning_parser]
     return gateway

@@ -27,9 +27,13 @@ class SamplingParams:
     # drops by presence_penalty once it has appeared and by frequency_penalty per appearance.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
+    # OpenAI's logit_bias: (token id, bias) pairs, each bias added to that token's logit
+    # before sampling; -100 bans a token, 100 all but forces it.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     MAX_LOGPROBS = 20
     MAX_PENALTY = 2.0
+    MAX_BIAS = 100.0
 
     def __post_init__(self) -> None:
         if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int):
@@ -60,6 +64,19 @@ class SamplingParams:
                 raise ValueError(
                     f"{name} must be a number in [-{self.MAX_PENALTY}, {self.MAX_PENALTY}], "
                     f"got {value!r}"
+                )
+        for pair in self.logit_bias:
+            token, bias = pair if isinstance(pair, tuple) and len(pair) == 2 else (None, None)
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise ValueError(f"logit_bias must map token ids to biases, got {pair!r}")
+            if (
+                isinstance(bias, bool)
+                or not isinstance(bias, int | float)
+                or not -self.MAX_BIAS <= bias <= self.MAX_BIAS
+            ):
+                raise ValueError(
+                    f"logit_bias of token {token} must be a number in [-{self.MAX_BIAS:g}, "
+                    f"{self.MAX_BIAS:g}], got {bias!r}"
                 )
         if self.logprobs is not None and (
             isinstance(self.logprobs, bool)

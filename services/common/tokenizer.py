@@ -2,7 +2,9 @@
 
 `Tokenizer.from_dir` reads the folder's Hugging Face files: `tokenizer.json` (run by the
 `tokenizers` library) and `tokenizer_config.json` (BOS/EOS, `add_bos_token`, the jinja chat
-template, rendered in a sandbox the way transformers renders it).
+template, rendered in a sandbox the way transformers renders it: its `tojson` (no key sorting,
+no HTML escaping, non-ASCII kept), `strftime_now` and `raise_exception`, with `tools` and the
+request's `chat_template_kwargs` as variables).
 
 This module deliberately knows nothing of torch, the model, sampling or HTTP: the gateway imports
 it and must stay torch-free. It does not know which model the vocabulary belongs to either; all
@@ -12,7 +14,8 @@ of that comes from the files.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -55,8 +58,9 @@ class Tokenizer:
         self._all_special_ids = sorted(special)
 
     @classmethod
-    def from_dir(cls, checkpoint_dir: str | Path) -> Tokenizer:
-        """Read `tokenizer.json` and, when present, `tokenizer_config.json` from a folder."""
+    def from_dir(cls, checkpoint_dir: str | Path, chat_template: str | None = None) -> Tokenizer:
+        """Read `tokenizer.json` and, when present, `tokenizer_config.json` from a folder.
+        `chat_template`: jinja text that replaces the folder's template."""
         folder = Path(checkpoint_dir)
         path = folder / TOKENIZER_FILE
         if not path.is_file():
@@ -67,7 +71,7 @@ class Tokenizer:
             )
         # The config first: its mistakes are cheaper to find than loading the vocabulary.
         config = _read_config(folder / CONFIG_FILE)
-        template = _chat_template(config, folder)
+        template = chat_template if chat_template is not None else _chat_template(config, folder)
         bos_token = _token_content(config.get("bos_token"), "bos_token", folder)
         eos_token = _token_content(config.get("eos_token"), "eos_token", folder)
         try:
@@ -119,21 +123,39 @@ class Tokenizer:
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> str:
-        """The prompt text for `messages` (each a dict with string `role` and `content`)."""
+        """The prompt text for `messages` (each a dict with a string `role`, and `content` a
+        string, a list of parts or None; an assistant's may hold `tool_calls`). `tools`: the
+        request's, as OpenAI shapes them; `template_kwargs`: more variables for the template
+        (a request's `chat_template_kwargs`, `enable_thinking` for instance), which may not
+        replace the ones named here."""
         if self._template is None:
             raise TokenizerError(
                 f"the tokenizer in {self._source} has no chat template: add `chat_template` to "
                 f"its {CONFIG_FILE}, or send a plain-text prompt instead of chat messages"
             )
         _check_messages(messages)
+        extra = dict(template_kwargs or {})
+        reserved = sorted(RESERVED_TEMPLATE_VARIABLES & extra.keys())
+        if reserved:
+            raise TokenizerError(
+                f"chat_template_kwargs may not set {', '.join(reserved)}: the request's own "
+                "fields say them"
+            )
+        # As transformers: the special tokens, then the caller's variables over them.
+        variables = {"bos_token": self._bos_token or "", "eos_token": self._eos_token or ""}
+        variables |= extra
         try:
             return self._template.render(
+                **variables,
                 messages=messages,
+                tools=tools,
                 add_generation_prompt=add_generation_prompt,
-                bos_token=self._bos_token or "",
-                eos_token=self._eos_token or "",
             )
         except TokenizerError:
             raise
@@ -141,10 +163,16 @@ class Tokenizer:
             raise TokenizerError(f"the chat template of {self._source} failed: {err}") from err
 
     def encode_chat(
-        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        template_kwargs: Mapping[str, Any] | None = None,
     ) -> list[int]:
-        """Prompt ids for `messages`; BOS comes from the template, never added twice."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt))
+        """Prompt ids for `messages` (as `apply_chat_template`); BOS comes from the template,
+        never added twice."""
+        text = self.apply_chat_template(messages, add_generation_prompt, tools, template_kwargs)
+        return self.encode(text)
 
     def _token_id(self, token: str | None, field: str) -> int | None:
         if token is None:
@@ -204,12 +232,36 @@ def _raise_exception(message: str) -> NoReturn:
     raise TokenizerError(f"chat template: {message}")
 
 
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """transformers' `tojson`: jinja's own sorts keys and escapes HTML, which templates
+    written for transformers do not expect (a tool's JSON would read differently)."""
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
+def _strftime_now(format: str) -> str:
+    return datetime.now().strftime(format)
+
+
+# Variables a request's chat_template_kwargs may not replace.
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "tools", "add_generation_prompt"})
+
+
 def _compile(template: str, source: str) -> jinja2.Template:
     # The settings transformers renders with, so that templates written for it render the same.
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
     )
     env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    env.filters["tojson"] = _tojson
     try:
         return env.from_string(template)
     except jinja2.TemplateSyntaxError as err:
@@ -224,11 +276,13 @@ def _check_messages(messages: Any) -> None:
             raise TokenizerError(
                 f"messages[{index}] must be an object, got {type(message).__name__}"
             )
-        for field in ("role", "content"):
-            if field not in message:
-                raise TokenizerError(f"messages[{index}] has no '{field}'")
-            if not isinstance(message[field], str):
-                raise TokenizerError(
-                    f"messages[{index}].{field} must be a string, "
-                    f"got {type(message[field]).__name__}"
-                )
+        if not isinstance(message.get("role"), str):
+            raise TokenizerError(f"messages[{index}] has no string 'role'")
+        if "content" not in message:
+            raise TokenizerError(f"messages[{index}] has no 'content'")
+        content = message["content"]
+        if not (content is None or isinstance(content, str | list)):
+            raise TokenizerError(
+                f"messages[{index}].content must be a string, a list of parts or null, "
+                f"got {type(content).__name__}"
+            )

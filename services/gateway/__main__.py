@@ -65,8 +65,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="S",
         help="on SIGTERM, how long requests in flight may take to finish",
     )
+    parser.add_argument(
+        "--chat-template",
+        metavar="FILE",
+        help="a jinja chat template to use instead of the checkpoint's (as transformers "
+        "renders it: tools, chat_template_kwargs, tojson, strftime_now)",
+    )
+    parser.add_argument(
+        "--reasoning-parser",
+        choices=REASONING_PARSERS,
+        default="step3",
+        help="step3: the thinking section (up to </think>) comes back as reasoning_content; "
+        "none: all of the output is content (default step3)",
+    )
     cluster_secret.add_argument(parser)
     parser.set_defaults(run=run)
+
+
+REASONING_PARSERS = ("step3", "none")
 
 
 def api_keys(args: argparse.Namespace) -> frozenset[str]:
@@ -89,6 +105,7 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
         api_keys=api_keys(args),
         max_body_bytes=args.max_body_bytes,
         controller=args.controller,
+        reasoning_parser=args.reasoning_parser != "none",
     )
     if args.max_running < 1:
         raise ValueError(f"--max-running must be at least 1, got {args.max_running}")
@@ -107,7 +124,11 @@ def build_gateway(args: argparse.Namespace) -> Gateway:
     # Without a fixed list, the attention instances are the cluster's: found and followed
     # through the controller as the cluster is scaled or re-forms.
     discovery = None if args.attention else MembershipWatch(args.controller, router, secret)
-    return Gateway(config, Tokenizer.from_dir(args.model), router, discovery=discovery)
+    template = None
+    if args.chat_template:
+        template = Path(args.chat_template).read_text(encoding="utf-8")
+    tokenizer = Tokenizer.from_dir(args.model, chat_template=template)
+    return Gateway(config, tokenizer, router, discovery=discovery)
 
 
 async def serve(gateway: Gateway, host: str, port: int, drain_s: float = 30.0) -> None:

@@ -30,6 +30,7 @@ from services.common.metrics import GatewayMetrics
 from services.common.tokenizer import Tokenizer, TokenizerError
 from services.common.wire.attention_aio import health_serving
 from services.gateway import errors
+from services.gateway.chat_output import ChatOutput, OutputOptions
 from services.gateway.discovery import MembershipWatch
 from services.gateway.errors import APIError
 from services.gateway.generation import Choices, Job
@@ -42,6 +43,7 @@ from services.gateway.protocol import (
     parse,
     sampling_params,
 )
+from services.gateway.reasoning import opens_thinking
 from services.gateway.responses import (
     CHAT_CHUNK,
     CHAT_SCHEMA,
@@ -69,6 +71,7 @@ class GatewayConfig:
     api_keys: frozenset[str] = frozenset()
     max_body_bytes: int = 1 << 20
     controller: str | None = None  # HOST:PORT whose gRPC health /ready checks
+    reasoning_parser: bool = True  # split the thinking section out as reasoning_content
 
 
 @dataclass
@@ -241,24 +244,44 @@ def create_app(gateway: Gateway) -> FastAPI:
         authorize(request)
         body: ChatCompletionRequest = parse(ChatCompletionRequest, await read_body(request))
         check_model(body.model)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        tools = body.template_tools()
         try:
-            prompt = await asyncio.to_thread(tokenizer.encode_chat, messages)
+            text = await asyncio.to_thread(
+                tokenizer.apply_chat_template,
+                body.template_messages(),
+                True,
+                tools,
+                body.chat_template_kwargs,
+            )
         except TokenizerError as err:
             raise errors.invalid(str(err), param="messages") from None
+        prompt = await asyncio.to_thread(tokenizer.encode, text)
+        options = OutputOptions(
+            thinking=opens_thinking(text),
+            reasoning=config.reasoning_parser,
+            include_reasoning=body.include_reasoning,
+            tools=tools,
+            parallel_tool_calls=body.parallel_tool_calls,
+        )
         max_tokens = max_tokens_for(len(prompt), body.requested_max_tokens(), None, "messages")
-        jobs = [Job(prompt, sampling_params(body, max_tokens, i)) for i in range(body.n)]
+        vocab = tokenizer.vocab_size
+        jobs = [Job(prompt, sampling_params(body, max_tokens, i, vocab)) for i in range(body.n)]
         header = Header(f"chatcmpl-{uuid.uuid4().hex}", config.served_model_name)
         with_logprobs = body.logprobs
         choices = Choices(router, header.id, jobs, metrics, arrival)
         if body.stream:
             first = await first_delta(request, choices)
             stream = chat_stream(
-                header, choices, first, body.n, with_logprobs, body.include_usage, len(prompt)
-            )
+                header, choices, first, body.n, with_logprobs, body.include_usage, len(prompt),
+                options,
+            )  # fmt: skip
             return StreamingResponse(stream, media_type="text/event-stream")
         states = await collect(request, choices, len(jobs))
-        return JSONResponse(formatter.chat_completion(header, states, with_logprobs, len(prompt)))
+        cached = states[0].num_cached_tokens  # the n choices share one prompt
+        answer = formatter.chat_completion(
+            header, states, with_logprobs, len(prompt), options, cached
+        )
+        return JSONResponse(answer)
 
     @app.post("/v1/completions", **v1(CompletionRequest, COMPLETION_SCHEMA))
     async def completions(request: Request) -> Response:
@@ -273,7 +296,10 @@ def create_app(gateway: Gateway) -> FastAPI:
             max_tokens = max_tokens_for(
                 len(prompt), requested, DEFAULT_COMPLETION_MAX_TOKENS, "prompt"
             )
-            jobs += [Job(prompt, sampling_params(body, max_tokens, j)) for j in range(body.n)]
+            jobs += [
+                Job(prompt, sampling_params(body, max_tokens, j, tokenizer.vocab_size))
+                for j in range(body.n)
+            ]
         header = Header(f"cmpl-{uuid.uuid4().hex}", config.served_model_name)
         with_logprobs = body.logprobs is not None
         num_prompt = sum(len(p) for p in prompts)
@@ -281,11 +307,13 @@ def create_app(gateway: Gateway) -> FastAPI:
         if body.stream:
             first = await first_delta(request, choices)
             stream = completion_stream(
-                header, choices, first, len(jobs), with_logprobs, body.include_usage, num_prompt
-            )
+                header, choices, first, len(jobs), with_logprobs, body.include_usage, num_prompt,
+                body.n,
+            )  # fmt: skip
             return StreamingResponse(stream, media_type="text/event-stream")
         states = await collect(request, choices, len(jobs))
-        return JSONResponse(formatter.completion(header, states, with_logprobs, num_prompt))
+        cached = sum(s.num_cached_tokens for s in states[:: body.n])  # once per prompt
+        return JSONResponse(formatter.completion(header, states, with_logprobs, num_prompt, cached))
 
     async def first_delta(request: Request, choices: Choices):
         """The first delta before any byte is sent, so a refusal is still an HTTP status."""
@@ -315,30 +343,38 @@ def create_app(gateway: Gateway) -> FastAPI:
         with_logprobs: bool,
         include_usage: bool,
         num_prompt: int,
+        options: OutputOptions,
     ) -> AsyncIterator[bytes]:
         try:
+            outputs = [ChatOutput(options) for _ in range(num)]
+            cached = 0  # the n choices share one prompt: choice 0's count
             for index in range(num):
                 role = {"role": "assistant", "content": ""}
                 yield sse(formatter.chat_chunk(header, index, role))
             num_completion, item = 0, first
             while item is not None:
-                delta = item.delta
+                delta, output = item.delta, outputs[item.index]
                 num_completion += len(delta.new_token_ids)
+                if item.index == 0:
+                    cached = delta.num_cached_tokens or cached
                 logprobs = list(delta.logprobs) if with_logprobs else None
-                if delta.new_text or (logprobs and delta.new_token_ids):
-                    content = {"content": delta.new_text}
-                    yield sse(formatter.chat_chunk(header, item.index, content, logprobs))
+                said = output.feed(delta.new_text)
+                if said or (logprobs and delta.new_token_ids):
+                    yield sse(formatter.chat_chunk(header, item.index, said, logprobs))
                 if delta.finished:
-                    yield sse(
-                        formatter.chat_chunk(header, item.index, {}, None, delta.finish_reason)
-                    )
+                    if said := output.finish():
+                        yield sse(formatter.chat_chunk(header, item.index, said))
+                    reason = output.finish_reason(delta.finish_reason)
+                    yield sse(formatter.chat_chunk(header, item.index, {}, None, reason))
                 try:
                     item = await choices.next()
                 except APIError as err:
                     yield sse(err.body())
                     break
             if include_usage:
-                yield sse(formatter.usage_chunk(header, CHAT_CHUNK, num_prompt, num_completion))
+                yield sse(
+                    formatter.usage_chunk(header, CHAT_CHUNK, num_prompt, num_completion, cached)
+                )
             yield sse("[DONE]")
         finally:
             await choices.close()
@@ -351,13 +387,15 @@ def create_app(gateway: Gateway) -> FastAPI:
         with_logprobs: bool,
         include_usage: bool,
         num_prompt: int,
+        n: int,
     ) -> AsyncIterator[bytes]:
         try:
-            offsets = [0] * num
+            offsets, cached = [0] * num, [0] * num
             num_completion, item = 0, first
             while item is not None:
                 delta, index = item.delta, item.index
                 num_completion += len(delta.new_token_ids)
+                cached[index] = delta.num_cached_tokens or cached[index]
                 logprobs = None
                 if with_logprobs:
                     logprobs = formatter.completion_logprobs(list(delta.logprobs), offsets[index])
@@ -374,7 +412,12 @@ def create_app(gateway: Gateway) -> FastAPI:
                     yield sse(err.body())
                     break
             if include_usage:
-                yield sse(formatter.usage_chunk(header, COMPLETION, num_prompt, num_completion))
+                prompt_cached = sum(cached[::n])  # once per prompt
+                yield sse(
+                    formatter.usage_chunk(
+                        header, COMPLETION, num_prompt, num_completion, prompt_cached
+                    )
+                )
             yield sse("[DONE]")
         finally:
             await choices.close()

@@ -1,8 +1,9 @@
 """The OpenAI request bodies, as pydantic models, and their conversion to `SamplingParams`.
 
 Pydantic lives here, at the HTTP edge, and nowhere else. Unknown fields are ignored (clients
-send many), except OpenAI features this server does not have (`logit_bias`, `tools`, a
-`response_format` other than text), which are refused rather than silently dropped. Wrong
+send many), except OpenAI features this server does not have (a
+`response_format` other than text, `tool_choice` "required" or a named function, the legacy
+`functions`), which are refused rather than silently dropped. Wrong
 types and out-of-range values become a 400 that names the field. Types are strict (no "0.5"
 for a number, no 1 for a bool) except that JSON has one number type: an integer is a valid
 float, and a float with no fraction (16.0) a valid integer, as JSON Schema reads them.
@@ -59,8 +60,22 @@ class TextPart(_Body):
     text: str
 
 
-class ChatMessage(_Body):
-    role: Literal["system", "user", "assistant"]  # what the chat templates know
+class FunctionCall(_Body):
+    name: str
+    arguments: str  # a JSON object, as OpenAI sends it
+
+
+class ToolCall(_Body):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class _Message(_Body):
+    """What every chat message has; each role's own class says what else it has, so the
+    published schema (and a client reading it) knows, for instance, that a tool message
+    needs the id of the call it answers."""
+
     content: str | list[TextPart] | None = None
     name: str | None = None
 
@@ -70,6 +85,100 @@ class ChatMessage(_Body):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def for_template(self, index: int) -> dict[str, Any]:
+        """The message as chat templates read it (transformers' shape): text parts joined."""
+        message: dict[str, Any] = {
+            "role": self.role,  # type: ignore[attr-defined]
+            "content": None if self.content is None else self.text(),
+        }
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class SystemMessage(_Message):
+    # "developer" is OpenAI's newer name for "system", and reaches the template as "system".
+    role: Literal["system", "developer"]
+
+    def for_template(self, index: int) -> dict[str, Any]:
+        return {**super().for_template(index), "role": "system"}
+
+
+class UserMessage(_Message):
+    role: Literal["user"]
+
+
+class AssistantMessage(_Message):
+    role: Literal["assistant"]
+    tool_calls: list[ToolCall] | None = None  # its calls, sent back in the history
+
+    def for_template(self, index: int) -> dict[str, Any]:
+        """A call's arguments reach the template as the object they spell, as vLLM and
+        transformers pass them."""
+        message = super().for_template(index)
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": call.type,
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _arguments(call.function.arguments, index, i),
+                    },
+                }
+                for i, call in enumerate(self.tool_calls)
+            ]
+        return message
+
+
+class ToolMessage(_Message):
+    role: Literal["tool"]
+    tool_call_id: str  # the call it answers
+
+    def for_template(self, index: int) -> dict[str, Any]:
+        return {**super().for_template(index), "tool_call_id": self.tool_call_id}
+
+
+ChatMessage = Annotated[
+    SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")
+]
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+
+def _arguments(text: str, message: int, call: int) -> dict[str, Any]:
+    where = f"messages.{message}.tool_calls.{call}.function.arguments"
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise invalid(
+            f"'{where}' must be a JSON object (as a string), got {text[:80]!r}",
+            param=f"messages.{message}",
+        )
+    return value
+
+
+class FunctionDefinition(_Body):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema
+    strict: bool | None = None
+
+
+class Tool(_Body):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class FunctionName(_Body):
+    name: str
+
+
+class NamedToolChoice(_Body):
+    type: Literal["function"]
+    function: FunctionName
 
 
 class _Sampling(_Body):
@@ -90,8 +199,9 @@ class _Sampling(_Body):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     user: str | None = None
-    # Features this server does not have: accepted only when they ask for nothing.
-    logit_bias: dict[str, Any] | None = None
+    # Token id (as a string, as JSON keys are) -> bias in [-100, 100].
+    logit_bias: dict[str, Annotated[float, INTEGRAL]] | None = None
+    # A feature this server does not have: accepted only when it asks for nothing.
     response_format: dict[str, Any] | None = None
 
     @property
@@ -99,11 +209,6 @@ class _Sampling(_Body):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def check(self) -> None:
-        if self.logit_bias:
-            raise invalid(
-                "logit_bias is not supported by this server: remove it from the request",
-                param="logit_bias",
-            )
         kind = (self.response_format or {}).get("type", "text")
         if kind != "text":
             raise invalid(
@@ -118,18 +223,49 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, Field(ge=1), INTEGRAL] | None = None
     logprobs: bool = False
     top_logprobs: NumLogprobs | None = None
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+    functions: list[Any] | None = None  # OpenAI's deprecated form of tools: refused
+    # Variables for the chat template (vLLM's field): {"enable_thinking": false}, ...
+    chat_template_kwargs: dict[str, Any] | None = None
+    include_reasoning: bool = True  # vLLM's: false leaves the reasoning out of the answer
 
     def check(self) -> None:
         super().check()
-        for name in ("tools", "functions"):
-            if getattr(self, name):
-                raise invalid(
-                    f"{name} (function calling) are not supported by this server: remove "
-                    f"'{name}' from the request",
-                    param=name,
-                )
+        if self.functions:
+            raise invalid(
+                "functions (OpenAI's deprecated function calling) are not supported by this "
+                'server: send them as tools, [{"type": "function", "function": ...}]',
+                param="functions",
+            )
+        if self.tool_choice is not None and self.tool_choice != "none" and not self.tools:
+            raise invalid(
+                "tool_choice is only allowed when tools are given: add tools, or remove "
+                "tool_choice",
+                param="tool_choice",
+            )
+        if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
+            chosen = "required" if self.tool_choice == "required" else "a named function"
+            raise invalid(
+                f"tool_choice {chosen} needs constrained decoding, which this server does not "
+                'do yet: send tool_choice "auto" (the model decides) or "none"',
+                param="tool_choice",
+            )
+
+    @property
+    def calls_tools(self) -> bool:
+        """Whether the model is offered the tools (and its output is read for calls)."""
+        return bool(self.tools) and self.tool_choice != "none"
+
+    def template_messages(self) -> list[dict[str, Any]]:
+        return [m.for_template(i) for i, m in enumerate(self.messages)]
+
+    def template_tools(self) -> list[dict[str, Any]] | None:
+        """The tools as chat templates read them, or None when they are not offered."""
+        if not self.calls_tools:
+            return None
+        return [tool.model_dump(exclude_none=True) for tool in self.tools or ()]
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -225,6 +361,9 @@ def _validation_error(err: ValidationError) -> APIError:
         )
     if best["type"] == "missing":
         return invalid(f"'{place}' is required", param=param)
+    if best["type"] == "union_tag_not_found":  # a chat message without a role
+        field = best["ctx"]["discriminator"].strip("'")
+        return invalid(f"'{place}.{field}' is required", param=f"{param}.{field}")
     shown = _json_type(given) if isinstance(given, dict | list) else json.dumps(given)
     return invalid(f"invalid value {shown} for '{place}': {best['msg']}", param=param)
 
@@ -232,6 +371,8 @@ def _validation_error(err: ValidationError) -> APIError:
 def _until_union(location: tuple[Any, ...]) -> list[Any]:
     parts = []
     for part in location:
+        if part in ROLES:
+            continue  # a chat message's class: the client named no such field
         if _is_union_member(part):
             break
         parts.append(part)
@@ -254,12 +395,32 @@ def _int64(value: int) -> int:
 def _is_union_member(part: Any) -> bool:
     return isinstance(part, str) and (
         part in ("str", "int", "float", "bool", "list[str]", "list[int]", "list[list[int]]", "none")
+        or part in ROLES  # a chat message's class, by its role
         or part.startswith(("list[", "function-", "constrained-", "TextPart"))
     )
 
 
-def sampling_params(body: _Sampling, max_tokens: int, seed_offset: int = 0) -> SamplingParams:
-    """The engine's parameters for choice `seed_offset` of `body` (seeds differ per choice)."""
+def logit_bias(body: _Sampling, vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """The request's logit_bias as (token id, bias) pairs, each id checked against the
+    vocabulary."""
+    pairs = []
+    for key, bias in (body.logit_bias or {}).items():
+        token = int(key) if key.strip().isdigit() else -1
+        if not 0 <= token < vocab_size:
+            raise invalid(
+                f"logit_bias key {key!r} is not a token id of this model's vocabulary "
+                f"(0..{vocab_size - 1}): key it by token id, as a string",
+                param="logit_bias",
+            )
+        pairs.append((token, bias))
+    return tuple(sorted(pairs))
+
+
+def sampling_params(
+    body: _Sampling, max_tokens: int, seed_offset: int = 0, vocab_size: int | None = None
+) -> SamplingParams:
+    """The engine's parameters for choice `seed_offset` of `body` (seeds differ per choice);
+    `vocab_size`: what logit_bias's token ids are checked against (None: not checked)."""
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if any(not s for s in stop):
         raise invalid("stop strings must not be empty", param="stop")
@@ -273,6 +434,7 @@ def sampling_params(body: _Sampling, max_tokens: int, seed_offset: int = 0) -> S
         "ignore_eos": body.ignore_eos,
         "skip_special_tokens": body.skip_special_tokens,
         "logprobs": body.num_logprobs(),
+        "logit_bias": logit_bias(body, vocab_size if vocab_size is not None else 1 << 31),
     }
     values["presence_penalty"] = body.presence_penalty
     values["frequency_penalty"] = body.frequency_penalty

@@ -15,6 +15,7 @@ from typing import Any
 from services.common.logprobs import TokenLogprob
 from services.common.tokenizer import Tokenizer
 from services.common.wire.attention import GenerateDelta
+from services.gateway.chat_output import OutputOptions, message
 
 CHAT = "chat.completion"
 CHAT_CHUNK = "chat.completion.chunk"
@@ -31,7 +32,7 @@ def _object(properties: dict[str, Any]) -> dict[str, Any]:
 _COUNT = {"type": "integer", "minimum": 0}
 _TEXT = {"type": "string"}
 _HEADER = {"id": _TEXT, "created": {"type": "integer"}, "model": _TEXT}
-_FINISHED = {"enum": ["stop", "length", "abort"]}
+_FINISHED = {"enum": ["stop", "length", "abort", "tool_calls"]}
 _LOGPROBS = {"type": ["object", "null"]}
 _USAGE = _object({"prompt_tokens": _COUNT, "completion_tokens": _COUNT, "total_tokens": _COUNT})
 
@@ -46,7 +47,11 @@ CHAT_SCHEMA = _object(
         **_HEADER,
         "object": {"const": CHAT},
         "choices": _choices(
-            {"message": _object({"role": {"const": "assistant"}, "content": _TEXT})}
+            {
+                "message": _object(
+                    {"role": {"const": "assistant"}, "content": {"type": ["string", "null"]}}
+                )
+            }
         ),
         "usage": _USAGE,
     }
@@ -82,12 +87,14 @@ class ChoiceState:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0  # of the prompt's, found in the prefix cache
 
     def add(self, delta: GenerateDelta) -> None:
         self.text += delta.new_text
         self.token_ids += delta.new_token_ids
         self.logprobs += delta.logprobs
         self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
+        self.num_cached_tokens = delta.num_cached_tokens or self.num_cached_tokens
         if delta.finished:
             self.finish_reason = delta.finish_reason
 
@@ -104,11 +111,13 @@ class Header:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
 
 
-def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
+def usage(num_prompt_tokens: int, num_completion_tokens: int, cached: int = 0) -> dict[str, Any]:
+    """OpenAI's usage; `cached`: prompt tokens served from the prefix cache."""
     return {
         "prompt_tokens": num_prompt_tokens,
         "completion_tokens": num_completion_tokens,
         "total_tokens": num_prompt_tokens + num_completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
     }
 
 
@@ -142,20 +151,28 @@ class Formatter:
         }
 
     def chat_completion(
-        self, header: Header, choices: list[ChoiceState], with_logprobs: bool, prompt: int
+        self,
+        header: Header,
+        choices: list[ChoiceState],
+        with_logprobs: bool,
+        prompt: int,
+        options: OutputOptions,
+        cached: int = 0,
     ) -> dict[str, Any]:
+        answers = []
+        for i, c in enumerate(choices):
+            fields = message(c.text, options)
+            called = "tool_calls" in fields and c.finish_reason == "stop"
+            answers.append({
+                "index": i,
+                "message": {"role": "assistant", **fields, "refusal": None},
+                "logprobs": self.chat_logprobs(c.logprobs) if with_logprobs else None,
+                "finish_reason": "tool_calls" if called else c.finish_reason,
+            })  # fmt: skip
         return {
             **header.body(CHAT),
-            "choices": [
-                {
-                    "index": i,
-                    "message": {"role": "assistant", "content": c.text, "refusal": None},
-                    "logprobs": self.chat_logprobs(c.logprobs) if with_logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for i, c in enumerate(choices)
-            ],
-            "usage": usage(prompt, sum(len(c.token_ids) for c in choices)),
+            "choices": answers,
+            "usage": usage(prompt, sum(len(c.token_ids) for c in choices), cached),
         }
 
     def chat_chunk(
@@ -194,7 +211,12 @@ class Formatter:
         }
 
     def completion(
-        self, header: Header, choices: list[ChoiceState], with_logprobs: bool, prompt: int
+        self,
+        header: Header,
+        choices: list[ChoiceState],
+        with_logprobs: bool,
+        prompt: int,
+        cached: int = 0,
     ) -> dict[str, Any]:
         return {
             **header.body(COMPLETION),
@@ -207,7 +229,7 @@ class Formatter:
                 }
                 for i, c in enumerate(choices)
             ],
-            "usage": usage(prompt, sum(len(c.token_ids) for c in choices)),
+            "usage": usage(prompt, sum(len(c.token_ids) for c in choices), cached),
         }
 
     def completion_chunk(
@@ -225,5 +247,7 @@ class Formatter:
             ],
         }
 
-    def usage_chunk(self, header: Header, obj: str, prompt: int, completion: int) -> dict[str, Any]:
-        return {**header.body(obj), "choices": [], "usage": usage(prompt, completion)}
+    def usage_chunk(
+        self, header: Header, obj: str, prompt: int, completion: int, cached: int = 0
+    ) -> dict[str, Any]:
+        return {**header.body(obj), "choices": [], "usage": usage(prompt, completion, cached)}

@@ -168,6 +168,7 @@ def test_no_authorization_header_breaks_the_key_check(fuzzed):
 # What the fuzzer (and the hand-made requests beside it) found, each kept fixed: the request,
 # then the status, the `param` and a piece of the message it must get.
 CHAT, TEXT = GENERATE
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 FOUND = [
     (TEXT, {"prompt": "x", "seed": 1 << 64}, 400, "seed", "less than or equal to"),
     (TEXT, {"prompt": "x", "top_k": 1 << 80}, 400, "top_k", "less than or equal to"),
@@ -176,8 +177,31 @@ FOUND = [
     (TEXT, [{"prompt": "x"}], 400, None, "must be a JSON object"),
     (TEXT, {"prompt": [[1]] * 100, "n": 3}, 400, "prompt", "at most 256"),
     (TEXT, {"prompt": [5, -1]}, 400, "prompt", "'prompt.1'"),
-    (TEXT, {"prompt": "x", "logit_bias": {"1": 5}}, 400, "logit_bias", "remove it"),
-    (CHAT, {"messages": MESSAGES, "tools": [{"type": "function"}]}, 400, "tools", "remove"),
+    (TEXT, {"prompt": "x", "logit_bias": {"x": 5}}, 400, "logit_bias", "not a token id"),
+    (TEXT, {"prompt": "x", "logit_bias": {"1": 500}}, 400, "logit_bias", "[-100, 100]"),
+    (TEXT, {"prompt": "x", "max_tokens": 1, "logit_bias": {"1": 5}}, 200, None, ""),
+    (
+        CHAT,
+        {"messages": MESSAGES, "tools": [{"type": "function"}]},
+        400,
+        "tools.0.function",
+        "is required",
+    ),
+    (
+        CHAT,
+        {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required"},
+        400,
+        "tool_choice",
+        "constrained decoding",
+    ),
+    (CHAT, {"messages": MESSAGES, "tool_choice": "auto"}, 400, "tool_choice", "add tools"),
+    (
+        CHAT,
+        {"messages": MESSAGES, "chat_template_kwargs": {"messages": []}},
+        400,
+        "messages",
+        "may not set messages",
+    ),
     (
         CHAT,
         {"messages": MESSAGES, "response_format": {"type": "json_object"}},
@@ -185,7 +209,15 @@ FOUND = [
         "response_format",
         "plain text",
     ),
-    (CHAT, {"messages": [{"role": "tool", "content": "x"}]}, 400, "messages.0.role", "'user'"),
+    (
+        CHAT,
+        {"messages": [{"role": "tool", "content": "x"}]},
+        400,
+        "messages.0.tool_call_id",
+        "is required",
+    ),
+    (CHAT, {"messages": [{"role": "critic", "content": "x"}]}, 400, "messages.0", "'user'"),
+    (CHAT, {"messages": [{"content": "x"}]}, 400, "messages.0.role", "is required"),
     (
         CHAT,
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]},

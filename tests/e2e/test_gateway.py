@@ -13,11 +13,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
+import openai
 import pytest
 
 from services.common.wire.attention_client import AttentionClient
+from services.gateway.reasoning import split_reasoning
+from services.gateway.step3_tools import parse_tool_calls
 from tests.support.cluster import CLUSTER_SECRET
-from tests.support.gateway import MESSAGES, PROMPT
+from tests.support.gateway import MESSAGES, NO_THINKING, PROMPT
 
 # The API's shape.
 
@@ -29,7 +32,7 @@ def test_models_lists_the_served_model(client, model_name):
 
 def test_chat_completion_has_text_and_usage(client, model_name):
     reply = client.chat.completions.create(
-        model=model_name, messages=MESSAGES, max_tokens=8, temperature=0
+        model=model_name, messages=MESSAGES, max_tokens=8, temperature=0, extra_body=NO_THINKING
     )
     choice = reply.choices[0]
     assert choice.message.role == "assistant"
@@ -68,11 +71,11 @@ def test_greedy_equals_the_single_process_engine(client, model_name, checkpoint,
     engine = local_engine(
         load_model(checkpoint, dtype="float32", progress=False), EngineConfig(), tokenizer
     )
-    chat_ids = tokenizer.encode_chat(MESSAGES)
+    chat_ids = tokenizer.encode_chat(MESSAGES, template_kwargs=NO_THINKING["chat_template_kwargs"])
     text_ids = tokenizer.encode(PROMPT, add_special_tokens=True)
     expected = engine.generate([chat_ids, text_ids], SamplingParams(max_tokens=12, temperature=0.0))
     chat = client.chat.completions.create(
-        model=model_name, messages=MESSAGES, max_tokens=12, temperature=0
+        model=model_name, messages=MESSAGES, max_tokens=12, temperature=0, extra_body=NO_THINKING
     )
     text = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=12, temperature=0)
     assert chat.usage.prompt_tokens == len(chat_ids)
@@ -108,7 +111,7 @@ def test_penalties_reach_the_engine(client, model_name, checkpoint, tokenizer):
 
 def test_stream_joins_to_the_whole_text_and_ends_with_usage(client, model_name):
     whole = client.chat.completions.create(
-        model=model_name, messages=MESSAGES, max_tokens=10, temperature=0
+        model=model_name, messages=MESSAGES, max_tokens=10, temperature=0, extra_body=NO_THINKING
     )
     chunks = list(
         client.chat.completions.create(
@@ -118,6 +121,7 @@ def test_stream_joins_to_the_whole_text_and_ends_with_usage(client, model_name):
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
+            extra_body=NO_THINKING,
         )
     )
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -147,7 +151,10 @@ def test_completion_stream_joins_to_the_whole_text(client, model_name):
 
 
 def test_n_choices_with_seeds(client, model_name):
-    kwargs = dict(model=model_name, messages=MESSAGES, max_tokens=8, temperature=1.0, seed=7)
+    kwargs = dict(
+        model=model_name, messages=MESSAGES, max_tokens=8, temperature=1.0, seed=7,
+        extra_body=NO_THINKING,
+    )  # fmt: skip
     first = client.chat.completions.create(n=2, **kwargs)
     again = client.chat.completions.create(n=2, **kwargs)
     assert [c.index for c in first.choices] == [0, 1]
@@ -251,3 +258,138 @@ def test_a_disconnect_frees_the_requests_blocks(gateway, cluster, model_name, st
 
 
 # Errors: status, OpenAI's shape, and a message that says what to change.
+
+
+# Reasoning and tools.
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint, tokenizer):
+    """The single-process engine over the cluster's checkpoint: the oracle."""
+    from services.attention.builder import local_engine
+    from services.attention.engine import EngineConfig
+    from services.common.model.build import load_model
+
+    return local_engine(
+        load_model(checkpoint, dtype="float32", progress=False), EngineConfig(), tokenizer
+    )
+
+
+def greedy_text(engine, prompt_ids: list[int], max_tokens: int) -> str:
+    from services.common.sampling_params import SamplingParams
+
+    (out,) = engine.generate([prompt_ids], SamplingParams(max_tokens=max_tokens, temperature=0.0))
+    return out.text
+
+
+def test_the_thinking_section_comes_back_as_reasoning_content(
+    client, model_name, engine, tokenizer
+):
+    # The template opens a thinking section: the output starts as reasoning (vLLM's field).
+    expected = split_reasoning(greedy_text(engine, tokenizer.encode_chat(MESSAGES), 12), True)
+    chat = client.chat.completions.create(
+        model=model_name, messages=MESSAGES, max_tokens=12, temperature=0
+    )
+    message = chat.choices[0].message
+    assert (message.model_extra["reasoning_content"] or "", message.content or "") == expected
+    chunks = client.chat.completions.create(
+        model=model_name, messages=MESSAGES, max_tokens=12, temperature=0, stream=True
+    )
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    streamed = (
+        "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas),
+        "".join(d.content or "" for d in deltas),
+    )
+    assert streamed == expected
+    hidden = client.chat.completions.create(
+        model=model_name, messages=MESSAGES, max_tokens=12, temperature=0,
+        extra_body={"include_reasoning": False},
+    )  # fmt: skip
+    assert "reasoning_content" not in (hidden.choices[0].message.model_extra or {})
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "The weather in a city",
+            "parameters": {
+                "type": "object",
+                "properties": {"city": {"type": "string"}},
+                "required": ["city"],
+            },
+        },
+    }
+]
+CALLED = [
+    {"role": "user", "content": "Weather in Paris?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {
+                "id": "call_1",
+                "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+            }
+        ],
+    },
+    {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"},
+]
+
+
+def test_tools_and_a_tool_result_reach_the_model_as_the_template_renders_them(
+    client, model_name, engine, tokenizer
+):
+    as_template = [
+        CALLED[0],
+        {**CALLED[1], "tool_calls": [{**CALLED[1]["tool_calls"][0], "function": {
+            "name": "get_weather", "arguments": {"city": "Paris"}}}]},
+        CALLED[2],
+    ]  # fmt: skip
+    no_thinking = NO_THINKING["chat_template_kwargs"]
+    prompt = tokenizer.encode_chat(as_template, tools=TOOLS, template_kwargs=no_thinking)
+    reply = client.chat.completions.create(
+        model=model_name, messages=CALLED, tools=TOOLS, max_tokens=8, temperature=0,
+        extra_body=NO_THINKING,
+    )  # fmt: skip
+    assert reply.usage.prompt_tokens == len(prompt)
+    content, calls = parse_tool_calls(greedy_text(engine, prompt, 8), TOOLS)
+    message = reply.choices[0].message
+    assert (message.content or "", len(message.tool_calls or [])) == (content, len(calls))
+    # tool_choice "none": the tools are not offered at all.
+    unoffered = client.chat.completions.create(
+        model=model_name, messages=CALLED, tools=TOOLS, tool_choice="none", max_tokens=1,
+        extra_body=NO_THINKING,
+    )  # fmt: skip
+    assert unoffered.usage.prompt_tokens == len(
+        tokenizer.encode_chat(as_template, template_kwargs=no_thinking)
+    )
+
+
+def test_a_broken_tool_call_in_the_history_is_400_naming_it(client, model_name):
+    broken = [CALLED[0], {**CALLED[1], "tool_calls": [{**CALLED[1]["tool_calls"][0], "function": {
+        "name": "get_weather", "arguments": "{not json"}}]}, CALLED[2]]  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=model_name, messages=broken, tools=TOOLS)
+    assert "messages.1.tool_calls.0.function.arguments" in caught.value.body["message"]
+
+
+def test_logit_bias_forces_a_token(client, model_name, tokenizer):
+    token = 1234
+    forced = client.completions.create(
+        model=model_name, prompt=PROMPT, max_tokens=4, temperature=0, logit_bias={token: 100}
+    )
+    assert forced.choices[0].text == tokenizer.decode([token] * 4)
+    plain = client.completions.create(model=model_name, prompt=PROMPT, max_tokens=4, temperature=0)
+    assert plain.choices[0].text != forced.choices[0].text
+
+
+def test_usage_counts_the_prompt_tokens_found_in_the_prefix_cache(client, model_name):
+    prompt = "A long shared preamble that fills several KV blocks. " * 8
+    first = client.completions.create(model=model_name, prompt=prompt, max_tokens=1)
+    again = client.completions.create(model=model_name, prompt=prompt, max_tokens=1)
+    blocks = again.usage.prompt_tokens // 16  # the cache holds whole blocks of 16 tokens
+    assert first.usage.prompt_tokens_details.cached_tokens <= again.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens >= 16 * (blocks - 1) > 0

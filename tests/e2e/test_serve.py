@@ -42,6 +42,7 @@ def test_serve_answers_the_openai_client_and_spreads_requests(checkpoint):
             messages=[{"role": "user", "content": "Hello!"}],
             max_tokens=8,
             temperature=0,
+            extra_body={"chat_template_kwargs": {"enable_thinking": False}},
         )
         assert answer.usage.completion_tokens == 8 and answer.choices[0].message.content
 

@@ -18,6 +18,9 @@ from tests.support.cluster import CLUSTER_SECRET, ROOT
 API_KEY = "sk-test-key"
 PROMPT = "Hello! Who are you?"
 MESSAGES = [{"role": "user", "content": PROMPT}]
+# The chat template opens a thinking section by default, and the reasoning parser returns
+# everything before </think> as reasoning_content: tests about the answer turn thinking off.
+NO_THINKING = {"chat_template_kwargs": {"enable_thinking": False}}
 
 
 @dataclass

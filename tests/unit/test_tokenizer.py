@@ -15,7 +15,7 @@ from services.common.detokenizer import MAX_PENDING_TOKENS, IncrementalDetokeniz
 from services.common.tokenizer import Tokenizer, TokenizerError
 from services.common.tokenizer_files import CHAT_TEMPLATE, write_tokenizer_files
 
-BOS, EOS_ID, USER_ID, ASSISTANT_ID = 0, 128805, 128803, 128804
+BOS, EOS_ID, USER_ID, ASSISTANT_ID, THINK_ID, NEWLINE_ID = 0, 128805, 128803, 128804, 128798, 201
 FFFD = "\ufffd"
 
 MIXED_TEXT = (
@@ -106,13 +106,25 @@ CONVERSATION = [
 
 def test_chat_template_renders_a_multi_turn_conversation(tokenizer: Tokenizer) -> None:
     assert tokenizer.apply_chat_template(CONVERSATION) == (
-        "<｜begin▁of▁sentence｜>You are helpful."
-        "<｜User｜>Hi<｜Assistant｜>Hello! How can I help?<|EOT|>"
-        "<｜User｜>Tell me a joke.<｜Assistant｜>"
+        "<｜begin▁of▁sentence｜> You are helpful. "
+        "<|BOT|>user\n Hi <|EOT|><|BOT|>assistant\n Hello! How can I help? <|EOT|>"
+        "<|BOT|>user\n Tell me a joke. <|EOT|><|BOT|>assistant\n<think>\n"
     )
     assert tokenizer.apply_chat_template(CONVERSATION[:3], add_generation_prompt=False) == (
-        "<｜begin▁of▁sentence｜>You are helpful."
-        "<｜User｜>Hi<｜Assistant｜>Hello! How can I help?<|EOT|>"
+        "<｜begin▁of▁sentence｜> You are helpful. "
+        "<|BOT|>user\n Hi <|EOT|><|BOT|>assistant\n Hello! How can I help? <|EOT|>"
+    )
+
+
+def test_the_prompt_is_the_one_step3_s_released_template_renders(tokenizer: Tokenizer) -> None:
+    # vLLM's Step-3 example hard-codes the prompt its released template makes.
+    messages = [
+        {"role": "system", "content": "You are a helpful assistant."},
+        {"role": "user", "content": "What is this?"},
+    ]
+    assert tokenizer.apply_chat_template(messages) == (
+        "<｜begin▁of▁sentence｜> You are a helpful assistant. <|BOT|>user\n What is this? "
+        "<|EOT|><|BOT|>assistant\n<think>\n"
     )
 
 
@@ -123,20 +135,81 @@ def test_chat_template_joins_system_messages_and_allows_none(tokenizer: Tokenize
         {"role": "system", "content": "Two."},
     ]
     prompt = tokenizer.apply_chat_template(messages)
-    assert prompt == "<｜begin▁of▁sentence｜>One.\n\nTwo.<｜User｜>Q<｜Assistant｜>"
-    user_only = [{"role": "user", "content": "Q"}]
-    assert tokenizer.apply_chat_template(user_only) == (
-        "<｜begin▁of▁sentence｜><｜User｜>Q<｜Assistant｜>"
+    assert prompt == (
+        "<｜begin▁of▁sentence｜> One.  Two. <|BOT|>user\n Q <|EOT|><|BOT|>assistant\n<think>\n"
     )
+    user_only = [{"role": "user", "content": [{"type": "text", "text": "Q"}]}]
+    assert tokenizer.apply_chat_template(user_only) == (
+        "<｜begin▁of▁sentence｜><|BOT|>user\n Q <|EOT|><|BOT|>assistant\n<think>\n"
+    )
+
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Wetter für eine Stadt <jetzt>",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+
+
+def test_tools_calls_and_results_render_in_step3_s_format(tokenizer: Tokenizer) -> None:
+    messages = [
+        {"role": "user", "content": "Weather in Paris?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": {"city": "Paris", "n": 2}},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny"},
+    ]
+    prompt = tokenizer.apply_chat_template(messages, tools=TOOLS)
+    # As transformers' tojson writes it: keys in order, non-ASCII and < kept as they are.
+    assert "<tools>" + json.dumps(TOOLS[0], ensure_ascii=False) + "\n</tools>" in prompt
+    assert prompt.startswith("<｜begin▁of▁sentence｜># Tools \nYou may call one or more tools")
+    assert (
+        "<|BOT|>assistant\n<｜tool_calls_begin｜>\n<｜tool_call_begin｜>function<｜tool_sep｜>"
+        '<steptml:invoke name="get_weather"><steptml:parameter name="city">Paris'
+        '</steptml:parameter><steptml:parameter name="n">2</steptml:parameter>'
+        "</steptml:invoke><｜tool_call_end｜>\n<｜tool_calls_end｜><|EOT|>"
+        "<|BOT|>tool_response\n sunny <|EOT|><|BOT|>assistant\n<think>\n"
+    ) in prompt
+    assert "# Tools" not in tokenizer.apply_chat_template(messages[:1])
+
+
+def test_template_kwargs_reach_the_template_but_not_its_own_variables(
+    tokenizer: Tokenizer,
+) -> None:
+    user = [{"role": "user", "content": "Q"}]
+    assert tokenizer.apply_chat_template(user, template_kwargs={"enable_thinking": False}) == (
+        "<｜begin▁of▁sentence｜><|BOT|>user\n Q <|EOT|><|BOT|>assistant\n<think>\n</think>\n"
+    )
+    with pytest.raises(TokenizerError, match="chat_template_kwargs may not set messages"):
+        tokenizer.apply_chat_template(user, template_kwargs={"messages": []})
+
+
+def test_a_template_given_instead_of_the_checkpoint_s(checkpoint: Path) -> None:
+    template = "{{ bos_token }}{{ strftime_now('%Y') }}|{{ {'b': 1, 'a': 'é'} | tojson }}"
+    tokenizer = Tokenizer.from_dir(checkpoint, chat_template=template)
+    year = str(__import__("datetime").date.today().year)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "Q"}])
+    assert prompt == "<｜begin▁of▁sentence｜>" + year + '|{"b": 1, "a": "é"}'
 
 
 def test_encode_chat_makes_role_markers_single_ids(tokenizer: Tokenizer) -> None:
     ids = tokenizer.encode_chat(CONVERSATION)
     assert ids[0] == BOS and ids.count(BOS) == 1  # BOS from the template, not added again
-    assert ids.count(USER_ID) == 2
-    assert ids.count(ASSISTANT_ID) == 2
-    assert ids.count(EOS_ID) == 1
-    assert ids[-1] == ASSISTANT_ID
+    assert ids.count(EOS_ID) == 3  # each turn's <|EOT|>
+    assert ids[-2:] == [THINK_ID, NEWLINE_ID]
     assert tokenizer.decode(ids) == tokenizer.apply_chat_template(CONVERSATION)
 
 
@@ -310,16 +383,20 @@ def test_bad_tokenizer_config(
     [
         ("hello", r"messages must be a list, got str"),
         ([{"role": "user", "content": "a"}, "b"], r"messages\[1\] must be an object, got str"),
-        ([{"role": "user", "content": "a"}, {"content": "b"}], r"messages\[1\] has no 'role'"),
+        (
+            [{"role": "user", "content": "a"}, {"content": "b"}],
+            r"messages\[1\] has no string 'role'",
+        ),
         ([{"role": "user"}], r"messages\[0\] has no 'content'"),
         (
-            [{"role": "system", "content": "s"}, {"role": "user", "content": [{"text": "x"}]}],
-            r"messages\[1\]\.content must be a string, got list",
+            [{"role": "system", "content": "s"}, {"role": "user", "content": 3}],
+            r"messages\[1\]\.content must be a string, a list of parts or null, got int",
         ),
-        ([{"role": 1, "content": "a"}], r"messages\[0\]\.role must be a string, got int"),
+        ([{"role": 1, "content": "a"}], r"messages\[0\] has no string 'role'"),
         (
-            [{"role": "user", "content": "a"}, {"role": "tool", "content": "b"}],
-            r'messages\[1\] has role "tool"; this chat template knows system, user and assistant',
+            [{"role": "user", "content": "a"}, {"role": "critic", "content": "b"}],
+            r'messages\[1\] has role "critic"; this chat template knows system, user, '
+            r"assistant and tool",
         ),
     ],
 )

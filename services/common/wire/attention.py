@@ -25,6 +25,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["AttentionService"].full_name
 # Every SamplingParams field has a namesake in the message; the API tests keep it so.
 _PARAM_FIELDS = tuple(f.name for f in fields(SamplingParams))
 _REPEATED_PARAM_FIELDS = ("stop", "stop_token_ids")
+_MAP_PARAM_FIELDS = ("logit_bias",)  # pairs in SamplingParams, a map on the wire
 
 
 class OutputLike(Protocol):
@@ -92,6 +93,7 @@ def attention_stub(channel: grpc.Channel) -> pb_grpc.AttentionServiceStub:
 
 def params_to_proto(params: SamplingParams) -> pb.SamplingParams:
     values = {name: getattr(params, name) for name in _PARAM_FIELDS}
+    values |= {name: dict(values[name]) for name in _MAP_PARAM_FIELDS}
     return pb.SamplingParams(**{name: v for name, v in values.items() if v is not None})
 
 
@@ -100,9 +102,10 @@ def params_from_proto(message: pb.SamplingParams) -> SamplingParams:
     values: dict[str, object] = {
         name: getattr(message, name)
         for name in _PARAM_FIELDS
-        if name not in _REPEATED_PARAM_FIELDS and message.HasField(name)
+        if name not in _REPEATED_PARAM_FIELDS + _MAP_PARAM_FIELDS and message.HasField(name)
     }
     values |= {name: tuple(getattr(message, name)) for name in _REPEATED_PARAM_FIELDS}
+    values |= {name: tuple(sorted(getattr(message, name).items())) for name in _MAP_PARAM_FIELDS}
     return SamplingParams(**values)  # type: ignore[arg-type]
 
 
