@@ -12,12 +12,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
 from services.attention.block_manager import BlockManager
+from services.attention.grammar import GrammarError, Grammars
 from services.attention.kv_cache import KVCache
 from services.attention.output import RequestOutput, TextTracker
 from services.attention.sampler import new_generator, sample, token_logprobs
@@ -91,6 +92,7 @@ class _Request:
     num_reported: int = 0  # generated tokens already handed out
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
+    matcher: Any = None  # its grammar's llguidance matcher, for structured output
 
 
 class Runner(Protocol):
@@ -141,6 +143,7 @@ class Engine:
         self.scheduler = Scheduler(config.scheduler, self.block_manager)
         self._requests: dict[str, _Request] = {}
         self._device = runner.device
+        self._grammars: Grammars | None = None  # made when a request first needs one
         self.stats = EngineStats()
         self.last_step: StepRecord | None = None
 
@@ -162,13 +165,30 @@ class Engine:
                 f"the prompt has {len(prompt_token_ids)} tokens; this model serves at most "
                 f"{self.max_model_len} tokens including the output: shorten the prompt"
             )
+        matcher = None if params.grammar is None else self._matcher(params.grammar)
         seq = Sequence(request_id, list(prompt_token_ids), params)
         text = TextTracker(
             self.tokenizer, seq.prompt_token_ids, params.stop, params.skip_special_tokens
         )
-        self._requests[request_id] = _Request(seq, text, new_generator(params.seed, self._device))
+        generator = new_generator(params.seed, self._device)
+        self._requests[request_id] = _Request(seq, text, generator, matcher=matcher)
         self.scheduler.add(seq)
         self.stats.num_prompt_tokens += len(prompt_token_ids)
+
+    def _matcher(self, grammar: str) -> Any:
+        if self._grammars is None:
+            backend_json = getattr(self.tokenizer, "backend_json", None)
+            if backend_json is None:
+                raise RequestError(
+                    "structured output needs the model's tokenizer, which this engine was "
+                    "started without"
+                )
+            cfg = self.model_config
+            self._grammars = Grammars(backend_json(), cfg.vocab_size, cfg.eos_token_ids)
+        try:
+            return self._grammars.matcher(grammar)
+        except GrammarError as err:
+            raise RequestError(str(err)) from None
 
     def abort_request(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)
@@ -218,7 +238,9 @@ class Engine:
             if any(p.has_penalties for p in params)
             else None
         )
-        tokens = sample(logits, params, [r.generator for r in sampling], generated)
+        constrained = [(row, r.matcher) for row, r in enumerate(sampling) if r.matcher]
+        allowed = logits if not constrained else self._grammars.constrain(logits, constrained)
+        tokens = sample(allowed, params, [r.generator for r in sampling], generated)
         return [
             (token, None if p.logprobs is None else token_logprobs(logits[row], token, p.logprobs))
             for row, (token, p) in enumerate(zip(tokens, params, strict=True))
@@ -240,6 +262,8 @@ class Engine:
             request = self._requests[chunk.seq.request_id]
             token, logprob = next(sampled)
             request.seq.token_ids.append(token)
+            if request.matcher is not None:
+                request.matcher.consume_token(token)
             if logprob is not None:
                 request.logprobs = request.logprobs or []
                 request.logprobs.append(logprob)
@@ -261,6 +285,8 @@ class Engine:
             reason = "stop"
         elif matched is not None:
             reason, stop_reason = "stop", matched
+        elif request.matcher is not None and request.matcher.is_stopped():
+            reason = "stop"  # the grammar has ended: nothing more may follow
         elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
             reason = "length"
         if reason is not None:

@@ -30,6 +30,9 @@ class SamplingParams:
     # OpenAI's logit_bias: (token id, bias) pairs, each bias added to that token's logit
     # before sampling; -100 bans a token, 100 all but forces it.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # Structured output: an llguidance grammar (Lark, or its JSON form) the output must
+    # follow; each step's tokens are masked to those it allows (attention/grammar.py).
+    grammar: str | None = None
 
     MAX_LOGPROBS = 20
     MAX_PENALTY = 2.0
@@ -78,6 +81,8 @@ class SamplingParams:
                     f"logit_bias of token {token} must be a number in [-{self.MAX_BIAS:g}, "
                     f"{self.MAX_BIAS:g}], got {bias!r}"
                 )
+        if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
+            raise ValueError(f"grammar must be a non-empty string, got {self.grammar!r}")
         if self.logprobs is not None and (
             isinstance(self.logprobs, bool)
             or not isinstance(self.logprobs, int)

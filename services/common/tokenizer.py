@@ -118,6 +118,10 @@ class Tokenizer:
             ids.insert(0, self._bos_token_id)
         return ids
 
+    def backend_json(self) -> str:
+        """The `tokenizers` JSON of this vocabulary (what grammar engines read)."""
+        return self._tokenizer.to_str()
+
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         # Passed explicitly: the tokenizers library skips special tokens by default.
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)

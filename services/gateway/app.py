@@ -43,7 +43,7 @@ from services.gateway.protocol import (
     parse,
     sampling_params,
 )
-from services.gateway.reasoning import opens_thinking
+from services.gateway.reasoning import THINK_END, opens_thinking
 from services.gateway.responses import (
     CHAT_CHUNK,
     CHAT_SCHEMA,
@@ -58,6 +58,8 @@ from services.gateway.responses import (
     sse,
 )
 from services.gateway.router import Instance, Router
+from services.gateway.structured import grammar_for
+from services.gateway.tool_grammar import tool_grammar
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -90,6 +92,8 @@ class ClientGone(Exception):
 def create_app(gateway: Gateway) -> FastAPI:
     config, tokenizer, router = gateway.config, gateway.tokenizer, gateway.router
     formatter = Formatter(tokenizer)
+    think_end = tokenizer.encode(THINK_END)
+    think_end_id = think_end[0] if len(think_end) == 1 else None  # one token, or text
     controller: list[grpc.aio.Channel] = []
     metrics = GatewayMetrics(gateway.registry)
     metrics.tpot_sla.set(router.tpot_sla_s)
@@ -265,7 +269,16 @@ def create_app(gateway: Gateway) -> FastAPI:
         )
         max_tokens = max_tokens_for(len(prompt), body.requested_max_tokens(), None, "messages")
         vocab = tokenizer.vocab_size
-        jobs = [Job(prompt, sampling_params(body, max_tokens, i, vocab)) for i in range(body.n)]
+        if body.forces_calls:
+            grammar = tool_grammar(
+                tools, body.named_function, body.parallel_tool_calls, options.thinking,
+                think_end_id,
+            )  # fmt: skip
+        else:
+            grammar = grammar_for(body.response_format, options.thinking, think_end_id)
+        jobs = [
+            Job(prompt, sampling_params(body, max_tokens, i, vocab, grammar)) for i in range(body.n)
+        ]
         header = Header(f"chatcmpl-{uuid.uuid4().hex}", config.served_model_name)
         with_logprobs = body.logprobs
         choices = Choices(router, header.id, jobs, metrics, arrival)
@@ -291,13 +304,14 @@ def create_app(gateway: Gateway) -> FastAPI:
         check_model(body.model)
         prompts = await asyncio.to_thread(prompt_ids, tokenizer, body.prompt)
         requested = body.requested_max_tokens()
+        grammar = grammar_for(body.response_format, False, None)
         jobs = []
         for prompt in prompts:
             max_tokens = max_tokens_for(
                 len(prompt), requested, DEFAULT_COMPLETION_MAX_TOKENS, "prompt"
             )
             jobs += [
-                Job(prompt, sampling_params(body, max_tokens, j, tokenizer.vocab_size))
+                Job(prompt, sampling_params(body, max_tokens, j, tokenizer.vocab_size, grammar))
                 for j in range(body.n)
             ]
         header = Header(f"cmpl-{uuid.uuid4().hex}", config.served_model_name)

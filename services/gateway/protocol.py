@@ -1,9 +1,8 @@
 """The OpenAI request bodies, as pydantic models, and their conversion to `SamplingParams`.
 
 Pydantic lives here, at the HTTP edge, and nowhere else. Unknown fields are ignored (clients
-send many), except OpenAI features this server does not have (a
-`response_format` other than text, `tool_choice` "required" or a named function, the legacy
-`functions`), which are refused rather than silently dropped. Wrong
+send many), except OpenAI features this server does not have (the legacy `functions`),
+which are refused rather than silently dropped. Wrong
 types and out-of-range values become a 400 that names the field. Types are strict (no "0.5"
 for a number, no 1 for a bool) except that JSON has one number type: an integer is a valid
 float, and a float with no fraction (16.0) a valid integer, as JSON Schema reads them.
@@ -201,7 +200,7 @@ class _Sampling(_Body):
     user: str | None = None
     # Token id (as a string, as JSON keys are) -> bias in [-100, 100].
     logit_bias: dict[str, Annotated[float, INTEGRAL]] | None = None
-    # A feature this server does not have: accepted only when it asks for nothing.
+    # text, json_object or json_schema: the output held to it (structured.py).
     response_format: dict[str, Any] | None = None
 
     @property
@@ -209,13 +208,7 @@ class _Sampling(_Body):
         return self.stream_options is not None and self.stream_options.include_usage
 
     def check(self) -> None:
-        kind = (self.response_format or {}).get("type", "text")
-        if kind != "text":
-            raise invalid(
-                f"response_format {kind!r} is not supported by this server, which answers in "
-                'plain text: remove response_format or send {"type": "text"}',
-                param="response_format",
-            )
+        pass
 
 
 class ChatCompletionRequest(_Sampling):
@@ -245,13 +238,30 @@ class ChatCompletionRequest(_Sampling):
                 "tool_choice",
                 param="tool_choice",
             )
-        if self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice):
-            chosen = "required" if self.tool_choice == "required" else "a named function"
+        named = self.named_function
+        if named is not None and named not in {tool.function.name for tool in self.tools or ()}:
             raise invalid(
-                f"tool_choice {chosen} needs constrained decoding, which this server does not "
-                'do yet: send tool_choice "auto" (the model decides) or "none"',
+                f"tool_choice names the function {named!r}, which is not among the tools",
                 param="tool_choice",
             )
+        if self.forces_calls and (self.response_format or {}).get("type", "text") != "text":
+            raise invalid(
+                "tool_choice required or a named function, and response_format, each ask for "
+                "the whole output: send one of them",
+                param="tool_choice",
+            )
+
+    @property
+    def named_function(self) -> str | None:
+        """The function `tool_choice` names, if it names one."""
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return self.tool_choice.function.name
+        return None
+
+    @property
+    def forces_calls(self) -> bool:
+        """Whether the output must be tool calls (tool_choice "required" or named)."""
+        return self.tool_choice == "required" or self.named_function is not None
 
     @property
     def calls_tools(self) -> bool:
@@ -417,10 +427,15 @@ def logit_bias(body: _Sampling, vocab_size: int) -> tuple[tuple[int, float], ...
 
 
 def sampling_params(
-    body: _Sampling, max_tokens: int, seed_offset: int = 0, vocab_size: int | None = None
+    body: _Sampling,
+    max_tokens: int,
+    seed_offset: int = 0,
+    vocab_size: int | None = None,
+    grammar: str | None = None,
 ) -> SamplingParams:
     """The engine's parameters for choice `seed_offset` of `body` (seeds differ per choice);
-    `vocab_size`: what logit_bias's token ids are checked against (None: not checked)."""
+    `vocab_size`: what logit_bias's token ids are checked against (None: not checked);
+    `grammar`: what the output must follow (structured.py)."""
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     if any(not s for s in stop):
         raise invalid("stop strings must not be empty", param="stop")
@@ -435,6 +450,7 @@ def sampling_params(
         "skip_special_tokens": body.skip_special_tokens,
         "logprobs": body.num_logprobs(),
         "logit_bias": logit_bias(body, vocab_size if vocab_size is not None else 1 << 31),
+        "grammar": grammar,
     }
     values["presence_penalty"] = body.presence_penalty
     values["frequency_penalty"] = body.frequency_penalty

@@ -189,10 +189,14 @@ FOUND = [
     ),
     (
         CHAT,
-        {"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required"},
+        {
+            "messages": MESSAGES,
+            "tools": TOOLS,
+            "tool_choice": {"type": "function", "function": {"name": "g"}},
+        },
         400,
         "tool_choice",
-        "constrained decoding",
+        "not among the tools",
     ),
     (CHAT, {"messages": MESSAGES, "tool_choice": "auto"}, 400, "tool_choice", "add tools"),
     (
@@ -204,11 +208,18 @@ FOUND = [
     ),
     (
         CHAT,
-        {"messages": MESSAGES, "response_format": {"type": "json_object"}},
+        {"messages": MESSAGES, "response_format": {"type": "yaml"}},
         400,
         "response_format",
-        "plain text",
+        "not one of text, json_object, json_schema",
     ),
+    (
+        CHAT,
+        {"messages": MESSAGES, "max_tokens": 8, "response_format": {"type": "json_object"}},
+        200,
+        None,
+        "",
+    ),  # fmt: skip
     (
         CHAT,
         {"messages": [{"role": "tool", "content": "x"}]},

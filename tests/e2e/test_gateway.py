@@ -393,3 +393,49 @@ def test_usage_counts_the_prompt_tokens_found_in_the_prefix_cache(client, model_
     blocks = again.usage.prompt_tokens // 16  # the cache holds whole blocks of 16 tokens
     assert first.usage.prompt_tokens_details.cached_tokens <= again.usage.prompt_tokens
     assert again.usage.prompt_tokens_details.cached_tokens >= 16 * (blocks - 1) > 0
+
+
+def test_response_format_json_schema_holds_the_random_model_to_the_schema(client, model_name):
+    jsonschema = pytest.importorskip("jsonschema")
+    from tests.model.test_structured_output import JSON_SCHEMA, SCHEMA
+
+    ask = dict(model=model_name, messages=MESSAGES, max_tokens=120, extra_body=NO_THINKING)
+    greedy = client.chat.completions.create(**ask, temperature=0, response_format=JSON_SCHEMA)
+    sampled = client.chat.completions.create(
+        **ask, temperature=1.0, seed=3, n=2, response_format=JSON_SCHEMA
+    )
+    stream = client.chat.completions.create(
+        **ask, temperature=1.0, seed=4, stream=True, response_format=JSON_SCHEMA
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    texts = [greedy.choices[0].message.content, *(c.message.content for c in sampled.choices)]
+    for text in [*texts, streamed]:
+        jsonschema.validate(json.loads(text), SCHEMA)
+    assert greedy.choices[0].finish_reason == "stop"
+    anything = client.chat.completions.create(
+        **ask, temperature=1.0, seed=5, response_format={"type": "json_object"}
+    )
+    assert isinstance(json.loads(anything.choices[0].message.content), dict)
+
+
+def test_tool_choice_required_and_named_make_the_model_call_tools(client, model_name):
+    jsonschema = pytest.importorskip("jsonschema")
+    from tests.model.test_structured_output import TOOLS as SCHEMAS
+
+    ask = dict(model=model_name, messages=MESSAGES, tools=SCHEMAS, max_tokens=200,
+               temperature=1.0, extra_body=NO_THINKING)  # fmt: skip
+    required = client.chat.completions.create(**ask, seed=1, tool_choice="required")
+    named = client.chat.completions.create(
+        **ask, seed=2, tool_choice={"type": "function", "function": {"name": "set_alarm"}}
+    )
+    chunks = client.chat.completions.create(**ask, seed=3, tool_choice="required", stream=True)
+    state = openai.lib.streaming.chat.ChatCompletionStreamState(input_tools=SCHEMAS)
+    for chunk in chunks:
+        state.handle_chunk(chunk)
+    streamed = state.get_final_completion().choices[0]
+    for choice in (required.choices[0], named.choices[0], streamed):
+        assert choice.finish_reason == "tool_calls" and choice.message.tool_calls
+        for call in choice.message.tool_calls:
+            spec = {t["function"]["name"]: t["function"]["parameters"] for t in SCHEMAS}
+            jsonschema.validate(json.loads(call.function.arguments), spec[call.function.name])
+    assert [c.function.name for c in named.choices[0].message.tool_calls] == ["set_alarm"]
