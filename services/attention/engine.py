@@ -29,6 +29,7 @@ from services.attention.scheduler import (
     SchedulerOutput,
 )
 from services.attention.sequence import Sequence
+from services.attention.step_inputs import prompt_row_positions
 from services.common.config import ModelConfig
 from services.common.detokenizer import Decoder
 from services.common.logprobs import TokenLogprob
@@ -93,6 +94,8 @@ class _Request:
     stop_reason: int | str | None = None
     logprobs: list[TokenLogprob] | None = None
     matcher: Any = None  # its grammar's llguidance matcher, for structured output
+    # Each prompt token's after the first, by position - 1, once computed (prompt_logprobs).
+    prompt_logprobs: dict[int, TokenLogprob] | None = None
 
 
 class Runner(Protocol):
@@ -241,10 +244,36 @@ class Engine:
         constrained = [(row, r.matcher) for row, r in enumerate(sampling) if r.matcher]
         allowed = logits if not constrained else self._grammars.constrain(logits, constrained)
         tokens = sample(allowed, params, [r.generator for r in sampling], generated)
+        self._score_prompts(batch.chunks, getattr(self.runner, "prompt_logits", None))
         return [
             (token, None if p.logprobs is None else token_logprobs(logits[row], token, p.logprobs))
             for row, (token, p) in enumerate(zip(tokens, params, strict=True))
         ]
+
+    def _score_prompts(self, chunks: list[ScheduledChunk], logits: Tensor | None) -> None:
+        """Each prompt token's logprob from the rows before it (the runner's prompt rows,
+        in chunk order), for the requests that ask."""
+        if logits is None:
+            return
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        row = 0
+        for chunk in chunks:
+            positions = prompt_row_positions(chunk)
+            if not positions:
+                continue
+            request = self._requests[chunk.seq.request_id]
+            scored = request.prompt_logprobs = request.prompt_logprobs or {}
+            num_top = chunk.seq.params.prompt_logprobs or 0
+            for position in positions:
+                token = chunk.seq.token_ids[position + 1]
+                top = torch.topk(logprobs[row], num_top) if num_top else None
+                pairs = (
+                    tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True))
+                    if top
+                    else ()
+                )
+                scored[position] = TokenLogprob(token, float(logprobs[row, token]), pairs)
+                row += 1
 
     def _update(
         self, batch: SchedulerOutput, tokens: list[tuple[int, TokenLogprob | None]]
@@ -312,4 +341,12 @@ class Engine:
             stop_reason=request.stop_reason,
             num_cached_tokens=seq.num_cached_tokens,
             logprobs=None if request.logprobs is None else list(request.logprobs),
+            prompt_logprobs=self._prompt_logprobs(request),
         )
+
+    def _prompt_logprobs(self, request: _Request) -> list[TokenLogprob] | None:
+        """Every prompt token's after the first, once the prompt is computed (asked for)."""
+        if request.seq.params.prompt_logprobs is None or not request.seq.output_token_ids:
+            return None
+        scored = request.prompt_logprobs or {}
+        return [scored[p] for p in range(len(request.seq.prompt_token_ids) - 1)]

@@ -89,6 +89,9 @@ class ModelRunner:
         self.scale = attention.cfg.head_dim**-0.5
         self.graphs: DecodeGraphs | None = None
         self.segments: SegmentGraphs | None = None
+        # The last step's logits at its prompt rows (step_inputs.prompt_row_positions), in
+        # chunk order; None when no chunk asked for prompt logprobs.
+        self.prompt_logits: Tensor | None = None
 
     def use_graphs(
         self,
@@ -117,10 +120,11 @@ class ModelRunner:
     def execute(self, chunks: list[ScheduledChunk]) -> Tensor:
         """Compute every chunk; logits [sampling chunks, V] in chunk order. A step with no
         chunks still begins and ends (AFD's FFN instances step with every attention one)."""
-        whole = None
+        whole, self.prompt_logits = None, None
         if self.graphs is not None and chunks:
             whole = prepare_inputs(chunks, self.cache, self.scale)
-            logits = self.graphs.run(whole)
+            # A graph's logits are the sampled rows': prompt rows take the eager path.
+            logits = self.graphs.run(whole) if not whole.prompt_rows.numel() else None
             if logits is not None:
                 return logits[whole.sample_rows]
         groups = split_micro_batches(chunks, self.num_micro_batches)
@@ -142,8 +146,11 @@ class ModelRunner:
         residuals = self._pipeline(batches, timer)
         if timer.active:
             self.monitor.record(timer)
-        sampled = [x[mb.inputs.sample_rows] for mb, x in zip(batches, residuals, strict=True)]
-        return self.attention.logits(torch.cat(sampled))
+        pairs = list(zip(batches, residuals, strict=True))
+        prompt = [x[mb.inputs.prompt_rows] for mb, x in pairs if mb.inputs.prompt_rows.numel()]
+        if prompt:
+            self.prompt_logits = self.attention.logits(torch.cat(prompt))
+        return self.attention.logits(torch.cat([x[mb.inputs.sample_rows] for mb, x in pairs]))
 
     def _micro_batches(self, inputs: dict[int, StepInputs]) -> list[_Eager | _Replayed]:
         """Replayed micro-batches when segment graphs serve every one, else eager ones."""

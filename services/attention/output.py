@@ -26,6 +26,9 @@ class RequestOutput:
     stop_reason: int | str | None  # the stop token id or stop string that ended it
     num_cached_tokens: int  # prompt tokens found in the prefix cache
     logprobs: list[TokenLogprob] | None  # one per generated token, when asked for
+    # One per prompt token after the first, once the prompt is computed, when asked for
+    # (prompt_logprobs); None otherwise.
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 class TextTracker:

@@ -98,7 +98,9 @@ class Scheduler:
             if len(self.running) >= self.config.max_num_seqs:
                 break
             seq = self.waiting[0]
-            cached = self.block_manager.lookup_prefix(seq.token_ids)
+            # A request that scores its prompt computes all of it: no prefix from the cache.
+            scores_prompt = seq.params.prompt_logprobs is not None
+            cached = [] if scores_prompt else self.block_manager.lookup_prefix(seq.token_ids)
             num_cached = len(cached) * self.block_manager.block_size
             num_tokens = min(seq.num_tokens - num_cached, budget)
             if not self.block_manager.allocate(seq, num_tokens, cached):

@@ -20,6 +20,8 @@ class StepInputs:
     positions: Tensor  # [T]
     backend: PagedAttention
     sample_rows: Tensor  # [S] rows whose logits pick a token, in chunk order
+    # [P] rows whose logits score the next prompt token (prompt_rows: what they score)
+    prompt_rows: Tensor
 
     @property
     def num_tokens(self) -> int:
@@ -34,6 +36,7 @@ def prepare_inputs(chunks: list[ScheduledChunk], cache: KVCache, scale: float) -
     context_slots: list[Tensor] = []  # of the chunks plain attention takes, [end] each
     span_rows: list[tuple[int, int]] = []  # their (first row, queries)
     sample_rows: list[int] = []
+    prompt_rows: list[int] = []
     decode_rows: list[int] = []
     decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
@@ -49,6 +52,8 @@ def prepare_inputs(chunks: list[ScheduledChunk], cache: KVCache, scale: float) -
             span_rows.append((len(token_ids), chunk.num_tokens))
             new_slots.append(context_slots[-1][chunk.start :])
         positions.append(torch.arange(chunk.start, end))
+        first = len(token_ids)
+        prompt_rows.extend(first + i for i in range(len(prompt_row_positions(chunk))))
         token_ids.extend(seq.token_ids[chunk.start : end])
         if chunk.samples:
             sample_rows.append(len(token_ids) - 1)
@@ -68,4 +73,15 @@ def prepare_inputs(chunks: list[ScheduledChunk], cache: KVCache, scale: float) -
         positions=torch.cat(positions).to(device),
         backend=PagedAttention(cache, slots[:num_new], spans, scale, decode),
         sample_rows=torch.tensor(sample_rows, dtype=torch.long, device=device),
+        prompt_rows=torch.tensor(prompt_rows, dtype=torch.long, device=device),
     )
+
+
+def prompt_row_positions(chunk: ScheduledChunk) -> range:
+    """The positions of `chunk` whose logits score a prompt token (the one after each),
+    when its request asks for prompt logprobs; the prompt's last position picks the first
+    output token instead."""
+    seq = chunk.seq
+    if seq.params.prompt_logprobs is None:
+        return range(0)
+    return range(chunk.start, min(chunk.start + chunk.num_tokens, len(seq.prompt_token_ids) - 1))

@@ -23,6 +23,9 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     logprobs: int | None = None  # None: none; 0: the chosen token's; n: also the top n
+    # The same for each prompt token after the first (what the model would have given it);
+    # such a request computes its whole prompt, prefix cache or not.
+    prompt_logprobs: int | None = None
     # OpenAI's penalties on tokens already generated (not the prompt): each token's logit
     # drops by presence_penalty once it has appeared and by frequency_penalty per appearance.
     presence_penalty: float = 0.0
@@ -83,14 +86,16 @@ class SamplingParams:
                 )
         if self.grammar is not None and (not isinstance(self.grammar, str) or not self.grammar):
             raise ValueError(f"grammar must be a non-empty string, got {self.grammar!r}")
-        if self.logprobs is not None and (
-            isinstance(self.logprobs, bool)
-            or not isinstance(self.logprobs, int)
-            or not 0 <= self.logprobs <= self.MAX_LOGPROBS
-        ):
-            raise ValueError(
-                f"logprobs must be an integer in [0, {self.MAX_LOGPROBS}], got {self.logprobs!r}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (
+                isinstance(value, bool)
+                or not isinstance(value, int)
+                or not 0 <= value <= self.MAX_LOGPROBS
+            ):
+                raise ValueError(
+                    f"{name} must be an integer in [0, {self.MAX_LOGPROBS}], got {value!r}"
+                )
 
     @property
     def greedy(self) -> bool:

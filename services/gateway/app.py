@@ -53,6 +53,7 @@ from services.gateway.responses import (
     MODEL_LIST,
     MODEL_LIST_SCHEMA,
     ChoiceState,
+    Echo,
     Formatter,
     Header,
     sse,
@@ -304,14 +305,23 @@ def create_app(gateway: Gateway) -> FastAPI:
         check_model(body.model)
         prompts = await asyncio.to_thread(prompt_ids, tokenizer, body.prompt)
         requested = body.requested_max_tokens()
+        # max_tokens 0 (echo only): the instance computes one token, which is dropped.
+        scores_only = requested == 0
         grammar = grammar_for(body.response_format, False, None)
+        scored = body.logprobs if body.echo else None  # the prompt's logprobs, for echo
         jobs = []
         for prompt in prompts:
             max_tokens = max_tokens_for(
-                len(prompt), requested, DEFAULT_COMPLETION_MAX_TOKENS, "prompt"
-            )
+                len(prompt), 1 if scores_only else requested, DEFAULT_COMPLETION_MAX_TOKENS,
+                "prompt",
+            )  # fmt: skip
             jobs += [
-                Job(prompt, sampling_params(body, max_tokens, j, tokenizer.vocab_size, grammar))
+                Job(
+                    prompt,
+                    sampling_params(
+                        body, max_tokens, j, tokenizer.vocab_size, grammar, prompt_logprobs=scored
+                    ),
+                )
                 for j in range(body.n)
             ]
         header = Header(f"cmpl-{uuid.uuid4().hex}", config.served_model_name)
@@ -327,7 +337,16 @@ def create_app(gateway: Gateway) -> FastAPI:
             return StreamingResponse(stream, media_type="text/event-stream")
         states = await collect(request, choices, len(jobs))
         cached = sum(s.num_cached_tokens for s in states[:: body.n])  # once per prompt
-        return JSONResponse(formatter.completion(header, states, with_logprobs, num_prompt, cached))
+        echoes = None
+        if body.echo:
+            texts = await asyncio.to_thread(prompt_texts, tokenizer, body.prompt, prompts)
+            echoes = [Echo(texts[i // body.n], prompts[i // body.n]) for i in range(len(states))]
+        if scores_only:
+            for state in states:
+                state.text, state.token_ids, state.logprobs = "", [], []
+                state.finish_reason = "length"
+        answer = formatter.completion(header, states, with_logprobs, num_prompt, cached, echoes)
+        return JSONResponse(answer)
 
     async def first_delta(request: Request, choices: Choices):
         """The first delta before any byte is sent, so a refusal is still an HTTP status."""
@@ -474,6 +493,15 @@ def publish_schema(app: FastAPI, with_keys: bool) -> dict[str, Any]:
 
 API_KEY = "apiKey"  # the security scheme's name in the OpenAPI schema
 ERROR = {"$ref": "#/components/schemas/Error"}
+
+
+def prompt_texts(tokenizer: Tokenizer, prompt: Any, ids: list[list[int]]) -> list[str]:
+    """Each prompt as echo returns it: as the client wrote it, or its ids' text."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return [tokenizer.decode(p) for p in ids]
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str | list[Any]) -> list[list[int]]:

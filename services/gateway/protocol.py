@@ -293,11 +293,23 @@ Prompt = str | list[str] | list[TokenId] | list[list[TokenId]]
 class CompletionRequest(_Sampling):
     prompt: Prompt
     logprobs: NumLogprobs | None = None
-    echo: Literal[False] = False
+    # The prompt comes back before the completion, with its logprobs when logprobs are
+    # asked for (the first token's null): what evaluation harnesses read log-likelihoods from.
+    echo: bool = False
     suffix: None = None
+    # 0 with echo: score the prompt only (no completion).
+    max_tokens: Annotated[int, Field(ge=0), INTEGRAL] | None = None
 
     def check(self) -> None:
         super().check()
+        if self.echo and self.stream:
+            raise invalid("echo is served without streaming: send stream: false", param="echo")
+        if self.max_tokens == 0 and not self.echo:
+            raise invalid(
+                "max_tokens 0 asks for no completion, which is only useful with echo: true "
+                "(the prompt's logprobs); send max_tokens of at least 1, or echo",
+                param="max_tokens",
+            )
         prompt = self.prompt
         num_prompts = 1 if isinstance(prompt, str) or _token_ids(prompt) else len(prompt)
         if num_prompts * self.n > MAX_CHOICES:
@@ -432,6 +444,7 @@ def sampling_params(
     seed_offset: int = 0,
     vocab_size: int | None = None,
     grammar: str | None = None,
+    prompt_logprobs: int | None = None,
 ) -> SamplingParams:
     """The engine's parameters for choice `seed_offset` of `body` (seeds differ per choice);
     `vocab_size`: what logit_bias's token ids are checked against (None: not checked);
@@ -451,6 +464,7 @@ def sampling_params(
         "logprobs": body.num_logprobs(),
         "logit_bias": logit_bias(body, vocab_size if vocab_size is not None else 1 << 31),
         "grammar": grammar,
+        "prompt_logprobs": prompt_logprobs,
     }
     values["presence_penalty"] = body.presence_penalty
     values["frequency_penalty"] = body.frequency_penalty

@@ -88,6 +88,7 @@ class ChoiceState:
     finish_reason: str | None = None
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0  # of the prompt's, found in the prefix cache
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # each prompt token's after the first
 
     def add(self, delta: GenerateDelta) -> None:
         self.text += delta.new_text
@@ -95,8 +96,17 @@ class ChoiceState:
         self.logprobs += delta.logprobs
         self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
         self.num_cached_tokens = delta.num_cached_tokens or self.num_cached_tokens
+        self.prompt_logprobs = delta.prompt_logprobs or self.prompt_logprobs
         if delta.finished:
             self.finish_reason = delta.finish_reason
+
+
+@dataclass(frozen=True)
+class Echo:
+    """A prompt as a completion echoes it: its text and token ids."""
+
+    text: str
+    ids: list[int]
 
 
 @dataclass(frozen=True)
@@ -210,6 +220,28 @@ class Formatter:
             "text_offset": offsets,
         }
 
+    def prompt_logprobs(self, ids: list[int], entries: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+        """An echoed prompt's logprobs, as `completion_logprobs` shapes them: every prompt
+        token, the first with no logprob (nothing comes before it)."""
+        scored = self.completion_logprobs(list(entries), len(self.token(ids[0])))
+        return {
+            "tokens": [self.token(ids[0]), *scored["tokens"]],
+            "token_logprobs": [None, *scored["token_logprobs"]],
+            "top_logprobs": [None, *scored["top_logprobs"]],
+            "text_offset": [0, *scored["text_offset"]],
+        }
+
+    def echoed(
+        self, echo: Echo, choice: ChoiceState, with_logprobs: bool
+    ) -> tuple[str, dict[str, Any] | None]:
+        """A choice's text and logprobs with its prompt before them."""
+        if not with_logprobs:
+            return echo.text + choice.text, None
+        before = self.prompt_logprobs(echo.ids, choice.prompt_logprobs)
+        offset = sum(len(token) for token in before["tokens"])
+        after = self.completion_logprobs(choice.logprobs, offset)
+        return echo.text + choice.text, {k: before[k] + after[k] for k in before}
+
     def completion(
         self,
         header: Header,
@@ -217,18 +249,22 @@ class Formatter:
         with_logprobs: bool,
         prompt: int,
         cached: int = 0,
+        echoes: list[Echo] | None = None,
     ) -> dict[str, Any]:
+        """`echoes`: each choice's prompt, to come back before it (echo: true)."""
+        answers = []
+        for i, c in enumerate(choices):
+            if echoes is not None:
+                text, logprobs = self.echoed(echoes[i], c, with_logprobs)
+            else:
+                text = c.text
+                logprobs = self.completion_logprobs(c.logprobs, 0) if with_logprobs else None
+            answers.append(
+                {"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
+            )
         return {
             **header.body(COMPLETION),
-            "choices": [
-                {
-                    "index": i,
-                    "text": c.text,
-                    "logprobs": self.completion_logprobs(c.logprobs, 0) if with_logprobs else None,
-                    "finish_reason": c.finish_reason,
-                }
-                for i, c in enumerate(choices)
-            ],
+            "choices": answers,
             "usage": usage(prompt, sum(len(c.token_ids) for c in choices), cached),
         }
 

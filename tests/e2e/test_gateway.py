@@ -439,3 +439,27 @@ def test_tool_choice_required_and_named_make_the_model_call_tools(client, model_
             spec = {t["function"]["name"]: t["function"]["parameters"] for t in SCHEMAS}
             jsonschema.validate(json.loads(call.function.arguments), spec[call.function.name])
     assert [c.function.name for c in named.choices[0].message.tool_calls] == ["set_alarm"]
+
+
+def test_echo_returns_the_prompt_s_logprobs_as_the_reference_scores_them(
+    client, model_name, engine, tokenizer
+):
+    from services.common.sampling_params import SamplingParams
+
+    ids = tokenizer.encode(PROMPT, add_special_tokens=True)
+    (expected,) = engine.generate([ids], SamplingParams(max_tokens=1, prompt_logprobs=2))
+    scored = client.completions.create(
+        model=model_name, prompt=PROMPT, max_tokens=0, echo=True, logprobs=2
+    )
+    choice = scored.choices[0]
+    assert choice.text == PROMPT and scored.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[0] is None and choice.logprobs.top_logprobs[0] is None
+    assert choice.logprobs.tokens == [tokenizer.decode([t]) for t in ids]
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx(
+        [lp.logprob for lp in expected.prompt_logprobs], abs=1e-4
+    )
+    assert all(len(top) <= 2 for top in choice.logprobs.top_logprobs[1:])
+    both = client.completions.create(
+        model=model_name, prompt=PROMPT, max_tokens=3, echo=True, logprobs=0, temperature=0
+    ).choices[0]
+    assert both.text.startswith(PROMPT) and len(both.logprobs.tokens) == len(ids) + 3

@@ -36,6 +36,8 @@ class OutputLike(Protocol):
     @property
     def new_token_ids(self) -> list[int]: ...
     @property
+    def token_ids(self) -> list[int]: ...
+    @property
     def new_text(self) -> str: ...
     @property
     def finished(self) -> bool: ...
@@ -47,6 +49,8 @@ class OutputLike(Protocol):
     def num_cached_tokens(self) -> int: ...
     @property
     def logprobs(self) -> Sequence[TokenLogprob] | None: ...
+    @property
+    def prompt_logprobs(self) -> Sequence[TokenLogprob] | None: ...
 
 
 class LoadLike(Protocol):
@@ -74,6 +78,8 @@ class GenerateDelta:
     num_prompt_tokens: int
     num_cached_tokens: int
     logprobs: tuple[TokenLogprob, ...]  # one per new token, when asked for
+    # One per prompt token after the first, with the first generated token, when asked for.
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,6 +131,7 @@ def output_to_proto(output: OutputLike) -> pb.GenerateResponse:
     num_new = len(output.new_token_ids)
     new_logprobs = output.logprobs[len(output.logprobs) - num_new :] if output.logprobs else []
     stop = output.stop_reason
+    first = num_new > 0 and len(output.token_ids) == num_new
     return pb.GenerateResponse(
         new_token_ids=output.new_token_ids,
         new_text=output.new_text,
@@ -134,15 +141,24 @@ def output_to_proto(output: OutputLike) -> pb.GenerateResponse:
         stop_string=stop if isinstance(stop, str) else None,
         num_prompt_tokens=len(output.prompt_token_ids),
         num_cached_tokens=output.num_cached_tokens,
-        logprobs=[
-            pb.TokenLogprob(
-                token_id=lp.token_id,
-                logprob=lp.logprob,
-                top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
-            )
-            for lp in new_logprobs
+        logprobs=[_logprob_to_proto(lp) for lp in new_logprobs],
+        # Once: with the first generated token.
+        prompt_logprobs=[
+            _logprob_to_proto(lp) for lp in (output.prompt_logprobs if first else None) or ()
         ],
     )
+
+
+def _logprob_to_proto(lp: TokenLogprob) -> pb.TokenLogprob:
+    return pb.TokenLogprob(
+        token_id=lp.token_id,
+        logprob=lp.logprob,
+        top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top],
+    )
+
+
+def _logprob_from_proto(lp: pb.TokenLogprob) -> TokenLogprob:
+    return TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
 
 
 def delta_from_proto(message: pb.GenerateResponse) -> GenerateDelta:
@@ -155,10 +171,8 @@ def delta_from_proto(message: pb.GenerateResponse) -> GenerateDelta:
         stop_reason=None if kind is None else getattr(message, kind),
         num_prompt_tokens=message.num_prompt_tokens,
         num_cached_tokens=message.num_cached_tokens,
-        logprobs=tuple(
-            TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
-            for lp in message.logprobs
-        ),
+        logprobs=tuple(_logprob_from_proto(lp) for lp in message.logprobs),
+        prompt_logprobs=tuple(_logprob_from_proto(lp) for lp in message.prompt_logprobs),
     )
 
 
