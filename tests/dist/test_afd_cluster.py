@@ -26,7 +26,9 @@ from services.common.config import load_config
 from services.common.control_client import ControlClient
 from services.common.model.build import load_model
 from services.common.sampling_params import SamplingParams
+from services.common.tokenizer import Tokenizer
 from services.common.wire.attention_client import AttentionClient
+from services.gateway.structured import grammar_for
 from tests.support.cluster import CLUSTER_SECRET, Cluster, afd, wait_until_gone
 from tests.support.models import a2f_bytes_per_token
 from tests.support.processes import Child, pid_of
@@ -100,6 +102,30 @@ def test_other_ffn_topologies_give_the_same_tokens(checkpoint, prompts, expected
     assert [r.token_ids for r in results] == [e.token_ids for e in expected]
     if "--gpus-per-ffn-instance" in extra:
         assert sum("ffn instance 1 process 1 serving on" in x for x in cluster.lines) == 1
+
+
+def test_prompt_logprobs_and_grammars_hold_across_the_pipeline(checkpoint, prompts):
+    """Scored prompts (chunked, split over micro-batches) and grammar-held outputs through
+    a disaggregated cluster equal the single-process engine's."""
+    tokenizer = Tokenizer.from_dir(checkpoint)
+    model = load_model(checkpoint, dtype="float32", progress=False)
+    config = EngineConfig(scheduler=SchedulerConfig(max_num_batched_tokens=BUDGET))
+    grammar = grammar_for({"type": "json_object"}, thinking=False, think_end_id=None)
+    params = SamplingParams(max_tokens=6, temperature=0.0, prompt_logprobs=0, grammar=grammar)
+    expected = local_engine(model, config, tokenizer).generate(prompts, params)
+    cluster = serve(checkpoint, 2, 2, 3)
+    try:
+        results = cluster.generate_all(prompts, params)
+    finally:
+        assert cluster.stop() == 0
+    for result, reference in zip(results, expected, strict=True):
+        assert result.token_ids == reference.token_ids and result.text.startswith("{")
+        torch.testing.assert_close(
+            torch.tensor(result.prompt_logprobs),
+            torch.tensor([lp.logprob for lp in reference.prompt_logprobs]),
+            rtol=0,
+            atol=1e-4,
+        )
 
 
 def test_fp8_dispatch_serves_and_stays_close(checkpoint, prompts, expected):

@@ -9,7 +9,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -41,6 +41,7 @@ class Completion:
     logprobs: list[float]
     text: str
     finish_reason: str | None
+    prompt_logprobs: list[float] = field(default_factory=list)  # when asked for
 
 
 class Cluster:
@@ -74,14 +75,15 @@ class Cluster:
 
     def generate(self, index: int, request_id: str, prompt: list[int], params: SamplingParams):
         with grpc.insecure_channel(self.addresses[index]) as channel:
-            ids, logprobs, text, reason = [], [], "", None
+            ids, logprobs, text, reason, scored = [], [], "", None, []
             client = AttentionClient(channel, CLUSTER_SECRET)
             for delta in client.generate(request_id, prompt, params):
                 ids += delta.new_token_ids
                 logprobs += [entry.logprob for entry in delta.logprobs]
+                scored += [entry.logprob for entry in delta.prompt_logprobs]
                 text += delta.new_text
                 reason = delta.finish_reason
-            return Completion(ids, logprobs, text, reason)
+            return Completion(ids, logprobs, text, reason, scored)
 
     def generate_all(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """Every prompt at once, spread round-robin over the attention instances."""
