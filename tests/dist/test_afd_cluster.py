@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import pytest
 import torch
 from prometheus_client.parser import text_string_to_metric_families
@@ -33,6 +34,7 @@ from tests.support.cluster import CLUSTER_SECRET, Cluster, afd, wait_until_gone
 from tests.support.models import a2f_bytes_per_token
 from tests.support.processes import Child, pid_of
 
+SERVING = health_pb2.HealthCheckResponse.SERVING
 PARAMS = SamplingParams(max_tokens=6, temperature=0.0, logprobs=2, ignore_eos=True)
 FP8_LOGPROB_TOLERANCE = 0.25  # e4m3 keeps 3 mantissa bits: ~6% per activation
 BUDGET = 64  # tokens per step: the longer prompts are prefilled in several chunks
@@ -229,6 +231,28 @@ def test_instances_stop_when_the_controller_comes_back_with_other_facts(checkpoi
             child.stop()
 
 
+def reformed(controller: str, epoch: int, timeout_s: float = 120.0) -> None:
+    """Wait until the cluster has formed `epoch` (or a later one) and every attention
+    instance serves again."""
+    deadline = time.monotonic() + timeout_s
+    with ControlClient(controller, secret=CLUSTER_SECRET) as client:
+        while True:
+            state = client.state()
+            formed = state.membership
+            if formed is not None and formed.epoch >= epoch and state.epoch == formed.epoch:
+                break
+            assert time.monotonic() < deadline, f"epoch {epoch} did not form"
+            time.sleep(0.2)
+    for member in formed.members:
+        if member.role == "attention":
+            with grpc.insecure_channel(member.address) as channel:
+                grpc.channel_ready_future(channel).result(timeout=timeout_s)
+                health = health_pb2_grpc.HealthStub(channel)
+                while health.Check(health_pb2.HealthCheckRequest()).status != SERVING:
+                    assert time.monotonic() < deadline, f"{member.address} does not serve"
+                    time.sleep(0.2)
+
+
 def shut_down(controller: str, members: list[Child]) -> None:
     """The controller shuts the cluster down: every member stops on its own, cleanly (a
     SIGTERM now could land mid-exit)."""
@@ -343,6 +367,7 @@ def test_an_ffn_pod_runs_its_instance_s_processes_and_restarts_one_that_dies(
 
         os.kill(pid_of("ffn --index 1", str(checkpoint)), signal.SIGKILL)
         pod.wait_for("ffn instance 0 process 1 exited with code -9; restarting it")
+        reformed(address, epoch=2)  # new requests are refused (UNAVAILABLE) until then
         assert served() == [e.token_ids for e in expected]
 
         shut_down(address, children)
