@@ -327,20 +327,20 @@ def create_app(gateway: Gateway) -> FastAPI:
         header = Header(f"cmpl-{uuid.uuid4().hex}", config.served_model_name)
         with_logprobs = body.logprobs is not None
         num_prompt = sum(len(p) for p in prompts)
+        echoes = None
+        if body.echo:
+            texts = await asyncio.to_thread(prompt_texts, tokenizer, body.prompt, prompts)
+            echoes = [Echo(texts[i // body.n], prompts[i // body.n]) for i in range(len(jobs))]
         choices = Choices(router, header.id, jobs, metrics, arrival)
         if body.stream:
             first = await first_delta(request, choices)
             stream = completion_stream(
                 header, choices, first, len(jobs), with_logprobs, body.include_usage, num_prompt,
-                body.n,
+                body.n, echoes, scores_only,
             )  # fmt: skip
             return StreamingResponse(stream, media_type="text/event-stream")
         states = await collect(request, choices, len(jobs))
         cached = sum(s.num_cached_tokens for s in states[:: body.n])  # once per prompt
-        echoes = None
-        if body.echo:
-            texts = await asyncio.to_thread(prompt_texts, tokenizer, body.prompt, prompts)
-            echoes = [Echo(texts[i // body.n], prompts[i // body.n]) for i in range(len(states))]
         if scores_only:
             for state in states:
                 state.text, state.token_ids, state.logprobs = "", [], []
@@ -421,23 +421,37 @@ def create_app(gateway: Gateway) -> FastAPI:
         include_usage: bool,
         num_prompt: int,
         n: int,
+        echoes: list[Echo] | None = None,
+        scores_only: bool = False,
     ) -> AsyncIterator[bytes]:
+        """`echoes`: each choice's prompt, sent before its first piece; `scores_only`:
+        max_tokens 0, the generated token dropped."""
         try:
             offsets, cached = [0] * num, [0] * num
+            echoed = [echoes is None] * num
             num_completion, item = 0, first
             while item is not None:
                 delta, index = item.delta, item.index
-                num_completion += len(delta.new_token_ids)
                 cached[index] = delta.num_cached_tokens or cached[index]
+                text, scored = delta.new_text, list(delta.logprobs)
+                reason = delta.finish_reason if delta.finished else None
+                if scores_only:
+                    text, scored, reason = "", [], "length" if delta.finished else None
+                num_completion += len(scored) if scores_only else len(delta.new_token_ids)
+                head, head_logprobs = "", None
+                if not echoed[index]:  # the prompt first, once (it comes with the first token)
+                    echoed[index] = True
+                    state = ChoiceState(prompt_logprobs=delta.prompt_logprobs)
+                    head, head_logprobs = formatter.echoed(echoes[index], state, with_logprobs)
+                    offsets[index] = len(head)
                 logprobs = None
                 if with_logprobs:
-                    logprobs = formatter.completion_logprobs(list(delta.logprobs), offsets[index])
-                offsets[index] += len(delta.new_text)
-                if delta.new_text or delta.finished or (with_logprobs and delta.new_token_ids):
-                    reason = delta.finish_reason if delta.finished else None
-                    chunk = formatter.completion_chunk(
-                        header, index, delta.new_text, logprobs, reason
-                    )
+                    logprobs = formatter.completion_logprobs(scored, offsets[index])
+                    if head_logprobs is not None:
+                        logprobs = {k: head_logprobs[k] + logprobs[k] for k in logprobs}
+                offsets[index] += len(text)
+                if head or text or reason or (with_logprobs and scored):
+                    chunk = formatter.completion_chunk(header, index, head + text, logprobs, reason)
                     yield sse(chunk)
                 try:
                     item = await choices.next()

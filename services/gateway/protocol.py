@@ -302,8 +302,6 @@ class CompletionRequest(_Sampling):
 
     def check(self) -> None:
         super().check()
-        if self.echo and self.stream:
-            raise invalid("echo is served without streaming: send stream: false", param="echo")
         if self.max_tokens == 0 and not self.echo:
             raise invalid(
                 "max_tokens 0 asks for no completion, which is only useful with echo: true "

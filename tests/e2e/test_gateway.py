@@ -463,3 +463,20 @@ def test_echo_returns_the_prompt_s_logprobs_as_the_reference_scores_them(
         model=model_name, prompt=PROMPT, max_tokens=3, echo=True, logprobs=0, temperature=0
     ).choices[0]
     assert both.text.startswith(PROMPT) and len(both.logprobs.tokens) == len(ids) + 3
+
+
+def test_a_streamed_echo_joins_to_the_whole_one(client, model_name):
+    ask = dict(model=model_name, prompt=PROMPT, echo=True, logprobs=1, temperature=0)
+    for max_tokens in (0, 3):
+        whole = client.completions.create(**ask, max_tokens=max_tokens).choices[0]
+        chunks = [
+            c.choices[0]
+            for c in client.completions.create(**ask, max_tokens=max_tokens, stream=True)
+            if c.choices
+        ]
+        assert "".join(c.text for c in chunks) == whole.text
+        tokens = [t for c in chunks if c.logprobs for t in c.logprobs.tokens]
+        scores = [v for c in chunks if c.logprobs for v in c.logprobs.token_logprobs]
+        assert tokens == whole.logprobs.tokens
+        assert scores == pytest.approx(whole.logprobs.token_logprobs, abs=1e-6)
+        assert chunks[-1].finish_reason == whole.finish_reason
