@@ -178,7 +178,7 @@ FOUND = [
     (TEXT, {"prompt": [[1]] * 100, "n": 3}, 400, "prompt", "at most 256"),
     (TEXT, {"prompt": [5, -1]}, 400, "prompt", "'prompt.1'"),
     (TEXT, {"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "only useful with echo"),
-    (TEXT, {"prompt": "x", "echo": True, "stream": True, "max_tokens": 2}, 200, None, ""),
+    (TEXT, {"prompt": "x", "echo": True, "max_tokens": 2}, 200, None, ""),
     (TEXT, {"prompt": "x y", "echo": True, "max_tokens": 0, "logprobs": 1}, 200, None, ""),
     (TEXT, {"prompt": "x", "logit_bias": {"x": 5}}, 400, "logit_bias", "not a token id"),
     (TEXT, {"prompt": "x", "logit_bias": {"1": 500}}, 400, "logit_bias", "[-100, 100]"),
