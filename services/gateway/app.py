@@ -2,8 +2,9 @@
 
 `create_app(gateway)` builds the FastAPI app around a `Gateway` (the tokenizer, the router,
 the served model's name and limits). Handlers parse the body (protocol.py), tokenise, hand
-the choices to the router (generation.py) and shape the answer (responses.py); every
-refusal is an `APIError` in OpenAI's error shape.
+the choices to the router (generation.py) and shape the answer (responses.py, streamed by
+streams.py); every refusal is an `APIError` in OpenAI's error shape. The published OpenAPI
+schema is openapi.py's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from typing import Any, TypeVar
 
 import grpc
 from fastapi import FastAPI, Request
-from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -30,35 +30,31 @@ from services.common.metrics import GatewayMetrics
 from services.common.tokenizer import Tokenizer, TokenizerError
 from services.common.wire.attention_aio import health_serving
 from services.gateway import errors
-from services.gateway.chat_output import ChatOutput, OutputOptions
+from services.gateway.chat_output import OutputOptions
 from services.gateway.discovery import MembershipWatch
 from services.gateway.errors import APIError
 from services.gateway.generation import Choices, Job
 from services.gateway.http_metrics import CountResponses
+from services.gateway.openapi import api_operation, publish_schema
 from services.gateway.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
-    openapi_body,
-    openapi_schemas,
     parse,
     sampling_params,
 )
 from services.gateway.reasoning import THINK_END, opens_thinking
 from services.gateway.responses import (
-    CHAT_CHUNK,
     CHAT_SCHEMA,
-    COMPLETION,
     COMPLETION_SCHEMA,
-    EVENT_SCHEMA,
     MODEL_LIST,
     MODEL_LIST_SCHEMA,
     ChoiceState,
     Echo,
     Formatter,
     Header,
-    sse,
 )
 from services.gateway.router import Instance, Router
+from services.gateway.streams import chat_stream, completion_stream
 from services.gateway.structured import grammar_for
 from services.gateway.tool_grammar import tool_grammar
 
@@ -286,8 +282,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         if body.stream:
             first = await first_delta(request, choices)
             stream = chat_stream(
-                header, choices, first, body.n, with_logprobs, body.include_usage, len(prompt),
-                options,
+                formatter, header, choices, first, body.n, with_logprobs, body.include_usage,
+                len(prompt), options,
             )  # fmt: skip
             return StreamingResponse(stream, media_type="text/event-stream")
         states = await collect(request, choices, len(jobs))
@@ -335,8 +331,8 @@ def create_app(gateway: Gateway) -> FastAPI:
         if body.stream:
             first = await first_delta(request, choices)
             stream = completion_stream(
-                header, choices, first, len(jobs), with_logprobs, body.include_usage, num_prompt,
-                body.n, echoes, scores_only,
+                formatter, header, choices, first, len(jobs), with_logprobs, body.include_usage,
+                num_prompt, body.n, echoes, scores_only,
             )  # fmt: skip
             return StreamingResponse(stream, media_type="text/event-stream")
         states = await collect(request, choices, len(jobs))
@@ -368,145 +364,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         finally:
             await choices.close()
 
-    async def chat_stream(
-        header: Header,
-        choices: Choices,
-        first,
-        num: int,
-        with_logprobs: bool,
-        include_usage: bool,
-        num_prompt: int,
-        options: OutputOptions,
-    ) -> AsyncIterator[bytes]:
-        try:
-            outputs = [ChatOutput(options) for _ in range(num)]
-            cached = 0  # the n choices share one prompt: choice 0's count
-            for index in range(num):
-                role = {"role": "assistant", "content": ""}
-                yield sse(formatter.chat_chunk(header, index, role))
-            num_completion, item = 0, first
-            while item is not None:
-                delta, output = item.delta, outputs[item.index]
-                num_completion += len(delta.new_token_ids)
-                if item.index == 0:
-                    cached = delta.num_cached_tokens or cached
-                logprobs = list(delta.logprobs) if with_logprobs else None
-                said = output.feed(delta.new_text)
-                if said or (logprobs and delta.new_token_ids):
-                    yield sse(formatter.chat_chunk(header, item.index, said, logprobs))
-                if delta.finished:
-                    if said := output.finish():
-                        yield sse(formatter.chat_chunk(header, item.index, said))
-                    reason = output.finish_reason(delta.finish_reason)
-                    yield sse(formatter.chat_chunk(header, item.index, {}, None, reason))
-                try:
-                    item = await choices.next()
-                except APIError as err:
-                    yield sse(err.body())
-                    break
-            if include_usage:
-                yield sse(
-                    formatter.usage_chunk(header, CHAT_CHUNK, num_prompt, num_completion, cached)
-                )
-            yield sse("[DONE]")
-        finally:
-            await choices.close()
-
-    async def completion_stream(
-        header: Header,
-        choices: Choices,
-        first,
-        num: int,
-        with_logprobs: bool,
-        include_usage: bool,
-        num_prompt: int,
-        n: int,
-        echoes: list[Echo] | None = None,
-        scores_only: bool = False,
-    ) -> AsyncIterator[bytes]:
-        """`echoes`: each choice's prompt, sent before its first piece; `scores_only`:
-        max_tokens 0, the generated token dropped."""
-        try:
-            offsets, cached = [0] * num, [0] * num
-            echoed = [echoes is None] * num
-            num_completion, item = 0, first
-            while item is not None:
-                delta, index = item.delta, item.index
-                cached[index] = delta.num_cached_tokens or cached[index]
-                text, scored = delta.new_text, list(delta.logprobs)
-                reason = delta.finish_reason if delta.finished else None
-                if scores_only:
-                    text, scored, reason = "", [], "length" if delta.finished else None
-                num_completion += len(scored) if scores_only else len(delta.new_token_ids)
-                head, head_logprobs = "", None
-                if not echoed[index]:  # the prompt first, once (it comes with the first token)
-                    echoed[index] = True
-                    state = ChoiceState(prompt_logprobs=delta.prompt_logprobs)
-                    head, head_logprobs = formatter.echoed(echoes[index], state, with_logprobs)
-                    offsets[index] = len(head)
-                logprobs = None
-                if with_logprobs:
-                    logprobs = formatter.completion_logprobs(scored, offsets[index])
-                    if head_logprobs is not None:
-                        logprobs = {k: head_logprobs[k] + logprobs[k] for k in logprobs}
-                offsets[index] += len(text)
-                if head or text or reason or (with_logprobs and scored):
-                    chunk = formatter.completion_chunk(header, index, head + text, logprobs, reason)
-                    yield sse(chunk)
-                try:
-                    item = await choices.next()
-                except APIError as err:
-                    yield sse(err.body())
-                    break
-            if include_usage:
-                prompt_cached = sum(cached[::n])  # once per prompt
-                yield sse(
-                    formatter.usage_chunk(
-                        header, COMPLETION, num_prompt, num_completion, prompt_cached
-                    )
-                )
-            yield sse("[DONE]")
-        finally:
-            await choices.close()
-
     return app
-
-
-def api_operation(with_keys: bool):
-    """The OpenAPI description of a /v1 route, for `app.get`/`app.post`: its JSON body (the
-    handler reads the raw body, so FastAPI cannot see it), its answers and the API key."""
-
-    def describe(body: type | None, answer: dict[str, Any]) -> dict[str, Any]:
-        content = {"application/json": {"schema": answer}}
-        if body is not None:  # "stream": true answers with server-sent events
-            stream = {"type": "array", "items": EVENT_SCHEMA}  # OpenAPI 3.2: the whole stream
-            events = {"schema": stream, "itemSchema": EVENT_SCHEMA}
-            content["text/event-stream"] = events
-        refusal = {"description": "refused", "content": {"application/json": {"schema": ERROR}}}
-        extra: dict[str, Any] = {"security": [{API_KEY: []}]} if with_keys else {}
-        if body is not None:
-            extra["requestBody"] = openapi_body(body)
-        return {
-            "responses": {200: {"content": content}, "4XX": refusal, "5XX": refusal},
-            "openapi_extra": extra,
-        }
-
-    return describe
-
-
-def publish_schema(app: FastAPI, with_keys: bool) -> dict[str, Any]:
-    """FastAPI's OpenAPI schema plus the request bodies' schemas and the API key scheme."""
-    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-    components = schema.setdefault("components", {})
-    components.setdefault("schemas", {}).update(openapi_schemas(), Error=errors.SCHEMA)
-    if with_keys:
-        components["securitySchemes"] = {API_KEY: {"type": "http", "scheme": "bearer"}}
-    app.openapi_schema = schema
-    return schema
-
-
-API_KEY = "apiKey"  # the security scheme's name in the OpenAPI schema
-ERROR = {"$ref": "#/components/schemas/Error"}
 
 
 def prompt_texts(tokenizer: Tokenizer, prompt: Any, ids: list[list[int]]) -> list[str]:

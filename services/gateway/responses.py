@@ -131,6 +131,16 @@ def usage(num_prompt_tokens: int, num_completion_tokens: int, cached: int = 0) -
     }
 
 
+def joined(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """Two completions logprobs objects as one: `after`'s entries follow `before`'s."""
+    return {key: before[key] + after[key] for key in before}
+
+
+def text_end(logprobs: dict[str, Any]) -> int:
+    """The text offset just past a completions logprobs object's tokens."""
+    return sum(len(token) for token in logprobs["tokens"])
+
+
 def sse(payload: dict[str, Any] | str) -> bytes:
     data = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {data}\n\n".encode()
@@ -238,9 +248,8 @@ class Formatter:
         if not with_logprobs:
             return echo.text + choice.text, None
         before = self.prompt_logprobs(echo.ids, choice.prompt_logprobs)
-        offset = sum(len(token) for token in before["tokens"])
-        after = self.completion_logprobs(choice.logprobs, offset)
-        return echo.text + choice.text, {k: before[k] + after[k] for k in before}
+        after = self.completion_logprobs(choice.logprobs, text_end(before))
+        return echo.text + choice.text, joined(before, after)
 
     def completion(
         self,
