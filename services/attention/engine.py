@@ -255,7 +255,6 @@ class Engine:
         in chunk order), for the requests that ask."""
         if logits is None:
             return
-        logprobs = torch.log_softmax(logits.float(), dim=-1)
         row = 0
         for chunk in chunks:
             positions = prompt_row_positions(chunk)
@@ -266,13 +265,7 @@ class Engine:
             num_top = chunk.seq.params.prompt_logprobs or 0
             for position in positions:
                 token = chunk.seq.token_ids[position + 1]
-                top = torch.topk(logprobs[row], num_top) if num_top else None
-                pairs = (
-                    tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True))
-                    if top
-                    else ()
-                )
-                scored[position] = TokenLogprob(token, float(logprobs[row, token]), pairs)
+                scored[position] = token_logprobs(logits[row], token, num_top)
                 row += 1
 
     def _update(

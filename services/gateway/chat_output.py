@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from services.gateway.reasoning import ReasoningParser
-from services.gateway.step3_tools import Arguments, CallStart, ToolCallParser
+from services.gateway.step3_tools import Arguments, CallStart, ToolCall, ToolCallParser
 
 
 @dataclass(frozen=True)
@@ -44,6 +44,13 @@ class ChatOutput:
         """What the parsers held back, once the output ended."""
         reasoning, content = self._reasoning.finish() if self._reasoning else ("", "")
         return self._delta(reasoning, content, finished=True)
+
+    @property
+    def calls(self) -> list[ToolCall]:
+        """The calls completed so far (every one, once finished); the first only when the
+        request asked for no parallel calls."""
+        calls = self._tools.calls if self._tools is not None else []
+        return calls if self.options.parallel_tool_calls else calls[:1]
 
     def finish_reason(self, reason: str | None) -> str | None:
         return "tool_calls" if self.called and reason == "stop" else reason
@@ -82,17 +89,13 @@ def message(text: str, options: OutputOptions) -> dict[str, Any]:
     reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
     if options.reasoning and options.include_reasoning:
         fields["reasoning_content"] = reasoning or None
-    calls: dict[int, dict[str, Any]] = {}
-    for delta in deltas:
-        for call in delta.get("tool_calls", ()):
-            if "id" in call:
-                calls[call["index"]] = {"id": call["id"], "type": "function",
-                                        "function": {"name": call["function"]["name"],
-                                                     "arguments": ""}}  # fmt: skip
-            calls[call["index"]]["function"]["arguments"] += call["function"]["arguments"]
+    calls = [
+        {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
+        for c in output.calls
+    ]
     fields["content"] = content if content or not calls else None
     if calls:
-        fields["tool_calls"] = [calls[i] for i in sorted(calls)]
+        fields["tool_calls"] = calls
     return fields
 
 
