@@ -2,8 +2,11 @@
 GPUs, projected to 61 layers from per-layer stage times measured on one H200.
 
 Both deployments run the project's own code for every stage, at Step-3's real shapes, with
-random weights (FP8 attention linears, FP8 routed experts, bf16 dense MLPs and shared expert,
-as a block-FP8 checkpoint is served) and an FP8 KV cache of 4096 positions per sequence:
+random weights in a block-FP8 checkpoint's form, served as an instance on Hopper serves them
+(FP8 attention linears, dense-MLP slices and routed experts; a shared-expert slice that is not
+whole 128-column blocks, 320 of 5120 at 16 FFN GPUs, is widened to bf16; routed experts on
+their block scales through DeepGEMM, or with `--experts rows` requantised per row, the older
+path) and an FP8 KV cache of 4096 positions per sequence:
 
 - attention stage, t_A(b): one MFA layer for b decode tokens (norm, FP8 GEMMs, RoPE, KV
   write, the Triton decode kernel), then what an AFD attention instance adds per layer: the
@@ -49,12 +52,18 @@ from benchmarks.gpu_attention_layer import (  # noqa: E402
 )
 from benchmarks.gpu_timing import graph_us  # noqa: E402
 from services.common.activations import Layout  # noqa: E402
-from services.common.kernels.fp8 import FP8_DTYPE  # noqa: E402
+from services.common.kernels.fp8 import (  # noqa: E402
+    DEFAULT_BLOCK,
+    FP8_DTYPE,
+    dequantize_block_fp8,
+    quantize_block_fp8,
+)
 from services.common.model.attention_half import FFNInput  # noqa: E402
 from services.common.model.build import build_ffn_half  # noqa: E402
 from services.common.model.ffn_half import FFNHalf, ShardSpec  # noqa: E402
 from services.common.model.fp8_linear import pick_scaling  # noqa: E402
 from services.common.model.moe import route  # noqa: E402
+from services.common.model.weights import SCALE_SUFFIX  # noqa: E402
 from services.common.presets import step3_config  # noqa: E402
 
 CONTEXT, MICRO_BATCHES, SLA_MS, PAPER_TOKENS_PER_GPU_S = 4096, 3, 50.0, 4039
@@ -71,22 +80,35 @@ BATCHES = (16, 32, 48, 64, 96, 128, 160, 192, 256)  # tokens per attention GPU p
 COLOCATED_BATCHES = (16, 32, 64, 96, 128, 192, 256, 384)
 
 
-def ffn_checkpoint() -> dict[str, torch.Tensor]:
-    """bf16 weights of TWO_LAYERS' feed-forward parts, under the checkpoint's names."""
+def ffn_checkpoint(experts: str) -> dict[str, torch.Tensor]:
+    """TWO_LAYERS' feed-forward weights under the checkpoint's names, block FP8 as Step-3's
+    FP8 checkpoint stores them (e4m3 + 128 x 128 `_scale_inv`), as the loader hands them to
+    an FFN instance on Hopper. `experts`: "block" keeps the routed experts so (DeepGEMM's
+    grouped GEMM), "rows" hands them over dequantised (requantised per row at build, the
+    `torch._scaled_grouped_mm` path)."""
     h, inter, moe_inter = CFG.hidden_size, CFG.intermediate_size, CFG.moe_intermediate_size
     e, shared = CFG.moe_num_experts, CFG.share_expert_dim
-
-    def w(*shape):
-        return torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * shape[-1] ** -0.5
-
     t = {}
+
+    def put(name: str, *shape: int, wide: bool = False) -> None:
+        w = torch.randn(*shape, device="cuda", dtype=torch.bfloat16) * shape[-1] ** -0.5
+        q, s = quantize_block_fp8(w)
+        del w
+        if wide:
+            t[name] = dequantize_block_fp8(q, s, DEFAULT_BLOCK, torch.bfloat16)
+        else:
+            t[name], t[name + SCALE_SUFFIX] = q, s
+
     for name, width in {"0.mlp": inter, "1.share_expert": shared}.items():
         p = f"model.layers.{name}."
-        t |= {p + "gate_proj.weight": w(width, h), p + "up_proj.weight": w(width, h)}
-        t[p + "down_proj.weight"] = w(h, width)
+        put(p + "gate_proj.weight", width, h)
+        put(p + "up_proj.weight", width, h)
+        put(p + "down_proj.weight", h, width)
     p = "model.layers.1.moe."
-    t |= {p + "gate_proj.weight": w(e, moe_inter, h), p + "up_proj.weight": w(e, moe_inter, h)}
-    t[p + "down_proj.weight"] = w(e, h, moe_inter)
+    wide = experts == "rows"
+    put(p + "gate_proj.weight", e, moe_inter, h, wide=wide)
+    put(p + "up_proj.weight", e, moe_inter, h, wide=wide)
+    put(p + "down_proj.weight", e, h, moe_inter, wide=wide)
     return t
 
 
@@ -121,8 +143,8 @@ class AttentionStage:
 class FFNStage:
     """t_F(n, F) for a dense and a MoE layer: FFN instance 0 of F, split layout."""
 
-    def __init__(self) -> None:
-        self.tensors = ffn_checkpoint()
+    def __init__(self, experts: str) -> None:
+        self.tensors = ffn_checkpoint(experts)
         self.shards: dict[int, FFNHalf] = {}
 
     def time_us(self, tokens: int, num_ffn: int) -> tuple[float, float]:
@@ -151,13 +173,18 @@ def fits(sequences_per_gpu: int, weight_bytes: float) -> bool:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
+    parser.add_argument(
+        "--experts", choices=("block", "rows"), default="block",
+        help="routed experts as the checkpoint's blocks (DeepGEMM) or requantised per row",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     scaling = pick_scaling("cuda")
     props = torch.cuda.get_device_properties(0)
     print(f"{datetime.date.today()}, {props.name}, torch {torch.__version__}; context {CONTEXT}, "
-          f"FP8 KV, _scaled_mm {scaling}; SLA {SLA_MS:g} ms TPOT\n", flush=True)  # fmt: skip
-    attention, ffn = AttentionStage(scaling), FFNStage()
+          f"FP8 KV, _scaled_mm {scaling}, experts {args.experts}; SLA {SLA_MS:g} ms TPOT\n",
+          flush=True)  # fmt: skip
+    attention, ffn = AttentionStage(scaling), FFNStage(args.experts)
     attn_weight_bytes = FULL.num_hidden_layers * 169_345_024  # FP8 attention linears
 
     print("| deployment | b | t_A us | t_F dense us | t_F MoE us | binds | TPOT ms | "

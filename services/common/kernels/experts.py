@@ -69,6 +69,18 @@ def combine_reference(y: Tensor, weights: Tensor, groups: Groups, dtype: torch.d
     return out.index_add_(0, groups.tokens, scaled).to(dtype)
 
 
+def combine_reference_at(
+    y: Tensor, weights: Tensor, positions: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """`combine_at` in plain torch, with y's row count as the limit."""
+    acc = torch.promote_types(dtype, torch.float32)
+    tokens, top_k = weights.shape
+    valid = positions < y.shape[0]
+    picked = y[positions.clamp(max=max(y.shape[0] - 1, 0))].to(acc)
+    picked = torch.where(valid[:, None], picked * weights.flatten()[:, None].to(acc), 0.0)
+    return picked.view(tokens, top_k, -1).sum(1).to(dtype)
+
+
 def gather_quantize(x: Tensor, groups: Groups) -> tuple[Tensor, Tensor]:
     """x [T, H] -> (q [T*K, H] e4m3, scales [T*K] fp32): row r is x[groups.tokens[r]],
     quantised, for the local rows; the rest unwritten."""
@@ -86,33 +98,67 @@ def _quantize_rows(
 ) -> tuple[Tensor, Tensor]:
     """One launch of `_quantize_rows_kernel`: gathered rows of `a`, or silu(a) * b."""
     width = a.shape[-1]
-    if width > MAX_ROW:
-        raise ValueError(f"rows of {width} > MAX_ROW = {MAX_ROW}")
     q = torch.empty(rows, width, dtype=FP8_DTYPE, device=a.device)
     scales = torch.empty(rows, dtype=torch.float32, device=a.device)
+    launch_quantize_rows(
+        a, b, groups.tokens if gather else None, None, groups.offsets[-1:], q,
+        scales.view(1, -1, 1), group=None, silu_mul=not gather,
+    )  # fmt: skip
+    return q, scales
+
+
+def launch_quantize_rows(
+    a: Tensor,
+    b: Tensor,
+    sources: Tensor | None,
+    destinations: Tensor | None,
+    count: Tensor,
+    q: Tensor,
+    scales: Tensor,
+    group: int | None,
+    silu_mul: bool,
+) -> None:
+    """For each row r < count[0] of `sources` (or of `a` itself where None): quantise a's row
+    sources[r] (times silu, with b's, when `silu_mul`) into q's row d = destinations[r] (or r),
+    one scale per `group` values (None: per row). `scales` is [E, R / E, groups per row], any
+    strides (DeepGEMM reads them M-major): row d's scales go to scales[d // (R / E), d % (R / E)].
+    The launch shared by the per-row and the 1 x 128 quantisations."""
+    width = a.shape[-1]
+    if width > MAX_ROW:
+        raise ValueError(f"rows of {width} > MAX_ROW = {MAX_ROW}")
+    rows = a.shape[0] if sources is None else sources.numel()
+    block = triton.next_power_of_2(width) if rows else 0
     if rows:
         _quantize_rows_kernel[(rows,)](
-            a, b, groups.tokens, groups.offsets[-1:], q, scales, width,
-            a.stride(0), b.stride(0), q.stride(0),
-            GATHER=gather, SILU_MUL=not gather, BLOCK=triton.next_power_of_2(width),
-            FP8_MAX=FP8_MAX, num_warps=8,
+            a, b, a if sources is None else sources, a if destinations is None else destinations,
+            count, q, scales, width, a.stride(0), b.stride(0), q.stride(0),
+            scales.shape[1], scales.stride(0), scales.stride(1), scales.stride(2),
+            GATHER=sources is not None, SCATTER=destinations is not None, SILU_MUL=silu_mul,
+            BLOCK=block, GROUP=group or block, FP8_MAX=FP8_MAX, num_warps=8,
         )  # fmt: skip
-    return q, scales
 
 
 def combine(y: Tensor, weights: Tensor, groups: Groups, dtype: torch.dtype) -> Tensor:
     """y [T*K, H] in group order -> [T, H]: each token's local expert outputs, weighted."""
-    tokens, top_k = weights.shape
-    width = y.shape[-1]
     # Where each assignment (t, k) sits in group order: the inverse of the sort.
     positions = torch.empty_like(groups.order)
     positions[groups.order] = torch.arange(groups.order.numel(), device=y.device)
+    return combine_at(y, weights, positions, groups.offsets[-1:], dtype)
+
+
+def combine_at(
+    y: Tensor, weights: Tensor, positions: Tensor, limit: Tensor, dtype: torch.dtype
+) -> Tensor:
+    """out[t] = sum over k of weights[t, k] * y[positions[t * K + k]], where that position is
+    below limit[0] (others are other shards' assignments): [T, H] in `dtype`."""
+    tokens, top_k = weights.shape
+    width = y.shape[-1]
     out = torch.empty(tokens, width, dtype=dtype, device=y.device)
     if tokens:
         y = y.contiguous()
         grid = (tokens, triton.cdiv(width, COMBINE_BLOCK))
         _combine_kernel[grid](
-            y, weights.contiguous(), positions, groups.offsets[-1:], out, width,
+            y, weights.contiguous(), positions, limit, out, width,
             y.stride(0), out.stride(0), K=top_k, BLOCK=COMBINE_BLOCK, num_warps=4,
         )  # fmt: skip
     return out
@@ -140,7 +186,8 @@ def ops_for(device: torch.device) -> ExpertOps:
 def _quantize_rows_kernel(
     a_ptr,
     b_ptr,  # up when SILU_MUL, else unused
-    tokens_ptr,  # row -> source row of a, when GATHER
+    src_ptr,  # row -> source row of a (and b), when GATHER
+    dst_ptr,  # row -> destination row of q and the scales, when SCATTER
     count_ptr,  # the number of local rows
     q_ptr,
     scale_ptr,
@@ -148,28 +195,46 @@ def _quantize_rows_kernel(
     stride_a,
     stride_b,
     stride_q,
+    rows_per_part,  # q's rows per leading index of the scales
+    stride_scale_part,
+    stride_scale_row,
+    stride_scale_group,
     GATHER: tl.constexpr,
+    SCATTER: tl.constexpr,
     SILU_MUL: tl.constexpr,
     BLOCK: tl.constexpr,  # width rounded up to a power of two
+    GROUP: tl.constexpr,  # values per scale (BLOCK: one per row)
     FP8_MAX: tl.constexpr,
 ):
     row = tl.program_id(0)
     local = row < tl.load(count_ptr)
-    cols = tl.arange(0, BLOCK)
-    mask = (cols < width) & local
-    if GATHER:
-        source = tl.load(tokens_ptr + row)
-    else:
+    if local:
         source = row
-    x = tl.load(a_ptr + source * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
-    if SILU_MUL:
-        up = tl.load(b_ptr + row * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
-        x = x / (1.0 + tl.exp(-x)) * up
-    amax = tl.maximum(tl.max(tl.abs(x), 0), 1e-12)
-    scale = amax / FP8_MAX
-    q = tl.minimum(tl.maximum(x / scale, -FP8_MAX), FP8_MAX)
-    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(scale_ptr + row, scale, mask=local)
+        dest = row
+        if GATHER:
+            source = tl.load(src_ptr + row)
+        if SCATTER:
+            dest = tl.load(dst_ptr + row)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < width
+        x = tl.load(a_ptr + source * stride_a + cols, mask=mask, other=0.0).to(tl.float32)
+        if SILU_MUL:
+            up = tl.load(b_ptr + source * stride_b + cols, mask=mask, other=0.0).to(tl.float32)
+            x = x / (1.0 + tl.exp(-x)) * up
+        x = tl.reshape(x, [BLOCK // GROUP, GROUP])
+        amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-12)  # [BLOCK // GROUP]
+        scale = amax / FP8_MAX
+        q = tl.minimum(tl.maximum(x / scale[:, None], -FP8_MAX), FP8_MAX)
+        q = tl.reshape(q, [BLOCK])
+        tl.store(q_ptr + dest * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        groups = tl.arange(0, BLOCK // GROUP)
+        part = dest // rows_per_part
+        at = part * stride_scale_part + (dest - part * rows_per_part) * stride_scale_row
+        tl.store(
+            scale_ptr + at + groups * stride_scale_group,
+            scale,
+            mask=groups * GROUP < width,
+        )
 
 
 @jit

@@ -3,9 +3,11 @@ checkpoint's tensors, and the one place where FP8 is chosen.
 
 FP8: on a GPU, a block-FP8 checkpoint's linears stay FP8 (`fp8_weights_on`): MFA's five
 projections, the dense MLPs and the shared experts as `Fp8Linear`s with the checkpoint's own
-128 x 128 block scales, the routed experts as `Fp8Experts` (requantised to per-row scales,
-the mode grouped FP8 GEMMs take). On a CPU every weight is widened. An attention layer whose
-linears all became blockwise FP8 on a GPU runs as an `Fp8MFAAttention` (fused).
+128 x 128 block scales; the routed experts as stored too (`BlockFp8Experts`, DeepGEMM's
+grouped GEMM) on Hopper with DeepGEMM installed, else as `Fp8Experts` (requantised to
+per-row scales, the mode `torch._scaled_grouped_mm` takes). On a CPU every weight is widened.
+An attention layer whose linears all became blockwise FP8 on a GPU runs as an
+`Fp8MFAAttention` (fused).
 
 Kernels: once a half's weights are in place, every layer of it gets its Triton kernels or
 plain torch for where its weights are (`kernel_choice.py`), for both halves, however built.
@@ -26,8 +28,11 @@ from torch import Tensor, nn
 
 from services.common.config import ModelConfig, load_config
 from services.common.kernels.fp8 import DEFAULT_BLOCK, FP8_DTYPE, dequantize_block_fp8
+from services.common.model import block_fp8_moe
 from services.common.model.attention_half import AttentionHalf
+from services.common.model.block_fp8_moe import BlockFp8Experts
 from services.common.model.ffn_half import (
+    BlockFp8RoutedExperts,
     DenseFFN,
     FFNHalf,
     Fp8RoutedExperts,
@@ -40,7 +45,12 @@ from services.common.model.fp8_linear import GROUP, Fp8Linear, pick_scaling
 from services.common.model.fp8_moe import Fp8Experts
 from services.common.model.kernel_choice import choose_kernels
 from services.common.model.layers import SwiGLU
-from services.common.model.schema import is_attention_linear, is_ffn_tensor, is_mlp_linear
+from services.common.model.schema import (
+    is_attention_linear,
+    is_ffn_tensor,
+    is_mlp_linear,
+    is_routed_expert,
+)
 from services.common.model.step3 import Step3ForCausalLM
 from services.common.model.weights import SCALE_SUFFIX, Checkpoint
 
@@ -69,11 +79,16 @@ def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
 
 def fp8_weights_on(device: str | torch.device) -> Callable[[str], bool] | None:
     """Which block-FP8 weights the loader keeps as FP8 on `device`: every linear an FP8 GEMM
-    serves on a GPU (MFA's projections, dense MLPs, shared experts); none on a CPU, where plain
-    matmuls want wide weights. (Routed experts load wide and are requantised per row.)"""
-    if torch.device(device).type != "cuda":
+    serves on a GPU (MFA's projections, dense MLPs, shared experts), and the routed experts
+    where DeepGEMM's block-scaled grouped GEMM runs (Hopper); none on a CPU, where plain
+    matmuls want wide weights. (Elsewhere routed experts load wide and are requantised.)"""
+    device = torch.device(device)
+    if device.type != "cuda":
         return None
-    return lambda name: is_attention_linear(name) or is_mlp_linear(name)
+    experts = block_fp8_moe.runs_on(device)
+    return lambda name: (
+        is_attention_linear(name) or is_mlp_linear(name) or (experts and is_routed_expert(name))
+    )
 
 
 def fp8_experts_for(checkpoint: Checkpoint, device: str | torch.device) -> bool:
@@ -144,14 +159,16 @@ def _ffn_layer(
     if not cfg.is_moe_layer(layer):
         return DenseFFN(_swiglu(p + "mlp.", tensors, spec, dtype))
     a, b = spec.range_of(cfg.moe_num_experts)
-    gate, up, down = (
-        tensors[f"{p}moe.{n}_proj.weight"][a:b].contiguous() for n in ("gate", "up", "down")
-    )
+    names = [f"{p}moe.{n}_proj.weight" for n in ("gate", "up", "down")]
+    gate, up, down = (tensors[name][a:b].contiguous() for name in names)
+    share_expert = _swiglu(p + "share_expert.", tensors, spec, dtype)
+    if gate.dtype == FP8_DTYPE:  # kept as stored (`fp8_weights_on`): the block-scaled GEMMs
+        scales = (tensors[name + SCALE_SUFFIX][a:b] for name in names)
+        pairs = [t for pair in zip((gate, up, down), scales, strict=True) for t in pair]
+        stacked = BlockFp8Experts.stack(*pairs)
+        return MoEFFN(share_expert, BlockFp8RoutedExperts(stacked, a, cfg.moe_num_experts))
     experts = Fp8RoutedExperts(Fp8Experts.quantize(gate, up, down), a) if fp8 else None
-    return MoEFFN(
-        _swiglu(p + "share_expert.", tensors, spec, dtype),
-        experts or RoutedExperts(gate, up, down, a),
-    )
+    return MoEFFN(share_expert, experts or RoutedExperts(gate, up, down, a))
 
 
 def _swiglu(

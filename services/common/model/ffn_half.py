@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from services.common.config import ModelConfig
 from services.common.model.attention_half import FFNInput
+from services.common.model.block_fp8_moe import BlockFp8Experts, block_expert_forward
 from services.common.model.fp8_moe import Fp8Experts, fp8_grouped_expert_forward
 from services.common.model.layers import SwiGLU
 from services.common.model.moe import looped_expert_forward
@@ -87,6 +88,22 @@ class Fp8RoutedExperts(nn.Module):
         return self.expert_forward(x.h, x.weights, x.ids, self.experts, self.first_expert)
 
 
+class BlockFp8RoutedExperts(nn.Module):
+    """`RoutedExperts` as the checkpoint stores them, in block FP8 (`block_fp8_moe.py`)."""
+
+    def __init__(self, experts: BlockFp8Experts, first_expert: int, total_experts: int) -> None:
+        super().__init__()
+        self.experts = experts
+        self.first_expert = first_expert
+        self.total_experts = total_experts
+        self.expert_forward = block_expert_forward  # the kernels once built on Hopper
+
+    def forward(self, x: FFNInput) -> Tensor:
+        return self.expert_forward(
+            x.h, x.weights, x.ids, self.experts, self.first_expert, self.total_experts
+        )
+
+
 class DenseFFN(nn.Module):
     """A dense layer's feed-forward (or this shard's columns of it)."""
 
@@ -101,7 +118,7 @@ class DenseFFN(nn.Module):
 class MoEFFN(nn.Module):
     """A MoE layer's: the shared expert (or its columns) plus this shard's routed experts."""
 
-    def __init__(self, share_expert: SwiGLU, moe: RoutedExperts | Fp8RoutedExperts) -> None:
+    def __init__(self, share_expert: SwiGLU, moe: nn.Module) -> None:
         super().__init__()
         self.share_expert = share_expert
         self.moe = moe

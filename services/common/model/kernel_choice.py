@@ -11,6 +11,8 @@ that dtype and shape:
     RoutedExperts.expert_forward    the expert loop     ->  grouped GEMMs (`expert_forward_on`)
     Fp8RoutedExperts.expert_forward torch around GEMMs  ->  Triton around them
                                                             (`fp8_expert_forward_on`)
+    BlockFp8RoutedExperts.expert_forward  plain torch   ->  Triton and DeepGEMM on Hopper
+                                                            (`block_expert_forward_on`)
 
 `build.py` runs it on both halves (`build_attention_half`, `build_ffn_half`), so the whole
 model, an attention instance's half and an FFN instance's shard all get it. Nothing is
@@ -25,7 +27,8 @@ from torch import nn
 from services.common import kernels
 from services.common.kernels import norm_rope
 from services.common.model.attention import MFAAttention
-from services.common.model.ffn_half import Fp8RoutedExperts, RoutedExperts
+from services.common.model.block_fp8_moe import block_expert_forward_on
+from services.common.model.ffn_half import BlockFp8RoutedExperts, Fp8RoutedExperts, RoutedExperts
 from services.common.model.fp8_moe import fp8_expert_forward_on
 from services.common.model.layers import RMSNorm
 from services.common.model.moe import expert_forward_on
@@ -51,3 +54,5 @@ def choose_kernels(model: nn.Module) -> None:
             module.expert_forward = expert_forward_on(weight.device, weight.dtype)
         elif isinstance(module, Fp8RoutedExperts):
             module.expert_forward = fp8_expert_forward_on(module.experts.gate.device)
+        elif isinstance(module, BlockFp8RoutedExperts):
+            module.expert_forward = block_expert_forward_on(module.experts.gate_up.device)

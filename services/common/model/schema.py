@@ -78,6 +78,11 @@ def is_mlp_linear(name: str) -> bool:
     return (".mlp." in name or ".share_expert." in name) and name.endswith("_proj.weight")
 
 
+def is_routed_expert(name: str) -> bool:
+    """A stacked routed-expert projection [E, ...] (what the grouped GEMMs serve)."""
+    return ".moe." in name and name.endswith("_proj.weight")
+
+
 def is_ffn_tensor(name: str) -> bool:
     """Feed-forward weights (dense MLP, shared and routed experts): the FFN side's in AFD.
     Everything else, the router included, stays on the attention side."""
