@@ -126,10 +126,52 @@ def partials(block_size: int) -> None:
         torch.cuda.empty_cache()
 
 
+def fp8_mma(block_size: int) -> None:
+    """FP8 KV widened to fp16 on chip (the kernel today) against e4m3 tensor-core products,
+    over a few tile shapes, each timed and checked against the float32 reference here."""
+    copy_bw = copy_bandwidth()
+    print(
+        f"\nFP8 KV: widened vs e4m3 MMA, block size {block_size}, copy {copy_bw / 1e9:.0f} GB/s\n"
+    )
+    print("| B | context | config | kernel us | % of copy | rel. err vs fp32 ref |")
+    print("|---|---|---|---|---|---|")
+    base = CONFIGS["fp8"]
+    variants = {
+        "widened (now)": base,
+        "e4m3 MMA": dataclasses.replace(base, fp8_mma=True),
+        "e4m3 MMA, 64-token tiles, 4 stages": dataclasses.replace(
+            base, fp8_mma=True, block_n=64, num_stages=4
+        ),
+        "e4m3 MMA, 5 stages": dataclasses.replace(base, fp8_mma=True, num_stages=5),
+    }
+    for batch, context in ((128, 4096), (64, 8192), (32, 4096)):
+        q, k, v, tables, lens = paged_cache(batch, context, block_size)
+        k_scale = v_scale = 0.02
+        k8, v8 = (k / k_scale).to(FP8), (v / v_scale).to(FP8)
+        del k, v
+        scales = dict(k_scale=k_scale, v_scale=v_scale, block_size=block_size)
+        ref = mfa_decode_reference(q[:4], k8, v8, tables[:4], lens[:4], SCALE, **scales)
+        for name, config in variants.items():
+            call = (q, k8, v8, tables, lens, SCALE)
+            kwargs = dict(config=config, **scales)
+            try:
+                out = mfa_decode(*call, **kwargs)
+                err = ((out[:4].float() - ref.float()).norm() / ref.float().norm()).item()
+                us = graph_us(lambda c=call, kw=kwargs: mfa_decode(*c, **kw))
+                pct = 100 * 2 * k8.numel() / (us * 1e-6) / copy_bw
+                cells = f"{us:.1f} | {pct:.0f}% | {err:.1e}"
+            except Exception as e:  # noqa: BLE001 - a config that does not compile says why
+                cells = f"{type(e).__name__}: {str(e)[:60]} | | "
+            print(f"| {batch} | {context} | {name} | {cells} |", flush=True)
+        del q, k8, v8
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sweep", action="store_true", help="time every kernel config first")
     parser.add_argument("--partials", action="store_true", help="only compare partial dtypes")
+    parser.add_argument("--fp8-mma", action="store_true", help="only compare FP8 KV products")
     parser.add_argument("--block-size", type=int, default=16)
     args = parser.parse_args()
     bs = args.block_size
@@ -139,6 +181,9 @@ def main() -> None:
         sweep(bs)
     if args.partials:
         partials(bs)
+        return
+    if args.fp8_mma:
+        fp8_mma(bs)
         return
 
     copy_bw = copy_bandwidth()

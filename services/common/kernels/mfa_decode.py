@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from services.common.kernels.fp8 import FP8_DTYPE
+from services.common.kernels.fp8 import FP8_DTYPE, FP8_MAX
 from services.common.kernels.triton_jit import jit, tl, triton
 
 
@@ -38,6 +38,9 @@ class KernelConfig:
     # kernel: bf16 (range of fp32, 2^-9 rounding, as the output's own) halves the 16.8 MB of
     # fp32 partials at B = 128, 4K context, two splits. benchmarks/gpu_mfa_decode.py --partials.
     partial_dtype: torch.dtype = torch.bfloat16
+    # FP8 KV only: multiply in e4m3 on the tensor cores (queries quantised per head, the
+    # softmax's probabilities scaled by 448 into e4m3) instead of widening K and V to fp16.
+    fp8_mma: bool = False
 
 
 # Measured on one H200 with benchmarks/gpu_mfa_decode.py --sweep (H = 64, D = 256). One
@@ -155,6 +158,7 @@ def mfa_decode(
         *part_strides, *lse_strides,
         H=num_heads, D=head_dim, PAGE=block_size, BLOCK_N=config.block_n,
         KV_FP8=k_cache.dtype == FP8_DTYPE, SINGLE_SPLIT=num_splits == 1,
+        FP8_MMA=config.fp8_mma and k_cache.dtype == FP8_DTYPE, FP8_MAX=FP8_MAX,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if num_splits > 1:
@@ -229,6 +233,8 @@ def _mfa_decode_split_kernel(
     BLOCK_N: tl.constexpr,
     KV_FP8: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
+    FP8_MMA: tl.constexpr,  # KV_FP8 multiplied in e4m3 (see KernelConfig.fp8_mma)
+    FP8_MAX: tl.constexpr,  # queries and probabilities are scaled to fill e4m3's range
 ):
     seq = tl.program_id(0)
     split = tl.program_id(1)
@@ -240,7 +246,13 @@ def _mfa_decode_split_kernel(
     offs_d = tl.arange(0, D)
     offs_n = tl.arange(0, BLOCK_N)
     q = tl.load(q_ptr + seq * stride_qb + offs_h[:, None] * stride_qh + offs_d[None, :])
-    if KV_FP8:
+    score_scale = tl.full([H], qk_scale, tl.float32)
+    if FP8_MMA:  # one e4m3 scale per head, folded into the scores
+        q = q.to(tl.float32)
+        q_scale = tl.maximum(tl.max(tl.abs(q), 1), 1e-12) / FP8_MAX
+        q = (q / q_scale[:, None]).to(k_ptr.dtype.element_ty)
+        score_scale = score_scale * q_scale
+    elif KV_FP8:
         q = q.to(tl.float16)  # [H, D]
     else:
         q = q.to(k_ptr.dtype.element_ty)
@@ -256,19 +268,24 @@ def _mfa_decode_split_kernel(
         slot = block.to(tl.int64) * PAGE + pos % PAGE
         k = tl.load(k_ptr + slot[:, None] * stride_k + offs_d[None, :], valid[:, None], 0.0)
         v = tl.load(v_ptr + slot[:, None] * stride_v + offs_d[None, :], valid[:, None], 0.0)
-        if KV_FP8:
+        if KV_FP8 and not FP8_MMA:
             k = k.to(tl.float16)
             v = v.to(tl.float16)
-        s = tl.dot(q, tl.trans(k)) * qk_scale  # [H, BLOCK_N]
+        s = tl.dot(q, tl.trans(k)) * score_scale[:, None]  # [H, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
         new_max = tl.maximum(row_max, tl.max(s, 1))
         alpha = tl.exp2(row_max - new_max)
         p = tl.exp2(s - new_max[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        if FP8_MMA:  # p <= 1: scaled to e4m3's top, the scale comes off at the end
+            acc = acc * alpha[:, None] + tl.dot((p * FP8_MAX).to(v.dtype), v)
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         row_max = new_max
 
     nonempty = row_sum > 0  # a split past a short sequence's end saw no tokens
+    if FP8_MMA:
+        out_scale = out_scale / FP8_MAX
     out = acc * (out_scale / tl.where(nonempty, row_sum, 1.0))[:, None]
     part = part_ptr + seq * stride_pb + split * stride_ps
     part = part + offs_h[:, None] * stride_ph + offs_d[None, :]
