@@ -203,10 +203,30 @@ def expert_rows(bw: float, local: int, token_counts: list[int]) -> None:
               f"{errs} |", flush=True)  # fmt: skip
 
 
+def ffn_stage_rows(tokens: int, num_ffn: int) -> None:
+    """The FFN stage as the projection times it (FFN instance 0 of `num_ffn`, its MoE layer
+    and its dense layer, from CUDA graphs), with the routed experts requantised per row (the
+    older path) and on their block scales (DeepGEMM), built from the same random weights'
+    seed."""
+    from benchmarks.gpu_decode_projection import FFNStage
+
+    print(f"\n| FFN stage, {tokens} tokens, instance 0 of {num_ffn} | dense us | MoE us |")
+    print("|---|---|---|")
+    for experts in ("rows", "block"):
+        torch.manual_seed(0)
+        stage = FFNStage(experts)
+        dense, moe = stage.time_us(tokens, num_ffn)
+        print(f"| experts: {experts} | {dense:.0f} | {moe:.0f} |", flush=True)
+        del stage
+        torch.cuda.empty_cache()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experts", type=int, default=3, help="local experts (48 / FFN GPUs)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[256, 2048, 4096])
+    parser.add_argument("--only", choices=("experts", "dense", "stage"), nargs="+",
+                        default=["stage", "experts", "dense"])  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
@@ -214,8 +234,12 @@ def main() -> int:
     print(f"{props.name}, torch {torch.__version__}, deep_gemm {version}", flush=True)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
-    expert_rows(bw, args.experts, args.tokens)
-    dense_rows(bw)
+    if "stage" in args.only:
+        ffn_stage_rows(2048, EXPERTS // args.experts)
+    if "experts" in args.only:
+        expert_rows(bw, args.experts, args.tokens)
+    if "dense" in args.only:
+        dense_rows(bw)
     return 0
 
 

@@ -42,7 +42,7 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("first, count", [(0, 8), (2, 3), (7, 1)])
 def test_each_local_assignment_gets_its_own_slot_in_its_experts_rows(first, count):
     weights, ids = route(torch.randn(50, EXPERTS), TOP_K, False)
-    slots = block.MaskedSlots.of(ExpertGroups.of(ids, count, first), count)
+    slots = block.MaskedSlots.of(ExpertGroups.of(ids, count, first), count, 50)
     local = (ids.flatten() >= first) & (ids.flatten() < first + count)
     taken = slots.positions[local]
     assert taken.unique().numel() == taken.numel()  # no two assignments share a row

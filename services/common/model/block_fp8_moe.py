@@ -46,7 +46,9 @@ from services.common.kernels.fp8 import (
 )
 from services.common.model.moe import ExpertGroups
 
-ROW_ALIGN = 64  # each expert's rows padded to a multiple of this (the kernel's smallest tile)
+# Each expert's rows are padded to a multiple of DeepGEMM's largest row tile: a tile that
+# straddled two experts' rows would write the first's padding over the second's output.
+ROW_ALIGN = 256
 
 
 @dataclass(frozen=True)
@@ -98,10 +100,10 @@ class MaskedSlots:
     capacity: int
 
     @classmethod
-    def of(cls, groups: ExpertGroups, num_experts: int) -> MaskedSlots:
+    def of(cls, groups: ExpertGroups, num_experts: int, tokens: int) -> MaskedSlots:
+        """`tokens`: T. Top-k picks k distinct experts, so no expert gets more than T rows."""
         assignments = groups.order.numel()
-        tokens = max(assignments, 1)  # a token is never routed twice to one expert: <= T rows
-        capacity = -(-tokens // ROW_ALIGN) * ROW_ALIGN
+        capacity = max(1, -(-tokens // ROW_ALIGN)) * ROW_ALIGN
         ends = groups.offsets
         counts = torch.diff(ends, prepend=ends.new_zeros(1))
         sorted_rows = torch.arange(assignments, dtype=ends.dtype, device=ends.device)
@@ -143,7 +145,7 @@ def block_expert_forward(
     ops = ops or REFERENCE_OPS
     n = experts.num_experts
     groups = ExpertGroups.of(ids, n, first_expert)
-    slots = MaskedSlots.of(groups, n)
+    slots = MaskedSlots.of(groups, n, x.shape[0])
     expected = max(1, -(-ids.numel() // (total_experts or n)))
     h, h_scale = ops.gather_quantize(x, groups, slots, n)
     width = experts.gate_up.shape[1]
