@@ -10,8 +10,14 @@ import torch
 from services.common.kernels import grouped_gemm
 from services.common.kernels.fp8 import quantize_block_fp8
 from services.common.model import block_fp8_moe as block
+from services.common.model.build import build_model, fp8_weights_on
+from services.common.model.checkpoint_writer import write_random_weights
+from services.common.model.ffn_half import BlockFp8RoutedExperts
 from services.common.model.fp8_moe import Fp8Experts, fp8_grouped_expert_forward
 from services.common.model.moe import looped_expert_forward, route
+from services.common.model.reference import reference_logits
+from services.common.model.weights import load_weights
+from tests.support.models import small_config
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and grouped_gemm.available("cuda")),
@@ -73,3 +79,22 @@ def test_block_scales_lose_less_than_requantised_rows():
 def test_the_kernels_are_chosen_on_hopper():
     forward = block.block_expert_forward_on(torch.device("cuda"))
     assert forward.keywords["ops"] is block.KERNEL_OPS
+
+
+def test_a_block_fp8_checkpoint_serves_its_experts_as_stored(tmp_path):
+    """The loader hands the experts over in e4m3 with their scales (never widened), the model
+    holds them so, and its logits track the widened checkpoint's."""
+    cfg = small_config(hidden_size=512, moe_intermediate_size=256, share_expert_dim=256)
+    write_random_weights(tmp_path, cfg, dtype=torch.bfloat16, fp8=True, seed=3, progress=False)
+    keep = fp8_weights_on("cuda")
+    assert keep("model.layers.1.moe.gate_proj.weight")
+    tensors = load_weights(tmp_path, cfg, dtype=torch.bfloat16, device="cuda", keep_fp8=keep)
+    fp8 = build_model(cfg, tensors)
+    wide = build_model(cfg, load_weights(tmp_path, cfg, dtype=torch.bfloat16, device="cuda"))
+    moe = fp8.ffn.layers[cfg.moe_layers[0]].moe
+    assert isinstance(moe, BlockFp8RoutedExperts)
+    assert moe.experts.gate_up.dtype == torch.float8_e4m3fn
+    assert moe.expert_forward.keywords["ops"] is block.KERNEL_OPS
+    prompt = list(range(5, 80, 5))
+    a, b = reference_logits(fp8, prompt).float(), reference_logits(wide, prompt).float()
+    assert ((a - b).norm() / b.norm()).item() < 0.1  # the activations' e4m3 rounding

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from services.common.config import ModelConfig
-from services.common.kernels.fp8 import quantize_block_fp8
+from services.common.kernels.fp8 import DEFAULT_BLOCK, dequantize_block_fp8, quantize_block_fp8
 from services.common.model import block_fp8_moe as block
 from services.common.model.attention_half import FFNInput
 from services.common.model.build import build_ffn_half, fp8_weights_on
@@ -80,7 +80,7 @@ def test_gate_and_up_stack_into_one_weight_per_expert():
     experts = random_experts(3, seed=2)
     assert experts.gate_up.shape == (3, 2 * WIDTH, HIDDEN)
     assert experts.gate_up_scale.shape == (3, 2 * WIDTH // 128, HIDDEN // 128)
-    with pytest.raises(ValueError, match="whole number of blocks"):
+    with pytest.raises(ValueError, match="not whole 128 x 128 blocks"):
         q, s = quantize_block_fp8(torch.randn(1, 200, HIDDEN))
         block.BlockFp8Experts.stack(q, s, q, s, q.transpose(1, 2), s.transpose(1, 2))
 
@@ -94,7 +94,7 @@ def fp8_shard(cfg: ModelConfig, spec: ShardSpec):
     for name in [n for n in wide if ".moe." in n and n.endswith("_proj.weight")]:
         q, s = quantize_block_fp8(wide[name])
         fp8[name], fp8[name + SCALE_SUFFIX] = q, s
-        wide[name] = q.float() * s.repeat_interleave(128, 1).repeat_interleave(128, 2)
+        wide[name] = dequantize_block_fp8(q, s, DEFAULT_BLOCK, torch.float32)
     return (
         build_ffn_half(cfg, fp8, spec, dtype=torch.float32),
         build_ffn_half(cfg, wide, spec, dtype=torch.float32),
@@ -119,6 +119,20 @@ def test_a_shard_built_from_fp8_experts_holds_them_as_stored_and_computes_the_sa
     weights, ids = route(torch.randn(9, cfg.moe_num_experts), cfg.moe_top_k, False)
     x = FFNInput(h, ids, weights)
     assert rel_err(shard(layer, x), wide(layer, x)) < 0.06
+
+
+def test_experts_the_kernel_cannot_take_are_widened_instead():
+    """A block-FP8 expert width that is not whole 128-wide blocks (a small test model's) is
+    served as before: widened at build, wide or requantised experts."""
+    cfg = small_config()
+    assert cfg.moe_intermediate_size % 128
+    shard, wide = fp8_shard(cfg, ShardSpec(0, 1))
+    layer = cfg.moe_layers[0]
+    assert isinstance(shard.layers[layer].moe, RoutedExperts)
+    h = torch.randn(5, cfg.hidden_size)
+    weights, ids = route(torch.randn(5, cfg.moe_num_experts), cfg.moe_top_k, False)
+    x = FFNInput(h, ids, weights)
+    torch.testing.assert_close(shard(layer, x), wide(layer, x))
 
 
 def test_the_cpu_loads_experts_wide():

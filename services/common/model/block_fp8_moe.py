@@ -66,11 +66,17 @@ class BlockFp8Experts:
         cls, gate: Tensor, gate_s: Tensor, up: Tensor, up_s: Tensor, down: Tensor, down_s: Tensor
     ) -> BlockFp8Experts:
         """From the checkpoint's three (weight, weight_scale_inv) pairs of E experts."""
-        if gate.shape[1] % DEFAULT_BLOCK[0]:
-            raise ValueError(f"expert width {gate.shape[1]} is not a whole number of blocks")
+        if not cls.fits(gate, down):
+            raise ValueError(f"experts {list(gate.shape)} are not whole 128 x 128 blocks")
         gate_up = torch.cat([gate, up], dim=1)
         scale = torch.cat([gate_s, up_s], dim=1).float()
         return cls(gate_up, scale, down.contiguous(), down_s.float().contiguous())
+
+    @staticmethod
+    def fits(gate: Tensor, down: Tensor) -> bool:
+        """Whether experts of these shapes ([E, F, H], [E, H, F]) are whole 128 x 128 blocks,
+        the only shapes the grouped GEMM takes."""
+        return all(n % DEFAULT_BLOCK[0] == 0 for n in (*gate.shape[1:], *down.shape[1:]))
 
     @property
     def num_experts(self) -> int:

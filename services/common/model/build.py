@@ -163,10 +163,16 @@ def _ffn_layer(
     gate, up, down = (tensors[name][a:b].contiguous() for name in names)
     share_expert = _swiglu(p + "share_expert.", tensors, spec, dtype)
     if gate.dtype == FP8_DTYPE:  # kept as stored (`fp8_weights_on`): the block-scaled GEMMs
-        scales = (tensors[name + SCALE_SUFFIX][a:b] for name in names)
-        pairs = [t for pair in zip((gate, up, down), scales, strict=True) for t in pair]
-        stacked = BlockFp8Experts.stack(*pairs)
-        return MoEFFN(share_expert, BlockFp8RoutedExperts(stacked, a, cfg.moe_num_experts))
+        scales = [tensors[name + SCALE_SUFFIX][a:b] for name in names]
+        if BlockFp8Experts.fits(gate, down):
+            pairs = [t for pair in zip((gate, up, down), scales, strict=True) for t in pair]
+            stacked = BlockFp8Experts.stack(*pairs)
+            return MoEFFN(share_expert, BlockFp8RoutedExperts(stacked, a, cfg.moe_num_experts))
+        # Widths the kernel does not take (not whole 128-wide blocks): widen, then as below.
+        gate, up, down = (
+            dequantize_block_fp8(w, s, DEFAULT_BLOCK, dtype)
+            for w, s in zip((gate, up, down), scales, strict=True)
+        )
     experts = Fp8RoutedExperts(Fp8Experts.quantize(gate, up, down), a) if fp8 else None
     return MoEFFN(share_expert, experts or RoutedExperts(gate, up, down, a))
 
