@@ -143,6 +143,7 @@ def fp8_mma(block_size: int) -> None:
             base, fp8_mma=True, block_n=64, num_stages=4
         ),
         "e4m3 MMA, 5 stages": dataclasses.replace(base, fp8_mma=True, num_stages=5),
+        "e4m3 q k^T only": dataclasses.replace(base, fp8_mma=True, fp8_pv=False),
     }
     for batch, context in ((128, 4096), (64, 8192), (32, 4096)):
         q, k, v, tables, lens = paged_cache(batch, context, block_size)

@@ -41,6 +41,7 @@ class KernelConfig:
     # FP8 KV only: multiply in e4m3 on the tensor cores (queries quantised per head, the
     # softmax's probabilities scaled by 448 into e4m3) instead of widening K and V to fp16.
     fp8_mma: bool = False
+    fp8_pv: bool = True  # with fp8_mma: p v too (else only q k^T in e4m3, v widened to fp16)
 
 
 # Measured on one H200 with benchmarks/gpu_mfa_decode.py --sweep (H = 64, D = 256). One
@@ -158,7 +159,8 @@ def mfa_decode(
         *part_strides, *lse_strides,
         H=num_heads, D=head_dim, PAGE=block_size, BLOCK_N=config.block_n,
         KV_FP8=k_cache.dtype == FP8_DTYPE, SINGLE_SPLIT=num_splits == 1,
-        FP8_MMA=config.fp8_mma and k_cache.dtype == FP8_DTYPE, FP8_MAX=FP8_MAX,
+        FP8_MMA=config.fp8_mma and k_cache.dtype == FP8_DTYPE, FP8_PV=config.fp8_pv,
+        FP8_MAX=FP8_MAX,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     if num_splits > 1:
@@ -234,6 +236,7 @@ def _mfa_decode_split_kernel(
     KV_FP8: tl.constexpr,
     SINGLE_SPLIT: tl.constexpr,
     FP8_MMA: tl.constexpr,  # KV_FP8 multiplied in e4m3 (see KernelConfig.fp8_mma)
+    FP8_PV: tl.constexpr,  # with FP8_MMA: p v in e4m3 too
     FP8_MAX: tl.constexpr,  # queries and probabilities are scaled to fill e4m3's range
 ):
     seq = tl.program_id(0)
@@ -270,6 +273,7 @@ def _mfa_decode_split_kernel(
         v = tl.load(v_ptr + slot[:, None] * stride_v + offs_d[None, :], valid[:, None], 0.0)
         if KV_FP8 and not FP8_MMA:
             k = k.to(tl.float16)
+        if KV_FP8 and not (FP8_MMA and FP8_PV):
             v = v.to(tl.float16)
         s = tl.dot(q, tl.trans(k)) * score_scale[:, None]  # [H, BLOCK_N]
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -277,14 +281,14 @@ def _mfa_decode_split_kernel(
         alpha = tl.exp2(row_max - new_max)
         p = tl.exp2(s - new_max[:, None])
         row_sum = row_sum * alpha + tl.sum(p, 1)
-        if FP8_MMA:  # p <= 1: scaled to e4m3's top, the scale comes off at the end
+        if FP8_MMA and FP8_PV:  # p <= 1: scaled to e4m3's top, the scale comes off at the end
             acc = acc * alpha[:, None] + tl.dot((p * FP8_MAX).to(v.dtype), v)
         else:
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         row_max = new_max
 
     nonempty = row_sum > 0  # a split past a short sequence's end saw no tokens
-    if FP8_MMA:
+    if FP8_MMA and FP8_PV:
         out_scale = out_scale / FP8_MAX
     out = acc * (out_scale / tl.where(nonempty, row_sum, 1.0))[:, None]
     part = part_ptr + seq * stride_pb + split * stride_ps
