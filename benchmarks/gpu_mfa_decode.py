@@ -136,14 +136,19 @@ def fp8_mma(block_size: int) -> None:
     print("| B | context | config | kernel us | % of copy | rel. err vs fp32 ref |")
     print("|---|---|---|---|---|---|")
     base = CONFIGS["fp8"]
+    qk = dataclasses.replace(base, fp8_mma=True, fp8_pv=False)
+    both = dataclasses.replace(base, fp8_mma=True, v_transposed=True)
     variants = {
         "widened (now)": base,
-        "e4m3 MMA": dataclasses.replace(base, fp8_mma=True),
-        "e4m3 MMA, 64-token tiles, 4 stages": dataclasses.replace(
-            base, fp8_mma=True, block_n=64, num_stages=4
+        "e4m3 q k^T and p v": dataclasses.replace(base, fp8_mma=True),
+        "e4m3 q k^T and p v, V read [D, N]": both,
+        "same, 64-token tiles, 4 stages": dataclasses.replace(both, block_n=64, num_stages=4),
+        "e4m3 q k^T only": qk,
+        "e4m3 q k^T only, 5 stages": dataclasses.replace(qk, num_stages=5),
+        "e4m3 q k^T only, 9 stages": dataclasses.replace(qk, num_stages=9),
+        "e4m3 q k^T only, 64-token tiles, 4 stages": dataclasses.replace(
+            qk, block_n=64, num_stages=4
         ),
-        "e4m3 MMA, 5 stages": dataclasses.replace(base, fp8_mma=True, num_stages=5),
-        "e4m3 q k^T only": dataclasses.replace(base, fp8_mma=True, fp8_pv=False),
     }
     for batch, context in ((128, 4096), (64, 8192), (32, 4096)):
         q, k, v, tables, lens = paged_cache(batch, context, block_size)

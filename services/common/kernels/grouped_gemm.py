@@ -28,8 +28,8 @@ from services.common.kernels.fp8 import DEFAULT_BLOCK, GROUP, dequantize_block_f
 
 try:
     import deep_gemm
-except ImportError:  # a CPU install, or a GPU image without it
-    deep_gemm = None
+except (ImportError, OSError):  # a CPU install, a GPU image without it, or a torch whose ABI
+    deep_gemm = None  # its extension was not built for (it loads a compiled library)
 
 
 @functools.cache

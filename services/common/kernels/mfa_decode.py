@@ -42,6 +42,9 @@ class KernelConfig:
     # softmax's probabilities scaled by 448 into e4m3) instead of widening K and V to fp16.
     fp8_mma: bool = False
     fp8_pv: bool = True  # with fp8_mma: p v too (else only q k^T in e4m3, v widened to fp16)
+    # with fp8_pv: read V tiles as [D, BLOCK_N] so that the e4m3 product's B operand is
+    # K-major in shared memory, as Hopper's 8-bit MMA requires (else the compiler transposes)
+    v_transposed: bool = False
 
 
 # Measured on one H200 with benchmarks/gpu_mfa_decode.py --sweep (H = 64, D = 256). One
@@ -160,6 +163,7 @@ def mfa_decode(
         H=num_heads, D=head_dim, PAGE=block_size, BLOCK_N=config.block_n,
         KV_FP8=k_cache.dtype == FP8_DTYPE, SINGLE_SPLIT=num_splits == 1,
         FP8_MMA=config.fp8_mma and k_cache.dtype == FP8_DTYPE, FP8_PV=config.fp8_pv,
+        V_T=config.v_transposed and config.fp8_pv,
         FP8_MAX=FP8_MAX,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
@@ -237,6 +241,7 @@ def _mfa_decode_split_kernel(
     SINGLE_SPLIT: tl.constexpr,
     FP8_MMA: tl.constexpr,  # KV_FP8 multiplied in e4m3 (see KernelConfig.fp8_mma)
     FP8_PV: tl.constexpr,  # with FP8_MMA: p v in e4m3 too
+    V_T: tl.constexpr,  # with FP8_PV: V tiles read as [D, BLOCK_N]
     FP8_MAX: tl.constexpr,  # queries and probabilities are scaled to fill e4m3's range
 ):
     seq = tl.program_id(0)
@@ -270,7 +275,11 @@ def _mfa_decode_split_kernel(
         block = tl.load(table + pos // PAGE, mask=valid, other=0)
         slot = block.to(tl.int64) * PAGE + pos % PAGE
         k = tl.load(k_ptr + slot[:, None] * stride_k + offs_d[None, :], valid[:, None], 0.0)
-        v = tl.load(v_ptr + slot[:, None] * stride_v + offs_d[None, :], valid[:, None], 0.0)
+        if FP8_MMA and V_T:
+            v_t = tl.load(v_ptr + slot[None, :] * stride_v + offs_d[:, None], valid[None, :], 0.0)
+            v = tl.trans(v_t)
+        else:
+            v = tl.load(v_ptr + slot[:, None] * stride_v + offs_d[None, :], valid[:, None], 0.0)
         if KV_FP8 and not FP8_MMA:
             k = k.to(tl.float16)
         if KV_FP8 and not (FP8_MMA and FP8_PV):
