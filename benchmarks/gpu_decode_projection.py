@@ -52,6 +52,7 @@ from benchmarks.gpu_attention_layer import (  # noqa: E402
 )
 from benchmarks.gpu_timing import graph_us  # noqa: E402
 from services.common.activations import Layout  # noqa: E402
+from services.common.kernels import grouped_gemm  # noqa: E402
 from services.common.kernels.fp8 import (  # noqa: E402
     DEFAULT_BLOCK,
     FP8_DTYPE,
@@ -174,8 +175,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batches", type=int, nargs="+", default=list(BATCHES))
     parser.add_argument(
-        "--experts", choices=("block", "rows"), default="block",
-        help="routed experts as the checkpoint's blocks (DeepGEMM) or requantised per row",
+        "--experts", choices=("block", "rows"),
+        default="block" if grouped_gemm.available("cuda") else "rows",
+        help="routed experts as the checkpoint's blocks (DeepGEMM, the default where it "
+        "runs) or requantised per row",
     )  # fmt: skip
     args = parser.parse_args()
     torch.manual_seed(0)
