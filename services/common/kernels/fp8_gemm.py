@@ -123,6 +123,39 @@ def gemm_partials(
     return out
 
 
+def masked_grouped_gemm(
+    a: Tensor,
+    a_scale: Tensor,
+    w: Tensor,
+    w_scale: Tensor,
+    counts: Tensor,
+    expected_rows: int,
+    out: Tensor,
+    block_n: int = BLOCK_N,
+    num_stages: int | None = None,
+) -> Tensor:
+    """The grouped product in DeepGEMM's masked layout (`grouped_gemm.masked_gemm`'s
+    signature): out[e, i] = a[e, i] @ w[e]^T for i < counts[e], bf16. a [E, M, K] e4m3 with
+    1 x 128 scales [E, M, K/128] (any strides), w [E, N, K] e4m3 with 128 x 128 scales
+    [E, N/128, K/128]. One program per (weight tile, row tile, expert); a row tile past its
+    expert's count returns at once, so each expert's weights stream once per row tile it has
+    (with `expected_rows` of 64 or fewer, once)."""
+    experts, m, k = a.shape
+    n = w.shape[1]
+    if k % BLOCK_K or w.shape[2] != k or 128 % block_n or n % block_n:
+        raise ValueError(f"a {list(a.shape)}, w {list(w.shape)}, block_n {block_n}")
+    block_m = min(max(triton.next_power_of_2(expected_rows), 16), 64)
+    grid = (n // block_n, triton.cdiv(m, block_m), experts)
+    _masked_gemm_kernel[grid](
+        TensorDescriptor.from_tensor(a.view(experts * m, k), [block_m, BLOCK_K]), a_scale,
+        TensorDescriptor.from_tensor(w.view(experts * n, k), [block_n, BLOCK_K]), w_scale,
+        out, counts, m, n, k // BLOCK_K, *a_scale.stride(), *w_scale.stride(), *out.stride(),
+        BLOCK_N=block_n, BLOCK_M=block_m, BLOCK_K=BLOCK_K,
+        NUM_STAGES=num_stages or NUM_STAGES, num_warps=4,
+    )  # fmt: skip
+    return out
+
+
 def sum_partials(partials: Tensor, residual: Tensor | None = None) -> Tensor:
     """partials [S, M, N] fp32 -> sum over S (+ residual [M, N]) as [M, N] bf16, one launch."""
     splits, m, n = partials.shape
@@ -297,3 +330,53 @@ def _sum_partials_kernel(
         branch = acc.to(tl.bfloat16).to(tl.float32)
         acc = tl.load(r_ptr + row * stride_rm + cols, mask=mask, other=0.0).to(tl.float32) + branch
     tl.store(out_ptr + row * n + cols, acc.to(tl.bfloat16), mask=mask)
+
+
+@jit
+def _masked_gemm_kernel(
+    a_desc,  # [E * M, K] e4m3, blocks [BLOCK_M, BLOCK_K]
+    as_ptr,  # [E, M, K/128] fp32
+    w_desc,  # [E * N, K] e4m3, blocks [BLOCK_N, BLOCK_K]
+    ws_ptr,  # [E, N/128, K/128] fp32
+    out_ptr,  # [E, M, N] bf16
+    counts_ptr,  # [E] int32: rows of each expert
+    m,
+    n,
+    num_k_blocks,
+    stride_as_e,
+    stride_as_m,
+    stride_as_k,
+    stride_ws_e,
+    stride_ws_n,
+    stride_ws_k,
+    stride_oe,
+    stride_om,
+    stride_on,
+    BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    NUM_STAGES: tl.constexpr,
+):
+    """`_gemm_tma_kernel` unsplit, one expert per grid row, rows past its count skipped."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    expert = tl.program_id(2)
+    count = tl.load(counts_ptr + expert)
+    if pid_m * BLOCK_M < count:
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        m_mask = offs_m < count
+        ws_ptrs = ws_ptr + expert * stride_ws_e + (pid_n * BLOCK_N // 128) * stride_ws_n
+        as_ptrs = as_ptr + expert * stride_as_e + offs_m * stride_as_m
+        row_a = expert * m + pid_m * BLOCK_M
+        row_w = expert * n + pid_n * BLOCK_N
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        for kb in tl.range(0, num_k_blocks, num_stages=NUM_STAGES):
+            w = w_desc.load([row_w, kb * BLOCK_K])
+            x = a_desc.load([row_a, kb * BLOCK_K])
+            w_scale = tl.load(ws_ptrs + kb * stride_ws_k)
+            x_scale = tl.load(as_ptrs + kb * stride_as_k, mask=m_mask, other=0.0)
+            acc += tl.dot(w, tl.trans(x)) * (w_scale * x_scale)[None, :]
+        o_ptrs = out_ptr + expert * stride_oe + offs_m[None, :] * stride_om
+        o_ptrs += offs_n[:, None] * stride_on
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[None, :])

@@ -1,4 +1,4 @@
-"""Routed experts in the checkpoint's own block FP8: no requantisation, DeepGEMM's masked GEMM.
+"""Routed experts in the checkpoint's own block FP8: no requantisation, a masked grouped GEMM.
 
 A block-FP8 checkpoint stores each expert's gate, up and down projections in e4m3 with one
 float32 scale per 128 x 128 block. `Fp8Experts` (fp8_moe.py) requantises them to one scale per
@@ -21,8 +21,10 @@ to the host, so a step can be captured in a CUDA graph. The buffers hold E x T r
 what DeepGEMM's masked layout costs: about 47 KB per row at Step-3's shapes (0.3 GB for 3
 experts at 2048 tokens).
 
-`block_expert_forward_on` chooses the kernels once, when the experts are built: Triton and
-DeepGEMM on a Hopper GPU, else plain torch (the reference the kernels are tested against).
+`block_expert_forward_on` chooses the kernels once, when the experts are built: on a Hopper GPU
+Triton around the GEMMs and DeepGEMM's GEMM where it loads, else the project's Triton GEMM in
+the same layout (`fp8_gemm.masked_grouped_gemm`); elsewhere plain torch (the reference the
+kernels are tested against).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from services.common.kernels.fp8 import (
     dequantize_block_fp8,
     quantize_activation_reference,
 )
+from services.common.kernels.fp8_gemm import masked_grouped_gemm
 from services.common.model.moe import ExpertGroups
 
 # Each expert's rows are padded to a multiple of DeepGEMM's largest row tile: a tile that
@@ -242,14 +245,24 @@ REFERENCE_OPS = BlockOps(
     grouped_gemm.masked_gemm_reference,
     combine_reference,
 )
-KERNEL_OPS = BlockOps(gather_quantize, silu_mul_quantize, grouped_gemm.masked_gemm, combine)
+# The GEMM: DeepGEMM's where it loads, else the project's Triton kernel (same layout).
+DEEP_GEMM_OPS = BlockOps(gather_quantize, silu_mul_quantize, grouped_gemm.masked_gemm, combine)
+TRITON_OPS = BlockOps(gather_quantize, silu_mul_quantize, masked_grouped_gemm, combine)
 
 
 def runs_on(device: torch.device) -> bool:
-    """Whether the kernels (Triton and DeepGEMM) run on `device`."""
-    return kernels.available(device) and grouped_gemm.available(device)
+    """Whether the kernels run on `device`: Triton on Hopper or newer (the GEMM's tiles come
+    by TMA)."""
+    return kernels.available(device) and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def ops_for(device: torch.device) -> BlockOps:
+    """DeepGEMM's GEMM where it runs, else the Triton one, else plain torch."""
+    if not runs_on(device):
+        return REFERENCE_OPS
+    return DEEP_GEMM_OPS if grouped_gemm.available(device) else TRITON_OPS
 
 
 def block_expert_forward_on(device: torch.device) -> Callable[..., Tensor]:
     """`block_expert_forward` with its steps chosen once for `device`."""
-    return partial(block_expert_forward, ops=KERNEL_OPS if runs_on(device) else REFERENCE_OPS)
+    return partial(block_expert_forward, ops=ops_for(device))
