@@ -32,8 +32,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import deep_gemm  # noqa: E402
-
 from benchmarks.gpu_timing import copy_bandwidth, graph_us  # noqa: E402
 from services.common.kernels.fp8 import (  # noqa: E402
     FP8_DTYPE,
@@ -43,6 +41,8 @@ from services.common.kernels.fp8 import (  # noqa: E402
     quantize_fp8,
     quantize_rows_fp8,
 )
+from services.common.kernels.fp8_gemm import masked_grouped_gemm  # noqa: E402
+from services.common.kernels.grouped_gemm import deep_gemm, masked_gemm  # noqa: E402
 from services.common.model.fp8_linear import Fp8Linear, pick_scaling  # noqa: E402
 
 H, F_MOE, EXPERTS, TOP_K = 7168, 5120, 48, 3
@@ -64,9 +64,14 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def mn_major(scale: torch.Tensor) -> torch.Tensor:
-    """Activation scales [..., M, K/128] as DeepGEMM's SM90 kernels read them (MN-major,
-    TMA-aligned); done once outside the timed region to see what the transform costs."""
-    return deep_gemm.get_mn_major_tma_aligned_tensor(scale)
+    """Activation scales [E, M, K/128] (or [M, K/128]) as DeepGEMM's SM90 kernels read them
+    (M-major), the layout the expert path writes them in."""
+    flat = scale.dim() == 2
+    scale = scale[None] if flat else scale
+    experts, m, groups = scale.shape
+    out = torch.empty(experts, groups, m, device=scale.device).transpose(1, 2)
+    out.copy_(scale)
+    return out[0] if flat else out
 
 
 def act_block(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +101,9 @@ def dense_rows(bw: float) -> None:
         aq, a_s = act_block(x)
         a_s = mn_major(a_s)
         d = torch.empty(m, n, device="cuda", dtype=torch.bfloat16)
+        if deep_gemm is None:
+            print(f"| {name} | {ours_cell} | not loaded | |", flush=True)
+            continue
         try:
             start = time.perf_counter()
             deep_gemm.fp8_gemm_nt((aq, a_s), (wq, ws), d)
@@ -175,39 +183,42 @@ def expert_rows(bw: float, local: int, token_counts: list[int]) -> None:
         a_s = mn_major(a_s)
         d_gu = torch.empty(local, m_max, 2 * F_MOE, device="cuda", dtype=torch.bfloat16)
         expected = max(rows // local, 1)
-        try:
-            start = time.perf_counter()
-            deep_gemm.m_grouped_fp8_gemm_nt_masked((aq, a_s), (guq, gus), d_gu, counts, expected)
-            torch.cuda.synchronize()
-            first = time.perf_counter() - start
-            ref = a[0, : counts[0]].float() @ ref_gu[0].T
-            e_gu = rel_err(d_gu[0, : counts[0]], ref)
-            t_gu = graph_us(lambda: deep_gemm.m_grouped_fp8_gemm_nt_masked(
-                (aq, a_s), (guq, gus), d_gu, counts, expected))  # fmt: skip
-            act = torch.randn(local, m_max, F_MOE, device="cuda", dtype=torch.bfloat16)
-            pq, p_s = act_block(act)
-            p_s = mn_major(p_s)
-            d_d = torch.empty(local, m_max, H, device="cuda", dtype=torch.bfloat16)
-            deep_gemm.m_grouped_fp8_gemm_nt_masked((pq, p_s), (dbq, dbs), d_d, counts, expected)
-            ref = act[0, : counts[0]].float() @ ref_d[0].T
-            e_d = rel_err(d_d[0, : counts[0]], ref)
-            t_d = graph_us(lambda: deep_gemm.m_grouped_fp8_gemm_nt_masked(
-                (pq, p_s), (dbq, dbs), d_d, counts, expected))  # fmt: skip
-            total = t_gu + t_d
-            cells = (f"{t_gu:.1f} (first call {first:.1f}s) | {t_d:.1f} | {total:.1f} "
-                     f"({weight_bytes / total / 1e3:.0f}) | {t_ours / total:.2f}")  # fmt: skip
-            errs = f"{e_ours:.1e} / {e_gu:.1e} / {e_d:.1e}"
-        except Exception as e:  # noqa: BLE001
-            cells, errs = f"failed: {type(e).__name__}: {e}"[:200] + " | | | |", ""
-        print(f"| {tokens} | {rows} | {t_ours:.1f} (with act {t_ours_total:.1f}) | {cells} | "
-              f"{errs} |", flush=True)  # fmt: skip
+        act = torch.randn(local, m_max, F_MOE, device="cuda", dtype=torch.bfloat16)
+        pq, p_s = act_block(act)
+        p_s = mn_major(p_s)
+        d_d = torch.empty(local, m_max, H, device="cuda", dtype=torch.bfloat16)
+        impls = {"triton": masked_grouped_gemm}
+        if deep_gemm is not None:
+            impls["deep_gemm"] = masked_gemm
+        for name, gemm in impls.items():
+            try:
+                start = time.perf_counter()
+                gemm(aq, a_s, guq, gus, counts, expected, d_gu)
+                torch.cuda.synchronize()
+                first = time.perf_counter() - start
+                ref = a[0, : counts[0]].float() @ ref_gu[0].T
+                e_gu = rel_err(d_gu[0, : counts[0]], ref)
+                t_gu = graph_us(lambda: gemm(aq, a_s, guq, gus, counts, expected, d_gu))
+                gemm(pq, p_s, dbq, dbs, counts, expected, d_d)
+                ref = act[0, : counts[0]].float() @ ref_d[0].T
+                e_d = rel_err(d_d[0, : counts[0]], ref)
+                t_d = graph_us(lambda: gemm(pq, p_s, dbq, dbs, counts, expected, d_d))
+                total = t_gu + t_d
+                cells = (f"{name}: {t_gu:.1f} (first call {first:.1f}s) | {t_d:.1f} | "
+                         f"{total:.1f} ({weight_bytes / total / 1e3:.0f}) | "
+                         f"{t_ours / total:.2f}")  # fmt: skip
+                errs = f"{e_ours:.1e} / {e_gu:.1e} / {e_d:.1e}"
+            except Exception as e:  # noqa: BLE001
+                cells, errs = f"{name} failed: {type(e).__name__}: {e}"[:200] + " | | | |", ""
+            print(f"| {tokens} | {rows} | {t_ours:.1f} (with act {t_ours_total:.1f}) | {cells} | "
+                  f"{errs} |", flush=True)  # fmt: skip
 
 
 def ffn_stage_rows(tokens: int, num_ffn: int) -> None:
     """The FFN stage as the projection times it (FFN instance 0 of `num_ffn`, its MoE layer
     and its dense layer, from CUDA graphs), with the routed experts requantised per row (the
-    older path) and on their block scales (DeepGEMM), built from the same random weights'
-    seed."""
+    older path) and on their block scales (the masked grouped GEMM: DeepGEMM's where it
+    loads, else the Triton one), built from the same random weights' seed."""
     from benchmarks.gpu_decode_projection import FFNStage
 
     print(f"\n| FFN stage, {tokens} tokens, instance 0 of {num_ffn} | dense us | MoE us |")
@@ -230,7 +241,7 @@ def main() -> int:
     args = parser.parse_args()
     torch.manual_seed(0)
     props = torch.cuda.get_device_properties(0)
-    version = getattr(deep_gemm, "__version__", "?")
+    version = getattr(deep_gemm, "__version__", "not loaded")
     print(f"{props.name}, torch {torch.__version__}, deep_gemm {version}", flush=True)
     bw = copy_bandwidth()
     print(f"copy bandwidth {bw / 1e9:.0f} GB/s", flush=True)
