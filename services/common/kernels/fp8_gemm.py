@@ -139,13 +139,15 @@ def masked_grouped_gemm(
     1 x 128 scales [E, M, K/128] (any strides), w [E, N, K] e4m3 with 128 x 128 scales
     [E, N/128, K/128]. One program per (weight tile, row tile, expert); a row tile past its
     expert's count returns at once, so each expert's weights stream once per row tile it has
-    (with `expected_rows` of 64 or fewer, once)."""
+    (with `expected_rows` of 128 or fewer, about once)."""
     experts, m, k = a.shape
     n = w.shape[1]
     if k % BLOCK_K or w.shape[2] != k or 128 % block_n or n % block_n:
         raise ValueError(f"a {list(a.shape)}, w {list(w.shape)}, block_n {block_n}")
-    block_m = min(max(triton.next_power_of_2(expected_rows), 16), 64)
-    grid = (n // block_n, triton.cdiv(m, block_m), experts)
+    block_m = min(max(triton.next_power_of_2(expected_rows), 16), 128)
+    # Row tiles of one weight tile are neighbours in launch order: a second row tile finds
+    # the weights in L2 instead of streaming them again.
+    grid = (triton.cdiv(m, block_m), n // block_n, experts)
     _masked_gemm_kernel[grid](
         TensorDescriptor.from_tensor(a.view(experts * m, k), [block_m, BLOCK_K]), a_scale,
         TensorDescriptor.from_tensor(w.view(experts * n, k), [block_n, BLOCK_K]), w_scale,
@@ -358,8 +360,8 @@ def _masked_gemm_kernel(
     NUM_STAGES: tl.constexpr,
 ):
     """`_gemm_tma_kernel` unsplit, one expert per grid row, rows past its count skipped."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
     expert = tl.program_id(2)
     count = tl.load(counts_ptr + expert)
     if pid_m * BLOCK_M < count:
