@@ -13,7 +13,6 @@ A script, not a test: it prints Markdown tables for docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import tempfile
@@ -26,14 +25,12 @@ import openai
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common import cluster_secret  # noqa: E402
 from services.common.sampling_params import SamplingParams  # noqa: E402
 from services.common.wire.attention_client import AttentionClient  # noqa: E402
+from tests.support.cluster import CLUSTER_SECRET, Cluster, afd  # noqa: E402
 
-# Every cluster this script starts shares one secret (the children inherit it); its
-# clients send it.
-SECRET = os.environ.setdefault(cluster_secret.ENV, cluster_secret.new_secret())
-from tests.support.cluster import Cluster, afd  # noqa: E402
+# The secret tests.support.cluster starts every cluster with; this script's clients send it.
+SECRET = CLUSTER_SECRET
 
 PROMPT = "The quick brown fox jumps over the lazy dog " * 3
 

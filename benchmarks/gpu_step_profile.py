@@ -334,7 +334,7 @@ def gpu_clocks() -> str:
 
 
 def token_hash(outs_per_step: list[list]) -> str:
-    text = ";".join(",".join(str(o.new_token_ids) for o in outs) for outs in outs_per_step)
+    text = ";".join(",".join(str(list(o.new_token_ids)) for o in outs) for outs in outs_per_step)
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from services.attention.engine import Engine, RequestError
-from services.attention.output import RequestOutput
 from services.common.cluster_config import ClusterConfigChanged
+from services.common.engine_output import EngineOutput
 from services.common.sampling_params import SamplingParams
 
 
@@ -80,7 +80,7 @@ class Load:
 class Outbox(Protocol):
     """Where a session's requests' outputs go instead of their own streams (session.py)."""
 
-    def add(self, request_id: str, item: RequestOutput | BaseException) -> None: ...
+    def add(self, request_id: str, item: EngineOutput | BaseException) -> None: ...
     def flush(self) -> None: ...
 
 
@@ -95,13 +95,13 @@ class RequestStream:
         self.request_id = request_id
         self.outbox = outbox
         self._driver = driver
-        self._items: queue.SimpleQueue[RequestOutput | BaseException] = queue.SimpleQueue()
+        self._items: queue.SimpleQueue[EngineOutput | BaseException] = queue.SimpleQueue()
         self._done = False  # set by the consumer once the last item was taken
 
     def __iter__(self) -> RequestStream:
         return self
 
-    def __next__(self) -> RequestOutput:
+    def __next__(self) -> EngineOutput:
         if self._done:
             raise StopIteration
         item = self._items.get()
@@ -116,7 +116,7 @@ class RequestStream:
         if not self._done:
             self._driver.cancel(self.request_id)
 
-    def _put(self, item: RequestOutput | BaseException) -> None:
+    def _put(self, item: EngineOutput | BaseException) -> None:
         if self.outbox is not None:
             self.outbox.add(self.request_id, item)
         else:
@@ -128,8 +128,8 @@ class _Open:
     """The engine thread's record of a running request."""
 
     stream: RequestStream
-    prompt_token_ids: list[int]
-    last: RequestOutput | None = None
+    num_prompt_tokens: int
+    num_cached_tokens: int = 0  # known from its first output on
 
 
 @dataclass(frozen=True)
@@ -363,7 +363,7 @@ class EngineDriver:
             command.accepted.set_exception(exc)
             return
         stream = RequestStream(command.request_id, self, command.outbox)
-        self._open[command.request_id] = _Open(stream, command.prompt_token_ids)
+        self._open[command.request_id] = _Open(stream, len(command.prompt_token_ids))
         command.accepted.set_result(stream)
 
     def _apply_cancel(self, request_id: str) -> None:
@@ -374,13 +374,13 @@ class EngineDriver:
         record.stream._put(_aborted(request_id, record))
         _flush({record.stream.outbox})
 
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, outputs: list[EngineOutput]) -> None:
         outboxes = set()
         for output in outputs:
             record = self._open.get(output.request_id)
             if record is None:
                 continue
-            record.last = output
+            record.num_cached_tokens = output.num_cached_tokens
             record.stream._put(output)
             outboxes.add(record.stream.outbox)
             if output.finished:
@@ -426,19 +426,15 @@ def _flush(outboxes: set[Outbox | None]) -> None:
             outbox.flush()
 
 
-def _aborted(request_id: str, record: _Open) -> RequestOutput:
+def _aborted(request_id: str, record: _Open) -> EngineOutput:
     """The final output of a cancelled request: nothing new, finish_reason "abort"."""
-    last = record.last
-    return RequestOutput(
+    return EngineOutput(
         request_id=request_id,
-        prompt_token_ids=record.prompt_token_ids,
-        token_ids=[] if last is None else last.token_ids,
-        text="" if last is None else last.text,
-        new_token_ids=[],
-        new_text="",
+        new_token_ids=(),
+        new_logprobs=(),
         finished=True,
         finish_reason="abort",
         stop_reason=None,
-        num_cached_tokens=0 if last is None else last.num_cached_tokens,
-        logprobs=None if last is None else last.logprobs,
+        num_prompt_tokens=record.num_prompt_tokens,
+        num_cached_tokens=record.num_cached_tokens,
     )

@@ -5,6 +5,10 @@
 `schedule` (plain Python) picks the chunks, `execute` runs the model and samples, `update`
 appends tokens and applies the stopping rules. The attention service drives this same
 object; here it also runs the whole model itself.
+
+Each step returns one `EngineOutput` per request that sampled a token: the new token and its
+logprob only. The engine does not detokenise: stop strings are the client's
+(services/common/text_stream.py), and `generate` reads them the same way.
 """
 
 from __future__ import annotations
@@ -20,7 +24,6 @@ from torch import Tensor
 from services.attention.block_manager import BlockManager
 from services.attention.grammar import GrammarError, Grammars
 from services.attention.kv_cache import KVCache
-from services.attention.output import RequestOutput, TextTracker
 from services.attention.sampler import new_generator, sample, token_logprobs
 from services.attention.scheduler import (
     ScheduledChunk,
@@ -30,8 +33,10 @@ from services.attention.scheduler import (
 )
 from services.attention.sequence import Sequence
 from services.attention.step_inputs import prompt_row_positions
+from services.common.completion import Completion, Completions
 from services.common.config import ModelConfig
 from services.common.detokenizer import Decoder
+from services.common.engine_output import EngineOutput
 from services.common.logprobs import TokenLogprob
 from services.common.sampling_params import SamplingParams
 
@@ -88,11 +93,7 @@ class RequestError(ValueError):
 @dataclass
 class _Request:
     seq: Sequence
-    text: TextTracker
     generator: torch.Generator
-    num_reported: int = 0  # generated tokens already handed out
-    stop_reason: int | str | None = None
-    logprobs: list[TokenLogprob] | None = None
     matcher: Any = None  # its grammar's llguidance matcher, for structured output
     # Each prompt token's after the first, by position - 1, once computed (prompt_logprobs).
     prompt_logprobs: dict[int, TokenLogprob] | None = None
@@ -134,6 +135,7 @@ class Engine:
         config: EngineConfig,
         tokenizer: Decoder | None = None,
     ) -> None:
+        """`tokenizer`: the model's, for grammars (its `backend_json`) and `generate`'s text."""
         cfg = runner.model_config
         self.model_config = cfg
         self.config = config
@@ -170,11 +172,8 @@ class Engine:
             )
         matcher = None if params.grammar is None else self._matcher(params.grammar)
         seq = Sequence(request_id, list(prompt_token_ids), params)
-        text = TextTracker(
-            self.tokenizer, seq.prompt_token_ids, params.stop, params.skip_special_tokens
-        )
         generator = new_generator(params.seed, self._device)
-        self._requests[request_id] = _Request(seq, text, generator, matcher=matcher)
+        self._requests[request_id] = _Request(seq, generator, matcher=matcher)
         self.scheduler.add(seq)
         self.stats.num_prompt_tokens += len(prompt_token_ids)
 
@@ -201,7 +200,7 @@ class Engine:
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
-    def step(self) -> list[RequestOutput]:
+    def step(self) -> list[EngineOutput]:
         start = time.perf_counter()
         batch = self.scheduler.schedule()
         tokens = self._execute(batch)
@@ -216,17 +215,21 @@ class Engine:
 
     def generate(
         self, prompts: Iterable[list[int]], params: SamplingParams | list[SamplingParams]
-    ) -> list[RequestOutput]:
-        """Run prompts to completion; outputs in prompt order."""
+    ) -> list[Completion]:
+        """Run prompts to completion; results in prompt order, their text read as a client
+        reads it (a request whose stop string matched is aborted here)."""
         prompts = list(prompts)
         all_params = params if isinstance(params, list) else [params] * len(prompts)
         ids = [f"generate-{i}" for i in range(len(prompts))]
+        results = Completions(self.tokenizer)
         for request_id, prompt, p in zip(ids, prompts, all_params, strict=True):
+            results.add_request(request_id, prompt, p)
             self.add_request(request_id, prompt, p)
-        finished: dict[str, RequestOutput] = {}
         while self.has_unfinished_requests():
-            finished |= {out.request_id: out for out in self.step() if out.finished}
-        return [finished[request_id] for request_id in ids]
+            for output in self.step():
+                if results.add(output).finished and not output.finished:
+                    self.abort_request(output.request_id)
+        return [results[request_id] for request_id in ids]
 
     def _execute(self, batch: SchedulerOutput) -> list[tuple[int, TokenLogprob | None]]:
         """Sampled tokens (and their logprobs, where asked) in the order of sampling chunks.
@@ -270,7 +273,7 @@ class Engine:
 
     def _update(
         self, batch: SchedulerOutput, tokens: list[tuple[int, TokenLogprob | None]]
-    ) -> list[RequestOutput]:
+    ) -> list[EngineOutput]:
         self.scheduler.update(batch)
         self.stats.num_steps += 1
         self.stats.num_preemptions += len(batch.preempted)
@@ -286,60 +289,51 @@ class Engine:
             request.seq.token_ids.append(token)
             if request.matcher is not None:
                 request.matcher.consume_token(token)
-            if logprob is not None:
-                request.logprobs = request.logprobs or []
-                request.logprobs.append(logprob)
-            self._check_stop(request)
-            outputs.append(self._output(request))
-            if request.seq.is_finished:
+            reason, stop_token = self._stop(request, token)
+            if reason is not None:
+                self.scheduler.finish(request.seq, reason)
                 del self._requests[chunk.seq.request_id]
+            outputs.append(self._output(request, token, logprob, stop_token))
         return outputs
 
-    def _check_stop(self, request: _Request) -> None:
-        seq, params = request.seq, request.seq.params
-        token = seq.token_ids[-1]
-        matched = request.text.add(token)
-        reason: str | None = None
-        stop_reason: int | str | None = None
-        if token in params.stop_token_ids:
-            reason, stop_reason = "stop", token
-        elif not params.ignore_eos and token in self.model_config.eos_token_ids:
-            reason = "stop"
-        elif matched is not None:
-            reason, stop_reason = "stop", matched
-        elif request.matcher is not None and request.matcher.is_stopped():
-            reason = "stop"  # the grammar has ended: nothing more may follow
-        elif len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
-            reason = "length"
-        if reason is not None:
-            request.text.finish(matched_stop=matched is not None)
-            self.scheduler.finish(seq, reason)
-            request.stop_reason = stop_reason
+    def _stop(self, request: _Request, token: int) -> tuple[str | None, int | None]:
+        """Whether `token` ends the request: (finish reason, the stop token id if one did).
 
-    def _output(self, request: _Request) -> RequestOutput:
+        "stop" always means `token` is a stop token, whose text clients do not show. A
+        grammar that has ended allows only EOS next (its mask), so it ends on one too.
+        """
+        seq, params = request.seq, request.seq.params
+        eos = token in self.model_config.eos_token_ids
+        if token in params.stop_token_ids:
+            return "stop", token
+        if eos and not params.ignore_eos:
+            return "stop", None
+        if eos and request.matcher is not None and request.matcher.is_stopped():
+            return "stop", None  # ignore_eos, but the grammar allows nothing after its end
+        if len(seq.output_token_ids) >= params.max_tokens or seq.num_tokens >= self.max_model_len:
+            return "length", None
+        return None, None
+
+    def _output(
+        self, request: _Request, token: int, logprob: TokenLogprob | None, stop_token: int | None
+    ) -> EngineOutput:
         seq = request.seq
-        generated = seq.output_token_ids
-        new_ids = generated[request.num_reported :]
-        request.num_reported = len(generated)
-        new_text = request.text.release()
-        return RequestOutput(
+        return EngineOutput(
             request_id=seq.request_id,
-            prompt_token_ids=seq.prompt_token_ids,
-            token_ids=list(generated),
-            text=request.text.released_text,
-            new_token_ids=new_ids,
-            new_text=new_text,
+            new_token_ids=(token,),
+            new_logprobs=() if logprob is None else (logprob,),
             finished=seq.is_finished,
             finish_reason=seq.finish_reason,
-            stop_reason=request.stop_reason,
+            stop_reason=stop_token,
+            num_prompt_tokens=len(seq.prompt_token_ids),
             num_cached_tokens=seq.num_cached_tokens,
-            logprobs=None if request.logprobs is None else list(request.logprobs),
             prompt_logprobs=self._prompt_logprobs(request),
         )
 
-    def _prompt_logprobs(self, request: _Request) -> list[TokenLogprob] | None:
-        """Every prompt token's after the first, once the prompt is computed (asked for)."""
-        if request.seq.params.prompt_logprobs is None or not request.seq.output_token_ids:
-            return None
-        scored = request.prompt_logprobs or {}
-        return [scored[p] for p in range(len(request.seq.prompt_token_ids) - 1)]
+    def _prompt_logprobs(self, request: _Request) -> tuple[TokenLogprob, ...]:
+        """Every prompt token's after the first, with the first generated token (asked for)."""
+        seq = request.seq
+        if seq.params.prompt_logprobs is None or len(seq.output_token_ids) != 1:
+            return ()
+        scored, request.prompt_logprobs = request.prompt_logprobs or {}, None
+        return tuple(scored[p] for p in range(len(seq.prompt_token_ids) - 1))

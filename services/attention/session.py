@@ -18,14 +18,14 @@ from collections.abc import Iterator
 import grpc
 
 from services.attention.driver import DuplicateRequestError, EngineDriver, RequestStream
-from services.attention.output import RequestOutput
+from services.common.engine_output import EngineOutput
 from services.common.grpc_server import ErrorInterceptor
 from services.common.wire import attention as wire
 
 log = logging.getLogger(__name__)
 POLL_S = 0.1  # how often an idle session checks that its client is still there
 
-Item = RequestOutput | BaseException
+Item = EngineOutput | BaseException
 
 
 class StepOutbox:
@@ -138,7 +138,7 @@ class Session:
             return wire.session_error(request_id, self._errors.code_for(item), str(item))
         if item.finished:
             self._forget(request_id)
-        return wire.session_output(request_id, item)
+        return wire.session_output(item)
 
     def _forget(self, request_id: str) -> None:
         with self._lock:

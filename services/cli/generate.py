@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 
+from services.common.completion import Completions
 from services.common.config import load_config
 from services.common.sampling_params import SamplingParams
 from services.common.tokenizer import Tokenizer
@@ -68,22 +69,27 @@ def run(args: argparse.Namespace) -> int:
 
     model = load_model(args.model, dtype=args.dtype, device=args.device)
     engine = local_engine(model, EngineConfig(), tokenizer)
+    results = Completions(tokenizer)  # the text, as a client reads it from the engine's tokens
+    results.add_request("generate", prompt, params)
     engine.add_request("generate", prompt, params)
 
     started = time.perf_counter()
     first_token_at = None
-    output = None
     while engine.has_unfinished_requests():
         for output in engine.step():
             first_token_at = first_token_at or time.perf_counter()
-            sys.stdout.write(output.new_text)
+            delta = results.add(output)
+            sys.stdout.write(delta.text)
             sys.stdout.flush()
+            if delta.finished and not output.finished:
+                engine.abort_request(output.request_id)  # a stop string matched
     elapsed = time.perf_counter() - started
     sys.stdout.write("\n")
-    num = len(output.token_ids)
+    result = results["generate"]
+    num = len(result.token_ids)
     decode_rate = (num - 1) / (time.perf_counter() - first_token_at) if num > 1 else 0.0
     print(
-        f"[{len(prompt)} prompt tokens, {num} generated, finish: {output.finish_reason}, "
+        f"[{len(prompt)} prompt tokens, {num} generated, finish: {result.finish_reason}, "
         f"{elapsed:.2f} s, {decode_rate:.1f} tokens/s decode]",
         file=sys.stderr,
     )

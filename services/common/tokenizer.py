@@ -23,6 +23,8 @@ import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as _HFTokenizer
 
+from services.common.detokenizer import FastIncrementalDetokenizer
+
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"  # where newer transformers save the template instead
@@ -125,6 +127,12 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         # Passed explicitly: the tokenizers library skips special tokens by default.
         return self._tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def detokenizer(
+        self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = False
+    ) -> FastIncrementalDetokenizer:
+        """A streaming decoder of the ids generated after `prompt_ids` (detokenizer.py)."""
+        return FastIncrementalDetokenizer(self._tokenizer, prompt_ids, skip_special_tokens)
 
     def apply_chat_template(
         self,

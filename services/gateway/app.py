@@ -26,6 +26,7 @@ from grpc_health.v1 import health_pb2_grpc
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from starlette.exceptions import HTTPException
 
+from services.common.completion import Completion
 from services.common.metrics import GatewayMetrics
 from services.common.tokenizer import Tokenizer, TokenizerError
 from services.common.wire.attention_aio import health_serving
@@ -48,7 +49,6 @@ from services.gateway.responses import (
     COMPLETION_SCHEMA,
     MODEL_LIST,
     MODEL_LIST_SCHEMA,
-    ChoiceState,
     Echo,
     Formatter,
     Header,
@@ -278,7 +278,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         ]
         header = Header(f"chatcmpl-{uuid.uuid4().hex}", config.served_model_name)
         with_logprobs = body.logprobs
-        choices = Choices(router, header.id, jobs, metrics, arrival)
+        choices = Choices(router, header.id, jobs, tokenizer, metrics, arrival)
         if body.stream:
             first = await first_delta(request, choices)
             stream = chat_stream(
@@ -327,7 +327,7 @@ def create_app(gateway: Gateway) -> FastAPI:
         if body.echo:
             texts = await asyncio.to_thread(prompt_texts, tokenizer, body.prompt, prompts)
             echoes = [Echo(texts[i // body.n], prompts[i // body.n]) for i in range(len(jobs))]
-        choices = Choices(router, header.id, jobs, metrics, arrival)
+        choices = Choices(router, header.id, jobs, tokenizer, metrics, arrival)
         if body.stream:
             first = await first_delta(request, choices)
             stream = completion_stream(
@@ -352,9 +352,9 @@ def create_app(gateway: Gateway) -> FastAPI:
             await choices.close()
             raise
 
-    async def collect(request: Request, choices: Choices, num: int) -> list[ChoiceState]:
-        async def run() -> list[ChoiceState]:
-            states = [ChoiceState() for _ in range(num)]
+    async def collect(request: Request, choices: Choices, num: int) -> list[Completion]:
+        async def run() -> list[Completion]:
+            states = [Completion() for _ in range(num)]
             while (item := await choices.next()) is not None:
                 states[item.index].add(item.delta)
             return states

@@ -2,10 +2,12 @@
 stream.
 
 Each choice (a prompt, its sampling parameters) takes a slot from the router, starts on that
-instance's session (one gRPC stream shared by all the gateway's requests there) and forwards
-its deltas, timing them for the admission control's TPOT and the metrics. `close()` cancels
-every choice still open, which aborts those requests on their instances and frees their KV
-blocks. Knows nothing of HTTP or of the response formats.
+instance's session (one gRPC stream shared by all the gateway's requests there), reads the
+engine outputs' text (services/common/text_stream.py: detokenising inline, microseconds a
+token) and forwards the text deltas, timing them for the admission control's TPOT and the
+metrics. A choice whose stop string matched ends at once and cancels its request on the
+instance; `close()` cancels every choice still open. Either way the instance aborts the
+request and frees its KV blocks. Knows nothing of HTTP or of the response formats.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from dataclasses import dataclass
 
 import grpc
 
+from services.common.detokenizer import Decoder
 from services.common.metrics import GatewayMetrics
 from services.common.sampling_params import SamplingParams
-from services.common.wire.attention import GenerateDelta
+from services.common.text_stream import TextDelta, TextStream
 from services.gateway.errors import APIError, from_rpc_error
 from services.gateway.router import Instance, Router
 
@@ -41,7 +44,7 @@ class Job:
 @dataclass(frozen=True)
 class ChoiceDelta:
     index: int
-    delta: GenerateDelta
+    delta: TextDelta
 
 
 _DONE = object()
@@ -55,13 +58,16 @@ class Choices:
         router: Router,
         request_id: str,
         jobs: Sequence[Job],
+        tokenizer: Decoder,
         metrics: GatewayMetrics | None = None,
         arrival: float | None = None,
     ) -> None:
-        """`arrival`: `time.monotonic()` when the HTTP request came in (default: now), the
-        start of every choice's TTFT and end-to-end latency."""
+        """`tokenizer`: the model's, to read the generated text; `arrival`:
+        `time.monotonic()` when the HTTP request came in (default: now), the start of every
+        choice's TTFT and end-to-end latency."""
         self._router = router
         self._request_id = request_id
+        self._tokenizer = tokenizer
         self._metrics = metrics
         self._arrival = time.monotonic() if arrival is None else arrival
         self._queue: asyncio.Queue[object] = asyncio.Queue()
@@ -122,21 +128,25 @@ class Choices:
         self, index: int, job: Job, instance: Instance, timing: ChoiceTiming, forwarded: list[int]
     ) -> None:
         request_id = f"{self._request_id}-{index}-{uuid.uuid4().hex[:8]}"
+        text = TextStream(self._tokenizer, job.prompt_token_ids, job.params)
         stream = instance.client.generate_in_session(request_id, job.prompt_token_ids, job.params)
         last: float | None = None
         try:
-            async for delta in stream:
+            async for output in stream:
                 now = time.monotonic()
-                # The first delta carries the prefill: TTFT, not TPOT.
-                if last is not None and delta.new_token_ids:
-                    tpot = (now - last) / len(delta.new_token_ids)
+                # The first output carries the prefill: TTFT, not TPOT.
+                if last is not None and output.new_token_ids:
+                    tpot = (now - last) / len(output.new_token_ids)
                     self._router.record_tpot(instance, tpot)
                 last = now
-                timing.tokens(len(delta.new_token_ids), now)
+                timing.tokens(len(output.new_token_ids), now)
+                delta = text.add(output)
                 if delta.finished:
                     timing.outcome = delta.finish_reason or "stop"
                 forwarded[0] += 1
                 await self._queue.put(ChoiceDelta(index, delta))
+                if delta.finished and not output.finished:
+                    return  # a stop string matched: closing the stream cancels the request
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 

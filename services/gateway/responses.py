@@ -1,20 +1,21 @@
 """OpenAI response bodies: whole completions, streamed chunks, usage and logprobs, for the
 chat and the legacy completions endpoints.
 
-Plain dicts built from the gateway's accumulated choices; knows nothing of how the tokens
-were made.
+Plain dicts built from the choices' completions (services/common/completion.py) and text
+deltas; knows nothing of how the tokens were made.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common.completion import Completion
 from services.common.logprobs import TokenLogprob
 from services.common.tokenizer import Tokenizer
-from services.common.wire.attention import GenerateDelta
 from services.gateway.chat_output import OutputOptions, message
 
 CHAT = "chat.completion"
@@ -76,29 +77,6 @@ MODEL_LIST_SCHEMA = _object(
         },
     }
 )
-
-
-@dataclass
-class ChoiceState:
-    """What one choice has produced so far."""
-
-    text: str = ""
-    token_ids: list[int] = field(default_factory=list)
-    logprobs: list[TokenLogprob] = field(default_factory=list)
-    finish_reason: str | None = None
-    num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0  # of the prompt's, found in the prefix cache
-    prompt_logprobs: tuple[TokenLogprob, ...] = ()  # each prompt token's after the first
-
-    def add(self, delta: GenerateDelta) -> None:
-        self.text += delta.new_text
-        self.token_ids += delta.new_token_ids
-        self.logprobs += delta.logprobs
-        self.num_prompt_tokens = delta.num_prompt_tokens or self.num_prompt_tokens
-        self.num_cached_tokens = delta.num_cached_tokens or self.num_cached_tokens
-        self.prompt_logprobs = delta.prompt_logprobs or self.prompt_logprobs
-        if delta.finished:
-            self.finish_reason = delta.finish_reason
 
 
 @dataclass(frozen=True)
@@ -173,7 +151,7 @@ class Formatter:
     def chat_completion(
         self,
         header: Header,
-        choices: list[ChoiceState],
+        choices: list[Completion],
         with_logprobs: bool,
         prompt: int,
         options: OutputOptions,
@@ -186,7 +164,7 @@ class Formatter:
             answers.append({
                 "index": i,
                 "message": {"role": "assistant", **fields, "refusal": None},
-                "logprobs": self.chat_logprobs(c.logprobs) if with_logprobs else None,
+                "logprobs": self.chat_logprobs(c.logprobs or []) if with_logprobs else None,
                 "finish_reason": "tool_calls" if called else c.finish_reason,
             })  # fmt: skip
         return {
@@ -230,7 +208,7 @@ class Formatter:
             "text_offset": offsets,
         }
 
-    def prompt_logprobs(self, ids: list[int], entries: tuple[TokenLogprob, ...]) -> dict[str, Any]:
+    def prompt_logprobs(self, ids: list[int], entries: Sequence[TokenLogprob]) -> dict[str, Any]:
         """An echoed prompt's logprobs, as `completion_logprobs` shapes them: every prompt
         token, the first with no logprob (nothing comes before it)."""
         scored = self.completion_logprobs(list(entries), len(self.token(ids[0])))
@@ -242,19 +220,19 @@ class Formatter:
         }
 
     def echoed(
-        self, echo: Echo, choice: ChoiceState, with_logprobs: bool
+        self, echo: Echo, choice: Completion, with_logprobs: bool
     ) -> tuple[str, dict[str, Any] | None]:
         """A choice's text and logprobs with its prompt before them."""
         if not with_logprobs:
             return echo.text + choice.text, None
-        before = self.prompt_logprobs(echo.ids, choice.prompt_logprobs)
-        after = self.completion_logprobs(choice.logprobs, text_end(before))
+        before = self.prompt_logprobs(echo.ids, choice.prompt_logprobs or [])
+        after = self.completion_logprobs(choice.logprobs or [], text_end(before))
         return echo.text + choice.text, joined(before, after)
 
     def completion(
         self,
         header: Header,
-        choices: list[ChoiceState],
+        choices: list[Completion],
         with_logprobs: bool,
         prompt: int,
         cached: int = 0,
@@ -267,7 +245,7 @@ class Formatter:
                 text, logprobs = self.echoed(echoes[i], c, with_logprobs)
             else:
                 text = c.text
-                logprobs = self.completion_logprobs(c.logprobs, 0) if with_logprobs else None
+                logprobs = self.completion_logprobs(c.logprobs or [], 0) if with_logprobs else None
             answers.append(
                 {"index": i, "text": text, "logprobs": logprobs, "finish_reason": c.finish_reason}
             )

@@ -42,12 +42,13 @@ async def chat_stream(
         num_completion, item = 0, first
         while item is not None:
             delta, output = item.delta, outputs[item.index]
-            num_completion += len(delta.new_token_ids)
+            tokens = delta.output
+            num_completion += len(tokens.new_token_ids)
             if item.index == 0:
-                cached = delta.num_cached_tokens or cached
-            logprobs = list(delta.logprobs) if with_logprobs else None
-            said = output.feed(delta.new_text)
-            if said or (logprobs and delta.new_token_ids):
+                cached = tokens.num_cached_tokens or cached
+            logprobs = list(tokens.new_logprobs) if with_logprobs else None
+            said = output.feed(delta.text)
+            if said or logprobs:
                 yield sse(formatter.chat_chunk(header, item.index, said, logprobs))
             if delta.finished:
                 if said := output.finish():
@@ -87,18 +88,19 @@ async def completion_stream(
         num_completion, item = 0, first
         while item is not None:
             delta, index = item.delta, item.index
-            cached[index] = delta.num_cached_tokens or cached[index]
-            text, scored = delta.new_text, list(delta.logprobs)
+            tokens = delta.output
+            cached[index] = tokens.num_cached_tokens or cached[index]
+            text, scored = delta.text, list(tokens.new_logprobs)
             reason = delta.finish_reason if delta.finished else None
             if scores_only:
                 text, scored, reason = "", [], "length" if delta.finished else None
-            num_completion += 0 if scores_only else len(delta.new_token_ids)
+            num_completion += 0 if scores_only else len(tokens.new_token_ids)
             head, before = "", None
             if not echoed[index]:  # the prompt first, once (it comes with the first token)
                 echoed[index] = True
                 head = echoes[index].text
                 if with_logprobs:
-                    before = formatter.prompt_logprobs(echoes[index].ids, delta.prompt_logprobs)
+                    before = formatter.prompt_logprobs(echoes[index].ids, tokens.prompt_logprobs)
                     offsets[index] = text_end(before)
             logprobs = None
             if with_logprobs:

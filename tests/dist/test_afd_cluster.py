@@ -121,7 +121,7 @@ def test_prompt_logprobs_and_grammars_hold_across_the_pipeline(checkpoint, promp
     finally:
         assert cluster.stop() == 0
     for result, reference in zip(results, expected, strict=True):
-        assert result.token_ids == reference.token_ids and result.text.startswith("{")
+        assert result.token_ids == reference.token_ids and reference.text.startswith("{")
         torch.testing.assert_close(
             torch.tensor(result.prompt_logprobs),
             torch.tensor([lp.logprob for lp in reference.prompt_logprobs]),
@@ -265,9 +265,9 @@ def generate(address: str, prompt: list[int], i: int) -> tuple[list[int], list[f
     with grpc.insecure_channel(address) as channel:
         ids, logprobs = [], []
         client = AttentionClient(channel, CLUSTER_SECRET)
-        for delta in client.generate(f"req-{i}", prompt, PARAMS):
-            ids += delta.new_token_ids
-            logprobs += [entry.logprob for entry in delta.logprobs]
+        for output in client.generate(f"req-{i}", prompt, PARAMS):
+            ids += output.new_token_ids
+            logprobs += [entry.logprob for entry in output.new_logprobs]
         return ids, logprobs
 
 

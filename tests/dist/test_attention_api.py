@@ -18,11 +18,11 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 LONG = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True)
 
 
-def joined(deltas):
-    return [t for d in deltas for t in d.new_token_ids], "".join(d.new_text for d in deltas)
+def tokens(outputs):
+    return [t for o in outputs for t in o.new_token_ids]
 
 
-def test_concurrent_streams_give_the_engines_tokens_and_text(tiny_model_f64, api):
+def test_concurrent_streams_give_the_engines_tokens(tiny_model_f64, api):
     prompts = [[(7 * i + j) % 500 for j in range(3 + 5 * i)] for i in range(8)]
     expected = make_engine(tiny_model_f64).generate(prompts, GREEDY)
     results = {}
@@ -38,31 +38,29 @@ def test_concurrent_streams_give_the_engines_tokens_and_text(tiny_model_f64, api
         thread.join()
 
     for i, want in enumerate(expected):
-        deltas = results[i]
-        assert deltas[-1].finished and not any(d.finished for d in deltas[:-1])
-        assert joined(deltas) == (want.token_ids, want.text) and want.text
-        assert deltas[-1].finish_reason == want.finish_reason
-        assert deltas[-1].num_prompt_tokens == len(prompts[i])
+        outputs = results[i]
+        assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
+        assert tokens(outputs) == want.token_ids
+        assert all(o.request_id == f"c{i}" for o in outputs)
+        assert outputs[-1].finish_reason == want.finish_reason
+        assert outputs[-1].num_prompt_tokens == len(prompts[i])
 
 
-def test_stop_token_and_stop_string_come_back_as_the_stop_reason(tiny_model_f64, api):
+def test_a_stop_token_comes_back_as_the_stop_reason(tiny_model_f64, api):
     prompt = [11, 12, 13, 14, 15]
     six = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
-    tokens = make_engine(tiny_model_f64).generate([prompt], six)[0].token_ids
+    generated = make_engine(tiny_model_f64).generate([prompt], six)[0].token_ids
 
     params = SamplingParams(
-        max_tokens=50, temperature=0.0, ignore_eos=True, stop_token_ids=(tokens[3],)
+        max_tokens=50, temperature=0.0, ignore_eos=True, stop_token_ids=(generated[3],)
     )
     by_token = list(api.client.generate("st", prompt, params))
-    assert joined(by_token)[0] == tokens[: tokens.index(tokens[3]) + 1]
-    assert (by_token[-1].finish_reason, by_token[-1].stop_reason) == ("stop", tokens[3])
-
-    full_text = "".join(f" w{t}" for t in tokens)
-    stop = f" w{tokens[4]} w{tokens[5]}"
-    params = SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True, stop=(stop,))
+    assert tokens(by_token) == generated[: generated.index(generated[3]) + 1]
+    assert (by_token[-1].finish_reason, by_token[-1].stop_reason) == ("stop", generated[3])
+    # Stop strings are the client's (it has the text): the instance generates on.
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, stop=(" w",))
     by_string = list(api.client.generate("ss", prompt, params))
-    assert joined(by_string)[1] == full_text[: full_text.index(stop)]
-    assert (by_string[-1].finish_reason, by_string[-1].stop_reason) == ("stop", stop)
+    assert tokens(by_string) == generated and by_string[-1].finish_reason == "length"
 
 
 def test_logprobs_arrive_one_per_new_token(tiny_model_f64, api):
@@ -70,13 +68,13 @@ def test_logprobs_arrive_one_per_new_token(tiny_model_f64, api):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     want = make_engine(tiny_model_f64).generate([prompt], params)[0]
     deltas = list(api.client.generate("lp", prompt, params))
-    got = [lp for d in deltas for lp in d.logprobs]
-    assert all(len(d.logprobs) == len(d.new_token_ids) for d in deltas)
+    got = [lp for d in deltas for lp in d.new_logprobs]
+    assert all(len(d.new_logprobs) == len(d.new_token_ids) for d in deltas)
     assert [lp.token_id for lp in got] == want.token_ids
     for mine, theirs in zip(got, want.logprobs, strict=True):
         assert mine.logprob == pytest.approx(theirs.logprob)
         assert [t for t, _ in mine.top] == [t for t, _ in theirs.top] and len(mine.top) == 3
-    assert all(not d.logprobs for d in api.client.generate("nolp", prompt, GREEDY))
+    assert all(not d.new_logprobs for d in api.client.generate("nolp", prompt, GREEDY))
 
 
 def test_cancel_rpc_ends_the_stream_and_frees_every_block(api):

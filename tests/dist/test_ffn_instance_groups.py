@@ -110,8 +110,7 @@ def attention_process(port: int, a: int, m: int, n: int, g: int, k: int) -> None
         tokens = {}
         while engine.has_unfinished_requests() or ffn.must_step():
             for out in engine.step():
-                if out.finished:
-                    tokens[out.request_id] = out.token_ids
+                tokens.setdefault(out.request_id, []).extend(out.new_token_ids)
         store.set(f"tokens/{a}", json.dumps(tokens))
         sent = transport.traffic.bytes[("a2f", "sent")]
         store.set(f"bytes/{a}", json.dumps([sent, ffn.computed]))

@@ -118,7 +118,7 @@ def attention_process(port: int) -> None:
                 outputs = engine.step()  # the prefill: every prompt, one per micro-batch
                 times.append(time.perf_counter() - start)
                 assert all(out.finished for out in outputs)
-                result[f"tokens-{k}"] = [out.token_ids for out in outputs]
+                result[f"tokens-{k}"] = [list(out.new_token_ids) for out in outputs]
                 result[f"counts-{k}"] = ffn.counts
             result[f"seconds-{k}"] = min(times[1:])
             store.set(f"delay/{k}/{ffn.step}", "0")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import http.client
 import json
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -177,6 +178,59 @@ def test_stop_string_ends_the_text_before_it(client, model_name):
     ).choices[0]
     assert stopped.text == whole.text[: whole.text.index(stop)]
     assert stopped.finish_reason == "stop"
+
+
+def test_a_streamed_stop_string_is_never_streamed_in_part(client, model_name):
+    whole = client.completions.create(
+        model=model_name, prompt=PROMPT, max_tokens=16, temperature=0
+    ).choices[0]
+    stop = whole.text[len(whole.text) // 3 :][:4]
+    chunks = list(
+        client.completions.create(
+            model=model_name, prompt=PROMPT, max_tokens=16, temperature=0, stop=[stop],
+            stream=True, stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(pieces) == whole.text[: whole.text.index(stop)]  # no piece of it came out
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert 0 < chunks[-1].usage.completion_tokens <= 16
+
+
+def attention_generated_tokens(cluster) -> float:
+    """Tokens the cluster's attention instances have generated, from their metrics."""
+    line = next(x for x in cluster.lines if x.startswith("metrics at "))
+    total = 0.0
+    for address in line.split()[2:]:
+        with urllib.request.urlopen(f"http://{address}/metrics", timeout=10) as reply:
+            body = reply.read().decode()
+        total += sum(
+            float(x.split()[-1])
+            for x in body.splitlines()
+            if x.startswith("afd_attention_generation_tokens_total")
+        )
+    return total
+
+
+def test_a_matched_stop_string_ends_the_request_on_the_instance(client, cluster, model_name):
+    kwargs = dict(model=model_name, prompt=PROMPT, temperature=0, extra_body={"ignore_eos": True})
+    text = client.completions.create(max_tokens=8, **kwargs).choices[0].text
+    stop = text[-4:]
+    before = attention_generated_tokens(cluster)
+    stopped = client.completions.create(max_tokens=3000, stop=[stop], **kwargs).choices[0]
+    assert stopped.finish_reason == "stop" and stopped.text == text[: text.index(stop)]
+    for address in cluster.addresses:
+        with grpc.insecure_channel(address) as channel:
+            attention = AttentionClient(channel, CLUSTER_SECRET)
+            deadline = time.monotonic() + 20
+            while time.monotonic() < deadline:
+                load = attention.load()
+                if load.num_running == 0 and load.num_free_blocks == load.num_total_blocks:
+                    break
+                time.sleep(0.1)
+            assert load.num_running == 0 and load.num_free_blocks == load.num_total_blocks
+    # Cancelled by the gateway when the stop string matched, not run to its 3000 tokens.
+    assert attention_generated_tokens(cluster) - before < 100
 
 
 def test_logprobs(client, model_name):

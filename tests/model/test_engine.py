@@ -9,6 +9,7 @@ import torch
 from services.attention.builder import local_engine
 from services.attention.engine import EngineConfig, RequestError
 from services.attention.scheduler import SchedulerConfig
+from services.common.completion import Completions
 from services.common.model.reference import reference_greedy, reference_logits
 from services.common.sampling_params import SamplingParams
 from tests.support.models import random_model, small_config
@@ -40,18 +41,21 @@ def random_prompts(count, seed, vocab=500):
 def run_all(engine, prompts, params, late_start=None):
     """Add prompts (the second half only after a few steps, if late_start), run to the end."""
     late_start = len(prompts) if late_start is None else late_start
+    results = Completions()
+    for i, prompt in enumerate(prompts):
+        results.add_request(str(i), prompt, params)
     for i, prompt in enumerate(prompts[:late_start]):
         engine.add_request(str(i), prompt, params)
-    finished = {}
     steps = 0
     while engine.has_unfinished_requests() or late_start < len(prompts):
         if steps == 3:
             for i in range(late_start, len(prompts)):
                 engine.add_request(str(i), prompts[i], params)
             late_start = len(prompts)
-        finished |= {o.request_id: o for o in engine.step() if o.finished}
+        for output in engine.step():
+            results.add(output)
         steps += 1
-    return [finished[str(i)] for i in range(len(prompts))]
+    return [results[str(i)] for i in range(len(prompts))]
 
 
 @pytest.mark.parametrize("caching", [True, False])
@@ -151,6 +155,34 @@ def test_max_tokens_and_context_length_end_with_length(tiny_model_f64):
         0
     ]
     assert len(out.token_ids) == 6 and out.finish_reason == "length"
+
+
+def test_each_output_carries_only_its_new_token_and_logprob(tiny_model_f64):
+    # A delta: the 200th output is as small as the first (no list that grows with the output).
+    engine = make_engine(tiny_model_f64)
+    params = SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True, logprobs=2)
+    engine.add_request("r", [4, 5, 6], params)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert len(outputs) == 200 and outputs[-1].finished
+    assert not any(o.finished for o in outputs[:-1])
+    assert all(len(o.new_token_ids) == len(o.new_logprobs) == 1 for o in outputs)
+    assert all(o.new_logprobs[0].token_id == o.new_token_ids[0] for o in outputs)
+    assert all(o.num_prompt_tokens == 3 and o.prompt_logprobs == () for o in outputs)
+    expected = make_engine(tiny_model_f64).generate([[4, 5, 6]], params)[0]
+    assert [t for o in outputs for t in o.new_token_ids] == expected.token_ids
+
+
+def test_stop_strings_are_not_the_engine_s(tiny_model_f64):
+    # The engine has no text: a stop string does not end a request there (clients do it).
+    engine = make_engine(tiny_model_f64)
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, stop=(" ",))
+    engine.add_request("r", [1, 2, 3], params)
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert len(outputs) == 6 and outputs[-1].finish_reason == "length"
 
 
 def test_abort_frees_blocks_and_stops_outputs(tiny_model_f64):

@@ -11,6 +11,7 @@ import torch
 from services.attention.builder import local_engine
 from services.attention.engine import EngineConfig
 from services.attention.scheduler import SchedulerConfig
+from services.common.completion import Completions
 from services.common.kernels.fp8 import quantize_block_fp8
 from services.common.model.attention_half import FFNInput
 from services.common.model.build import build_ffn_half
@@ -98,11 +99,13 @@ def test_the_runner_gives_the_reference_tokens_with_any_micro_batch_count(
     engine = local_engine(tiny_model_f64, config, num_micro_batches=num_micro_batches)
     prompts = [[7, 8, 9], list(range(20, 45)), [300], list(range(100, 112)), [5, 6]]
     params = SamplingParams(max_tokens=8, temperature=0.0)
+    results = Completions()
     for i, prompt in enumerate(prompts):
+        results.add_request(str(i), prompt, params)
         engine.add_request(str(i), prompt, params)
-    finished = {}
     while engine.has_unfinished_requests():
-        finished |= {o.request_id: o for o in engine.step() if o.finished}
+        for output in engine.step():
+            results.add(output)
     for i, prompt in enumerate(prompts):
         eos = tiny_model_f64.cfg.eos_token_ids
-        assert finished[str(i)].token_ids == reference_greedy(tiny_model_f64, prompt, 8, eos)
+        assert results[str(i)].token_ids == reference_greedy(tiny_model_f64, prompt, 8, eos)

@@ -35,13 +35,16 @@ def test_prompt_logprobs_equal_the_reference_log_softmax(tiny_model_f64, budget)
 
 
 def test_prompt_logprobs_reach_the_wire_once_with_the_first_token(tiny_model_f64):
-    from services.common.wire.attention import delta_from_proto, output_to_proto
+    from services.common.wire.attention import output_from_proto, output_to_proto
 
     engine = local_engine(tiny_model_f64, EngineConfig(block_size=4, max_model_len=64))
     engine.add_request("r", PROMPTS[0], SamplingParams(max_tokens=3, prompt_logprobs=0))
-    sent = []
+    outputs, received = [], []
     while engine.has_unfinished_requests():
-        sent += [delta_from_proto(output_to_proto(out)).prompt_logprobs for out in engine.step()]
+        outputs += engine.step()
+    received = [output_from_proto("r", output_to_proto(out)) for out in outputs]
+    assert received == outputs  # the wire gives back the engine's own output
+    sent = [out.prompt_logprobs for out in received]
     assert len(sent[0]) == len(PROMPTS[0]) - 1 and all(lp.top == () for lp in sent[0])
     assert sent[1:] == [()] * (len(sent) - 1)
     plain = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=1))[0]

@@ -39,7 +39,6 @@ def afd(*args: str, env: dict[str, str] | None = None, **kwargs) -> subprocess.P
 class Completion:
     token_ids: list[int]
     logprobs: list[float]
-    text: str
     finish_reason: str | None
     prompt_logprobs: list[float] = field(default_factory=list)  # when asked for
 
@@ -75,15 +74,14 @@ class Cluster:
 
     def generate(self, index: int, request_id: str, prompt: list[int], params: SamplingParams):
         with grpc.insecure_channel(self.addresses[index]) as channel:
-            ids, logprobs, text, reason, scored = [], [], "", None, []
+            ids, logprobs, reason, scored = [], [], None, []
             client = AttentionClient(channel, CLUSTER_SECRET)
-            for delta in client.generate(request_id, prompt, params):
-                ids += delta.new_token_ids
-                logprobs += [entry.logprob for entry in delta.logprobs]
-                scored += [entry.logprob for entry in delta.prompt_logprobs]
-                text += delta.new_text
-                reason = delta.finish_reason
-            return Completion(ids, logprobs, text, reason, scored)
+            for output in client.generate(request_id, prompt, params):
+                ids += output.new_token_ids
+                logprobs += [entry.logprob for entry in output.new_logprobs]
+                scored += [entry.logprob for entry in output.prompt_logprobs]
+                reason = output.finish_reason
+            return Completion(ids, logprobs, reason, scored)
 
     def generate_all(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
         """Every prompt at once, spread round-robin over the attention instances."""

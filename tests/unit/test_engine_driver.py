@@ -47,6 +47,10 @@ def driver(tiny_model_f64):
     driver.stop(timeout_s=10)
 
 
+def tokens(outputs):
+    return [t for o in outputs for t in o.new_token_ids]
+
+
 def wait_until_idle(driver, timeout_s=10.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -77,8 +81,7 @@ def test_concurrent_submissions_give_the_engines_tokens(tiny_model_f64, driver):
     for i, want in enumerate(expected):
         outputs = results[i]
         assert outputs[-1].finished and not any(o.finished for o in outputs[:-1])
-        assert outputs[-1].token_ids == want.token_ids
-        assert [t for o in outputs for t in o.new_token_ids] == want.token_ids
+        assert tokens(outputs) == want.token_ids
         assert outputs[-1].finish_reason == want.finish_reason
     load = wait_until_idle(driver)
     assert load.num_free_blocks == load.num_total_blocks == 64
@@ -92,7 +95,8 @@ def test_cancel_mid_stream_frees_every_block(driver):
     driver.cancel("long-1")  # by id, before its stream was ever read
     rest = list(streams[0])
     assert rest[-1].finished and rest[-1].finish_reason == "abort"
-    assert len(rest[-1].token_ids) < LONG.max_tokens
+    assert rest[-1].new_token_ids == () and rest[-1].num_prompt_tokens == 29
+    assert len(tokens([first, *rest])) < LONG.max_tokens
     outputs = list(streams[1])
     assert outputs[-1].finish_reason == "abort"
     assert next(streams[2]).new_token_ids  # the third one still runs
@@ -172,7 +176,7 @@ def test_a_driver_steps_while_idle_when_peers_need_it_and_still_serves(tiny_mode
         assert engine.stats.num_steps >= 10  # empty steps, no request in sight
         prompt = [7, 8, 9, 10]
         want = make_engine(tiny_model_f64).generate([prompt], GREEDY)[0].token_ids
-        assert list(driver.submit("x", prompt, GREEDY))[-1].token_ids == want
+        assert tokens(driver.submit("x", prompt, GREEDY)) == want
     finally:
         driver.stop(timeout_s=10)
 
@@ -254,8 +258,7 @@ def test_a_broken_epoch_is_rejoined_and_every_request_ends_with_the_tokens_it_wo
         with pytest.raises(DriverStopped, match="re-forming.*ffn instance 1.*retry"):
             driver.submit("during", [1, 2], GREEDY)
         recovery.gate.set()
-        outputs = [list(stream)[-1] for stream in streams]
-        assert [o.token_ids for o in outputs] == [e.token_ids for e in expected]
+        assert [tokens(stream) for stream in streams] == [e.token_ids for e in expected]
         assert recovery.calls == ["ffn instance 1 failed layer 3"]
         assert driver.load().admitting is True
     finally:
@@ -276,7 +279,7 @@ def test_when_the_cluster_cannot_re_form_requests_end_clearly_and_the_engine_is_
                 list(stream)
         assert wait_until_idle(driver).num_free_blocks == 64
         want = make_engine(tiny_model_f64).generate([[4, 5]], GREEDY)[0].token_ids
-        assert list(driver.submit("after", [4, 5], GREEDY))[-1].token_ids == want
+        assert tokens(driver.submit("after", [4, 5], GREEDY)) == want
     finally:
         driver.stop(timeout_s=10)
 
@@ -291,7 +294,7 @@ def test_drain_refuses_new_requests_and_waits_for_those_in_flight(tiny_model_f64
         time.sleep(0.005)
     with pytest.raises(DriverStopped, match="draining.*another instance"):
         driver.submit("late", [1, 2], GREEDY)
-    assert len(list(stream)[-1].token_ids) == LONG.max_tokens
+    assert len(tokens(stream)) == LONG.max_tokens
     drainer.join(10)
     assert done == [True]
     assert driver.drain(0.5) is True  # nothing left

@@ -54,6 +54,10 @@ def test_gateway_side_of_common_does_not_load_torch():
         "services.common.sampling_params",
         "services.common.tokenizer",
         "services.common.detokenizer",
+        "services.common.engine_output",
+        "services.common.text_stream",
+        "services.common.completion",
+        "services.common.wire.attention_aio",
         "services.common.presets",
         "services.common.model.schema",
     ]

@@ -11,7 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from services.common.detokenizer import MAX_PENDING_TOKENS, IncrementalDetokenizer
+from services.common.detokenizer import (
+    MAX_PENDING_TOKENS,
+    FastIncrementalDetokenizer,
+    IncrementalDetokenizer,
+    detokenizer_for,
+)
 from services.common.tokenizer import Tokenizer, TokenizerError
 from services.common.tokenizer_files import CHAT_TEMPLATE, write_tokenizer_files
 
@@ -44,8 +49,21 @@ def tokenizer(checkpoint: Path) -> Tokenizer:
     return Tokenizer.from_dir(checkpoint)
 
 
-def stream(detokenizer: IncrementalDetokenizer, ids: Sequence[int]) -> list[str]:
+def stream(detokenizer, ids: Sequence[int]) -> list[str]:
     return [detokenizer.add(token_id) for token_id in ids] + [detokenizer.flush()]
+
+
+@pytest.fixture(params=["python", "tokenizers"])
+def detokenizer(request: pytest.FixtureRequest, tokenizer: Tokenizer):
+    """Makes a streaming detokenizer (prompt ids, skip_special_tokens): the Python one over
+    `decode`, or the tokenizers library's DecodeStream (what the gateway runs)."""
+
+    def make(prompt: Sequence[int] = (), skip_special_tokens: bool = False):
+        if request.param == "python":
+            return IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens)
+        return tokenizer.detokenizer(prompt, skip_special_tokens)
+
+    return make
 
 
 def folder_with(tmp_path: Path, checkpoint: Path, config: dict | str | None) -> Path:
@@ -241,37 +259,57 @@ def test_the_streaming_tests_exercise_characters_split_across_tokens(
 
 
 @pytest.mark.parametrize("text", [MIXED_TEXT, *HARD_TEXTS, *PLAIN_TEXTS])
-def test_stream_pieces_join_to_the_full_decode(tokenizer: Tokenizer, text: str) -> None:
+def test_stream_pieces_join_to_the_full_decode(tokenizer: Tokenizer, detokenizer, text) -> None:
     ids = tokenizer.encode(text)
-    pieces = stream(IncrementalDetokenizer(tokenizer), ids)
+    pieces = stream(detokenizer(), ids)
     assert "".join(pieces) == tokenizer.decode(ids) == text
     assert not any(FFFD in piece for piece in pieces)
 
 
-def test_stream_after_a_chat_prompt(tokenizer: Tokenizer) -> None:
+def test_stream_after_a_chat_prompt(tokenizer: Tokenizer, detokenizer) -> None:
     prompt = tokenizer.encode_chat(CONVERSATION)
     ids = tokenizer.encode(HARD_TEXTS[1]) + [EOS_ID]
     for skip in (False, True):
-        detokenizer = IncrementalDetokenizer(tokenizer, prompt, skip_special_tokens=skip)
-        pieces = stream(detokenizer, ids)
+        pieces = stream(detokenizer(prompt, skip), ids)
         assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=skip)
         assert not any(FFFD in piece for piece in pieces)
 
 
-def test_prompt_ending_mid_character_is_not_glued_to_the_output(tokenizer: Tokenizer) -> None:
+def test_prompt_ending_mid_character_is_not_glued_to_the_output(
+    tokenizer: Tokenizer, detokenizer
+) -> None:
     emoji = tokenizer.encode("🦄")
     prompt, generated = emoji[:-1], tokenizer.encode(" and more")
-    pieces = stream(IncrementalDetokenizer(tokenizer, prompt), generated)
+    pieces = stream(detokenizer(prompt), generated)
     assert "".join(pieces) == " and more"
 
 
-def test_flush_returns_a_truly_unfinished_character(tokenizer: Tokenizer) -> None:
+def test_flush_returns_a_truly_unfinished_character(tokenizer: Tokenizer, detokenizer) -> None:
     ids = tokenizer.encode("ok 🦄")[:-1]
-    detokenizer = IncrementalDetokenizer(tokenizer)
-    held = "".join(detokenizer.add(i) for i in ids)
-    assert held == "ok "  # the space shares a token with the emoji's first bytes, yet is out
-    assert held + detokenizer.flush() == tokenizer.decode(ids)
+    streaming = detokenizer()
+    held = "".join(streaming.add(i) for i in ids)
+    # The space shares a token with the emoji's first bytes: the Python detokenizer lets it
+    # out, DecodeStream holds the whole token back.
+    assert held in ("ok ", "ok")
+    assert held + streaming.flush() == tokenizer.decode(ids)
     assert tokenizer.decode(ids).endswith(FFFD)
+
+
+def test_a_long_run_of_incomplete_bytes_still_joins_to_the_decode(
+    tokenizer: Tokenizer, detokenizer
+) -> None:
+    lead_byte = tokenizer.encode("😀")[0]  # an emoji's first bytes, never completed here
+    text_ids = tokenizer.encode(HARD_TEXTS[2])
+    for ids in ([lead_byte] * 100, [lead_byte] * 30 + text_ids, text_ids + [lead_byte] * 30):
+        assert "".join(stream(detokenizer(), ids)) == tokenizer.decode(ids)
+
+
+def test_the_tokenizer_streams_with_decode_stream_other_decoders_in_python(
+    tokenizer: Tokenizer,
+) -> None:
+    assert isinstance(detokenizer_for(tokenizer, [1, 2]), FastIncrementalDetokenizer)
+    recorder = WindowRecorder(tokenizer)  # a decoder with only `decode`
+    assert isinstance(detokenizer_for(recorder, [1, 2]), IncrementalDetokenizer)
 
 
 def fragment_ids(tokenizer: Tokenizer) -> list[int]:
@@ -281,7 +319,9 @@ def fragment_ids(tokenizer: Tokenizer) -> list[int]:
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_random_token_streams_join_to_the_full_decode(tokenizer: Tokenizer, seed: int) -> None:
+def test_random_token_streams_join_to_the_full_decode(
+    tokenizer: Tokenizer, detokenizer, seed: int
+) -> None:
     rng = random.Random(seed)
     special = set(tokenizer.all_special_ids)
     fragments = fragment_ids(tokenizer)
@@ -294,17 +334,17 @@ def test_random_token_streams_join_to_the_full_decode(tokenizer: Tokenizer, seed
             )
             if token_id not in special:
                 ids.append(token_id)
-        pieces = stream(IncrementalDetokenizer(tokenizer), ids)
+        pieces = stream(detokenizer(), ids)
         assert "".join(pieces) == tokenizer.decode(ids)
 
 
-def test_random_streams_with_special_tokens_skipped(tokenizer: Tokenizer) -> None:
+def test_random_streams_with_special_tokens_skipped(tokenizer: Tokenizer, detokenizer) -> None:
     rng = random.Random(7)
     pool = fragment_ids(tokenizer) + tokenizer.all_special_ids[:20] + [USER_ID, EOS_ID]
     for _ in range(100):
         ids = [rng.choice(pool) for _ in range(30)]
         for skip in (False, True):
-            pieces = stream(IncrementalDetokenizer(tokenizer, skip_special_tokens=skip), ids)
+            pieces = stream(detokenizer((), skip), ids)
             assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=skip)
 
 

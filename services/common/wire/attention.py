@@ -1,8 +1,9 @@
 """The attention service's messages (proto/afd/v1/attention.proto) <-> plain Python:
-sampling parameters, streamed outputs, load reports; and the generated stub and servicer base.
+sampling parameters, engine outputs (services/common/engine_output.py), load reports; and the
+generated stub and servicer base.
 
-Common never imports a service, so the engine's `RequestOutput` and `Load` are known here
-only by their shape (the Protocols below). No torch: the gateway imports this module.
+Common never imports a service, so the driver's `Load` is known here only by its shape (the
+Protocol below). No torch: the gateway imports this module.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import Protocol
 
 import grpc
 
+from services.common.engine_output import EngineOutput
 from services.common.logprobs import TokenLogprob
 from services.common.sampling_params import SamplingParams
 from services.common.wire.gen.afd.v1 import attention_pb2 as pb
@@ -28,31 +30,6 @@ _REPEATED_PARAM_FIELDS = ("stop", "stop_token_ids")
 _MAP_PARAM_FIELDS = ("logit_bias",)  # pairs in SamplingParams, a map on the wire
 
 
-class OutputLike(Protocol):
-    """services/attention/output.py's RequestOutput."""
-
-    @property
-    def prompt_token_ids(self) -> list[int]: ...
-    @property
-    def new_token_ids(self) -> list[int]: ...
-    @property
-    def token_ids(self) -> list[int]: ...
-    @property
-    def new_text(self) -> str: ...
-    @property
-    def finished(self) -> bool: ...
-    @property
-    def finish_reason(self) -> str | None: ...
-    @property
-    def stop_reason(self) -> int | str | None: ...
-    @property
-    def num_cached_tokens(self) -> int: ...
-    @property
-    def logprobs(self) -> Sequence[TokenLogprob] | None: ...
-    @property
-    def prompt_logprobs(self) -> Sequence[TokenLogprob] | None: ...
-
-
 class LoadLike(Protocol):
     @property
     def num_running(self) -> int: ...
@@ -64,22 +41,6 @@ class LoadLike(Protocol):
     def num_total_blocks(self) -> int: ...
     @property
     def admitting(self) -> bool: ...
-
-
-@dataclass(frozen=True)
-class GenerateDelta:
-    """One streamed response, as the client sees it: what is new since the previous one."""
-
-    new_token_ids: tuple[int, ...]
-    new_text: str
-    finished: bool
-    finish_reason: str | None  # "stop", "length" or "abort" once finished
-    stop_reason: int | str | None  # the stop token id or stop string that ended it
-    num_prompt_tokens: int
-    num_cached_tokens: int
-    logprobs: tuple[TokenLogprob, ...]  # one per new token, when asked for
-    # One per prompt token after the first, with the first generated token, when asked for.
-    prompt_logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -125,27 +86,17 @@ def generate_request(
     )
 
 
-def output_to_proto(output: OutputLike) -> pb.GenerateResponse:
-    """The response for one engine output. `output.logprobs` holds every generated token's;
-    only the new tokens' are sent."""
-    num_new = len(output.new_token_ids)
-    new_logprobs = output.logprobs[len(output.logprobs) - num_new :] if output.logprobs else []
-    stop = output.stop_reason
-    first = num_new > 0 and len(output.token_ids) == num_new
+def output_to_proto(output: EngineOutput) -> pb.GenerateResponse:
+    """The response for one engine output (its request id travels beside it)."""
     return pb.GenerateResponse(
         new_token_ids=output.new_token_ids,
-        new_text=output.new_text,
         finished=output.finished,
         finish_reason=output.finish_reason or "",
-        stop_token_id=stop if isinstance(stop, int) else None,
-        stop_string=stop if isinstance(stop, str) else None,
-        num_prompt_tokens=len(output.prompt_token_ids),
+        stop_token_id=output.stop_reason,
+        num_prompt_tokens=output.num_prompt_tokens,
         num_cached_tokens=output.num_cached_tokens,
-        logprobs=[_logprob_to_proto(lp) for lp in new_logprobs],
-        # Once: with the first generated token.
-        prompt_logprobs=[
-            _logprob_to_proto(lp) for lp in (output.prompt_logprobs if first else None) or ()
-        ],
+        logprobs=[_logprob_to_proto(lp) for lp in output.new_logprobs],
+        prompt_logprobs=[_logprob_to_proto(lp) for lp in output.prompt_logprobs],
     )
 
 
@@ -161,17 +112,16 @@ def _logprob_from_proto(lp: pb.TokenLogprob) -> TokenLogprob:
     return TokenLogprob(lp.token_id, lp.logprob, tuple((t.token_id, t.logprob) for t in lp.top))
 
 
-def delta_from_proto(message: pb.GenerateResponse) -> GenerateDelta:
-    kind = message.WhichOneof("stop_reason")
-    return GenerateDelta(
+def output_from_proto(request_id: str, message: pb.GenerateResponse) -> EngineOutput:
+    return EngineOutput(
+        request_id=request_id,
         new_token_ids=tuple(message.new_token_ids),
-        new_text=message.new_text,
+        new_logprobs=tuple(_logprob_from_proto(lp) for lp in message.logprobs),
         finished=message.finished,
         finish_reason=message.finish_reason or None,
-        stop_reason=None if kind is None else getattr(message, kind),
+        stop_reason=message.stop_token_id if message.HasField("stop_token_id") else None,
         num_prompt_tokens=message.num_prompt_tokens,
         num_cached_tokens=message.num_cached_tokens,
-        logprobs=tuple(_logprob_from_proto(lp) for lp in message.logprobs),
         prompt_logprobs=tuple(_logprob_from_proto(lp) for lp in message.prompt_logprobs),
     )
 
@@ -240,8 +190,8 @@ def session_cancel(request_id: str) -> pb.SessionRequest:
     return pb.SessionRequest(cancel=cancel_request(request_id))
 
 
-def session_output(request_id: str, output: OutputLike) -> pb.SessionDelta:
-    return pb.SessionDelta(request_id=request_id, response=output_to_proto(output))
+def session_output(output: EngineOutput) -> pb.SessionDelta:
+    return pb.SessionDelta(request_id=output.request_id, response=output_to_proto(output))
 
 
 def session_error(request_id: str, code: grpc.StatusCode, message: str) -> pb.SessionDelta:
@@ -253,9 +203,9 @@ def session_response(deltas: list[pb.SessionDelta]) -> pb.SessionResponse:
     return pb.SessionResponse(deltas=deltas)
 
 
-def session_item(delta: pb.SessionDelta) -> GenerateDelta | SessionRefusal:
-    """A session delta as the client sees it: the request's next response, or its refusal."""
+def session_item(delta: pb.SessionDelta) -> EngineOutput | SessionRefusal:
+    """A session delta as the client sees it: the request's next output, or its refusal."""
     if delta.WhichOneof("kind") == "error":
         code = _STATUS_BY_VALUE.get(delta.error.code, grpc.StatusCode.UNKNOWN)
         return SessionRefusal(code, delta.error.message)
-    return delta_from_proto(delta.response)
+    return output_from_proto(delta.request_id, delta.response)

@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import cluster_secret
+from services.common.engine_output import EngineOutput
 from services.common.sampling_params import SamplingParams
 from services.common.wire import attention as wire
 
@@ -33,16 +34,17 @@ class AsyncAttentionClient:
         params: SamplingParams,
         *,
         timeout_s: float | None = None,
-    ) -> AsyncIterator[wire.GenerateDelta]:
-        """The request's responses, up to the finished one. Leaving the iteration early
+    ) -> AsyncIterator[EngineOutput]:
+        """The request's engine outputs, up to the finished one. Leaving the iteration early
         (`aclose()`, or cancelling the task that iterates) cancels the call, and the
         instance aborts the request and frees its KV blocks."""
         request = wire.generate_request(request_id, prompt_token_ids, params)
-        return _deltas(self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata))
+        call = self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
+        return _outputs(request_id, call)
 
     def generate_in_session(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
-    ) -> AsyncIterator[wire.GenerateDelta]:
+    ) -> AsyncIterator[EngineOutput]:
         """`generate` over this client's one Session stream, shared by all its requests (one
         message per engine step for all of them). Refusals raise `wire.SessionRefusal`, a
         `grpc.RpcError` with the code `generate` would have raised; the session's end
@@ -79,11 +81,11 @@ async def health_serving(
     return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-async def _deltas(call) -> AsyncIterator[wire.GenerateDelta]:
+async def _outputs(request_id: str, call) -> AsyncIterator[EngineOutput]:
     """`call` is grpc.aio's unary-stream call: an async iterator and the call's handle."""
     try:
         async for message in call:
-            yield wire.delta_from_proto(message)
+            yield wire.output_from_proto(request_id, message)
     finally:
         call.cancel()  # a no-op once the call has ended
 
@@ -100,7 +102,7 @@ class Session:
 
     async def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
-    ) -> AsyncIterator[wire.GenerateDelta]:
+    ) -> AsyncIterator[EngineOutput]:
         if self.ended:  # nothing would ever answer: fail now, as the open requests did
             raise wire.SessionRefusal(
                 grpc.StatusCode.UNAVAILABLE, "the attention instance ended the session"

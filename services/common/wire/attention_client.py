@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sequence
 import grpc
 
 from services.common import cluster_secret
+from services.common.engine_output import EngineOutput
 from services.common.sampling_params import SamplingParams
 from services.common.wire import attention as wire
 
@@ -28,11 +29,12 @@ class AttentionClient:
         params: SamplingParams,
         *,
         timeout_s: float | None = None,
-    ) -> Iterator[wire.GenerateDelta]:
-        """The request's responses, up to the finished one. Closing the iterator early
+    ) -> Iterator[EngineOutput]:
+        """The request's engine outputs, up to the finished one. Closing the iterator early
         (`close()`) cancels the call, and the instance aborts the request."""
         request = wire.generate_request(request_id, prompt_token_ids, params)
-        return _deltas(self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata))
+        call = self._stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
+        return _outputs(request_id, call)
 
     def cancel(self, request_id: str, *, timeout_s: float | None = None) -> None:
         """Abort the request if it runs; its stream then ends with finish_reason "abort"."""
@@ -46,10 +48,10 @@ class AttentionClient:
         return wire.load_from_proto(reply)
 
 
-def _deltas(call) -> Iterator[wire.GenerateDelta]:
+def _outputs(request_id: str, call) -> Iterator[EngineOutput]:
     """`call` is grpc's response iterator, which is also the call's handle."""
     try:
         for message in call:
-            yield wire.delta_from_proto(message)
+            yield wire.output_from_proto(request_id, message)
     finally:
         call.cancel()  # a no-op once the call has ended
