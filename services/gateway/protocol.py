@@ -455,7 +455,10 @@ def sampling_params(
         "seed": None if body.seed is None else _int64(body.seed + seed_offset),
         "stop": stop,
         "ignore_eos": body.ignore_eos,
-        "skip_special_tokens": body.skip_special_tokens,
+        # Step-3's tool-call markers may be special tokens of its tokenizer: the tool parser
+        # must see them (vLLM's Step-3 tool parser asks the same); the stop token's own text
+        # is never shown either way (text_stream.py).
+        "skip_special_tokens": body.skip_special_tokens and not getattr(body, "calls_tools", False),
         "logprobs": body.num_logprobs(),
         "logit_bias": logit_bias(body, vocab_size if vocab_size is not None else 1 << 31),
         "grammar": grammar,
