@@ -21,10 +21,10 @@ to the host, so a step can be captured in a CUDA graph. The buffers hold E x T r
 what DeepGEMM's masked layout costs: about 47 KB per row at Step-3's shapes (0.3 GB for 3
 experts at 2048 tokens).
 
-`block_expert_forward_on` chooses the kernels once, when the experts are built: on a Hopper GPU
-Triton around the GEMMs and DeepGEMM's GEMM where it loads, else the project's Triton GEMM in
-the same layout (`fp8_gemm.masked_grouped_gemm`); elsewhere plain torch (the reference the
-kernels are tested against).
+`block_expert_forward_on` chooses the kernels once, when the experts are built: Triton around
+DeepGEMM's GEMM where DeepGEMM loads (a Hopper GPU), else plain torch (the reference the
+kernels are tested against). Where DeepGEMM does not load, the loader does not keep the
+experts in FP8 at all (`build.fp8_weights_on`): they are requantised per row as before.
 """
 
 from __future__ import annotations
@@ -245,22 +245,21 @@ REFERENCE_OPS = BlockOps(
     grouped_gemm.masked_gemm_reference,
     combine_reference,
 )
-# The GEMM: DeepGEMM's where it loads, else the project's Triton kernel (same layout).
+# The GEMM: DeepGEMM's. The project's own Triton kernel in the same layout
+# (`fp8_gemm.masked_grouped_gemm`) is there to be measured beside it (tests/gpu,
+# benchmarks/gpu_deep_gemm.py); it is not chosen by itself until it has run on a GPU.
 DEEP_GEMM_OPS = BlockOps(gather_quantize, silu_mul_quantize, grouped_gemm.masked_gemm, combine)
 TRITON_OPS = BlockOps(gather_quantize, silu_mul_quantize, masked_grouped_gemm, combine)
 
 
 def runs_on(device: torch.device) -> bool:
-    """Whether the kernels run on `device`: Triton on Hopper or newer (the GEMM's tiles come
-    by TMA)."""
-    return kernels.available(device) and torch.cuda.get_device_capability(device) >= (9, 0)
+    """Whether the kernels run on `device`: Triton, and DeepGEMM loaded on a Hopper GPU."""
+    return kernels.available(device) and grouped_gemm.available(device)
 
 
 def ops_for(device: torch.device) -> BlockOps:
-    """DeepGEMM's GEMM where it runs, else the Triton one, else plain torch."""
-    if not runs_on(device):
-        return REFERENCE_OPS
-    return DEEP_GEMM_OPS if grouped_gemm.available(device) else TRITON_OPS
+    """The kernels where they run, else plain torch."""
+    return DEEP_GEMM_OPS if runs_on(device) else REFERENCE_OPS
 
 
 def block_expert_forward_on(device: torch.device) -> Callable[..., Tensor]:

@@ -3,9 +3,9 @@ checkpoint's tensors, and the one place where FP8 is chosen.
 
 FP8: on a GPU, a block-FP8 checkpoint's linears stay FP8 (`fp8_weights_on`): MFA's five
 projections, the dense MLPs and the shared experts as `Fp8Linear`s with the checkpoint's own
-128 x 128 block scales; the routed experts as stored too (`BlockFp8Experts`, a block-scaled
-grouped GEMM: DeepGEMM's or the project's) on Hopper, else as `Fp8Experts` (requantised to
-per-row scales, the mode `torch._scaled_grouped_mm` takes). On a CPU every weight is widened.
+128 x 128 block scales; the routed experts as stored too (`BlockFp8Experts`, DeepGEMM's
+block-scaled grouped GEMM) where DeepGEMM loads (Hopper), else as `Fp8Experts` (requantised
+to per-row scales, the mode `torch._scaled_grouped_mm` takes). On a CPU every weight is widened.
 An attention layer whose linears all became blockwise FP8 on a GPU runs as an
 `Fp8MFAAttention` (fused).
 
@@ -80,8 +80,8 @@ def resolve_dtype(name: str, cfg: ModelConfig) -> torch.dtype:
 def fp8_weights_on(device: str | torch.device) -> Callable[[str], bool] | None:
     """Which block-FP8 weights the loader keeps as FP8 on `device`: every linear an FP8 GEMM
     serves on a GPU (MFA's projections, dense MLPs, shared experts), and the routed experts
-    where the block-scaled grouped GEMM runs (Hopper); none on a CPU, where plain matmuls
-    want wide weights. (Elsewhere routed experts load wide and are requantised.)"""
+    where DeepGEMM's block-scaled grouped GEMM runs (Hopper); none on a CPU, where plain
+    matmuls want wide weights. (Elsewhere routed experts load wide and are requantised.)"""
     device = torch.device(device)
     if device.type != "cuda":
         return None
