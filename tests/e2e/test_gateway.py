@@ -221,13 +221,7 @@ def test_a_matched_stop_string_ends_the_request_on_the_instance(client, cluster,
     assert stopped.finish_reason == "stop" and stopped.text == text[: text.index(stop)]
     for address in cluster.addresses:
         with grpc.insecure_channel(address) as channel:
-            attention = AttentionClient(channel, CLUSTER_SECRET)
-            deadline = time.monotonic() + 20
-            while time.monotonic() < deadline:
-                load = attention.load()
-                if load.num_running == 0 and load.num_free_blocks == load.num_total_blocks:
-                    break
-                time.sleep(0.1)
+            load = wait_until_freed(AttentionClient(channel, CLUSTER_SECRET))
             assert load.num_running == 0 and load.num_free_blocks == load.num_total_blocks
     # Cancelled by the gateway when the stop string matched, not run to its 3000 tokens.
     assert attention_generated_tokens(cluster) - before < 100
@@ -301,12 +295,7 @@ def test_a_disconnect_frees_the_requests_blocks(gateway, cluster, model_name, st
         assert load.num_free_blocks < load.num_total_blocks
         conn.sock.close()
         conn.close()
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            load = attention.load()
-            if load.num_running == 0 and load.num_free_blocks == load.num_total_blocks:
-                break
-            time.sleep(0.1)
+        load = wait_until_freed(attention)
         assert load.num_running == 0
         assert load.num_free_blocks == load.num_total_blocks
 
@@ -534,3 +523,15 @@ def test_a_streamed_echo_joins_to_the_whole_one(client, model_name):
         assert tokens == whole.logprobs.tokens
         assert scores == pytest.approx(whole.logprobs.token_logprobs, abs=1e-6)
         assert chunks[-1].finish_reason == whole.finish_reason
+
+
+def wait_until_freed(attention: AttentionClient, timeout_s: float = 20.0):
+    """The instance's load once nothing runs and every KV block is free (or at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    load = attention.load()
+    while time.monotonic() < deadline:
+        if load.num_running == 0 and load.num_free_blocks == load.num_total_blocks:
+            break
+        time.sleep(0.1)
+        load = attention.load()
+    return load
