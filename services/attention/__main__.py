@@ -16,8 +16,6 @@ import argparse
 import logging
 import sys
 
-from prometheus_client import CollectorRegistry
-
 from services.attention.api import ERROR_CODES, add_attention_service
 from services.attention.colocated import serve_colocated
 from services.attention.driver import EngineDriver
@@ -39,7 +37,13 @@ from services.common.cluster_config import DEFAULT_MAX_NUM_BATCHED_TOKENS
 from services.common.config import load_config
 from services.common.ffn_instances import door_ranks
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
-from services.common.metrics import AttentionMetrics, DataPlaneBytes, sampler_for, serve_metrics
+from services.common.metrics import (
+    AttentionMetrics,
+    DataPlaneBytes,
+    sampler_for,
+    serve_metrics,
+    service_registry,
+)
 from services.common.model.build import build_attention_half, fp8_weights_on, resolve_dtype
 from services.common.model.schema import checkpoint_tensors, is_ffn_tensor
 from services.common.model.weights import load_weights
@@ -146,7 +150,7 @@ def run(args: argparse.Namespace) -> int:
 
         bell = StepBell(instance.control, options.index)
         bell.rebind(membership.epoch)
-        registry = CollectorRegistry()
+        registry = service_registry("attention")
         metrics = AttentionMetrics(registry)
         DataPlaneBytes(registry, lambda: dict(instance.traffic.bytes))
         pipeline = PipelineConfig(cluster.num_micro_batches, cluster.fp8_dispatch)

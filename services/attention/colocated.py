@@ -13,7 +13,6 @@ import signal
 import threading
 
 import torch
-from prometheus_client import CollectorRegistry
 
 from services.attention.api import ERROR_CODES, add_attention_service
 from services.attention.builder import local_engine
@@ -22,7 +21,7 @@ from services.attention.engine import EngineConfig
 from services.attention.monitor import EngineMonitor
 from services.common import cluster_secret
 from services.common.grpc_server import GrpcServer
-from services.common.metrics import AttentionMetrics, serve_metrics
+from services.common.metrics import AttentionMetrics, serve_metrics, service_registry
 from services.common.model.build import load_model
 from services.common.tokenizer import Tokenizer
 from services.common.wire.attention import SERVICE_NAME
@@ -47,7 +46,7 @@ def serve_colocated(args: argparse.Namespace, config: EngineConfig) -> int:
     try:
         model = load_model(args.model, args.dtype, str(device))
         engine = local_engine(model, config, Tokenizer.from_dir(args.model))
-        registry = CollectorRegistry()
+        registry = service_registry("attention")
         monitor = EngineMonitor(engine, AttentionMetrics(registry))
         # Nothing to keep in lockstep with: an idle instance sleeps.
         driver = EngineDriver(engine, idle_wait_s=0.01, on_step=monitor.after_step)

@@ -22,6 +22,9 @@ class EngineMonitor:
         scheduler = engine.scheduler
         metrics.kv_blocks_total.set_function(lambda: blocks.num_blocks)
         metrics.kv_blocks_used.set_function(lambda: blocks.num_blocks - blocks.num_free_blocks)
+        metrics.kv_cache_usage.set_function(
+            lambda: 1 - blocks.num_free_blocks / blocks.num_blocks if blocks.num_blocks else 0.0
+        )
         metrics.running.set_function(lambda: len(scheduler.running))
         metrics.waiting.set_function(lambda: len(scheduler.waiting))
         self._counted = EngineStats()

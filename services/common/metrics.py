@@ -13,8 +13,19 @@ This module knows nothing of torch or of the services' internals: they call in w
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily
 
 TOKEN_LATENCY_BUCKETS = (
@@ -34,6 +45,30 @@ CONTROL_WAIT_BUCKETS = (1e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.
 
 FINISH_REASONS = ("stop", "length", "abort", "error")
 DIRECTIONS = ("a2f", "f2a")
+
+
+DISTRIBUTION = "afd"  # the installed package whose version `afd_build_info` reports
+
+
+def service_registry(role: str) -> CollectorRegistry:
+    """A service's own registry, with what every Prometheus-instrumented process exports
+    beside its own metrics (as the default registry would): the process's CPU, memory and
+    file descriptors, the Python platform, the garbage collector; and `afd_build_info`, the
+    running version and role, for dashboards that compare versions across a rollout."""
+    registry = CollectorRegistry()
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
+    Info("afd_build", "The AFD release this process runs, and its role.", registry=registry).info(
+        {"version": _version(), "role": role}
+    )
+    return registry
+
+
+def _version() -> str:
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 class GatewayMetrics:
@@ -140,6 +175,13 @@ class AttentionMetrics:
         )
         self.kv_blocks_total = Gauge(
             "afd_attention_kv_blocks_total", "KV cache blocks in all.", registry=r
+        )
+        # The 0-1 fraction autoscalers and inference gateways read (vLLM's
+        # kv_cache_usage_perc): held blocks over all of them.
+        self.kv_cache_usage = Gauge(
+            "afd_attention_kv_cache_usage_ratio",
+            "Fraction of the KV cache held by sequences (0 to 1).",
+            registry=r,
         )
         self.running = Gauge(
             "afd_attention_requests_running", "Sequences being computed.", registry=r

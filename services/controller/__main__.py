@@ -12,7 +12,6 @@ import signal
 import sys
 import threading
 
-from prometheus_client import CollectorRegistry
 from torch.distributed import TCPStore
 
 from services.common import cluster_config, cluster_secret
@@ -20,7 +19,12 @@ from services.common.cluster import MEMBER_STATES, ROLES, SILENT_AFTER_S, reacha
 from services.common.cluster_config import ClusterConfig
 from services.common.fingerprint import model_fingerprint
 from services.common.grpc_server import DEFAULT_MAX_WORKERS, GrpcServer
-from services.common.metrics import ControllerMetrics, add_metrics_argument, serve_metrics
+from services.common.metrics import (
+    ControllerMetrics,
+    add_metrics_argument,
+    serve_metrics,
+    service_registry,
+)
 from services.common.wire import control as wire
 from services.controller.discovery import (
     KubernetesDiscovery,
@@ -126,7 +130,7 @@ def watch_members(metrics: ControllerMetrics, registry: Registry) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    prometheus = CollectorRegistry()
+    prometheus = service_registry("controller")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         fingerprint = args.fingerprint or model_fingerprint(args.model)

@@ -21,8 +21,6 @@ import logging
 import sys
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry
-
 from services.common.config import load_config
 from services.common.control_client import (
     ClusterShutdown,
@@ -31,7 +29,13 @@ from services.common.control_client import (
 )
 from services.common.ffn_instances import instance_ranks
 from services.common.instance import Instance, InstanceOptions, add_instance_arguments
-from services.common.metrics import DataPlaneBytes, FFNMetrics, sampler_for, serve_metrics
+from services.common.metrics import (
+    DataPlaneBytes,
+    FFNMetrics,
+    sampler_for,
+    serve_metrics,
+    service_registry,
+)
 from services.common.model.build import resolve_dtype
 from services.common.transport import PeerFailure, Transport
 from services.ffn.instance_group import InstanceGroup
@@ -79,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, cfg, dtype, options.device, options.index, cluster.ffn_layout
         )
         shard = loader.load(expected_ffn_count(state, options.index))
-        registry = CollectorRegistry()
+        registry = service_registry("ffn")
         DataPlaneBytes(registry, lambda: dict(instance.traffic.bytes))
         monitor = FFNMonitor(
             FFNMetrics(registry), sampler_for(options.device.type), shard.expert_range

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from starlette.exceptions import HTTPException
 
 from services.common.completion import Completion
-from services.common.metrics import GatewayMetrics
+from services.common.metrics import GatewayMetrics, service_registry
 from services.common.tokenizer import Tokenizer, TokenizerError
 from services.common.wire.attention_aio import health_serving
 from services.gateway import errors
@@ -78,7 +78,8 @@ class Gateway:
     config: GatewayConfig
     tokenizer: Tokenizer
     router: Router
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)  # for /metrics
+    # for /metrics
+    registry: CollectorRegistry = field(default_factory=lambda: service_registry("gateway"))
     discovery: MembershipWatch | None = None  # finds the attention instances, if asked to
 
 

@@ -15,7 +15,7 @@ from services.cli.local_cluster import Child
 from services.cli.serve import metrics_targets
 from services.common.cluster import Member, Membership
 from services.common.cluster_config import ClusterConfig
-from services.common.metrics import AttentionMetrics, GatewayMetrics, StepSampler
+from services.common.metrics import AttentionMetrics, GatewayMetrics, StepSampler, service_registry
 from services.common.sampling_params import SamplingParams
 from services.controller.membership import ClusterSpec, Registry
 from services.controller.steps import StepDesk
@@ -91,7 +91,9 @@ def test_the_engine_monitor_counts_what_the_engine_did(tiny_model_f64):
         monitor.after_step()
         steps += 1
         if steps == 1:  # mid-flight: both sequences hold blocks
-            assert sample(registry, "afd_attention_kv_blocks_used") > 0
+            used = sample(registry, "afd_attention_kv_blocks_used")
+            assert used > 0
+            assert sample(registry, "afd_attention_kv_cache_usage_ratio") == used / 64
             assert sample(registry, "afd_attention_requests_running") == 2
     assert sample(registry, "afd_attention_generation_tokens_total") == 10
     assert sample(registry, "afd_attention_prompt_tokens_total") == 23
@@ -99,6 +101,20 @@ def test_the_engine_monitor_counts_what_the_engine_did(tiny_model_f64):
     assert sample(registry, "afd_attention_batch_tokens_sum") == 23 + 10 - 2  # last tokens unfed
     assert sample(registry, "afd_attention_kv_blocks_total") == 64
     assert sample(registry, "afd_attention_requests_running") == 0
+    assert sample(registry, "afd_attention_kv_cache_usage_ratio") == 0
+
+
+def test_a_service_registry_exports_the_process_and_the_build():
+    """What every Prometheus-instrumented process exports besides its own metrics, and the
+    version and role of the release, as vLLM-shaped tooling expects them."""
+    registry = service_registry("ffn")
+    samples = {s.name: s for m in registry.collect() for s in m.samples}
+    assert sample(registry, "process_resident_memory_bytes") > 0
+    assert {"python_info", "python_gc_collections_total", "process_cpu_seconds_total"} <= set(
+        samples
+    )
+    build = samples["afd_build_info"]
+    assert build.value == 1 and build.labels["role"] == "ffn" and build.labels["version"]
 
 
 def test_members_are_missing_then_alive_then_silent():
