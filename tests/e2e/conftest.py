@@ -93,3 +93,15 @@ def model_name(checkpoint) -> str:
 @pytest.fixture(scope="module")
 def tokenizer(checkpoint) -> Tokenizer:
     return Tokenizer.from_dir(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint, tokenizer):
+    """The single-process engine over the cluster's checkpoint: the oracle."""
+    from services.attention.builder import local_engine
+    from services.attention.engine import EngineConfig
+    from services.common.model.build import load_model
+
+    return local_engine(
+        load_model(checkpoint, dtype="float32", progress=False), EngineConfig(), tokenizer
+    )
