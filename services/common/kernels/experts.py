@@ -127,8 +127,8 @@ def launch_quantize_rows(
     if width > MAX_ROW:
         raise ValueError(f"rows of {width} > MAX_ROW = {MAX_ROW}")
     rows = a.shape[0] if sources is None else sources.numel()
-    block = triton.next_power_of_2(width) if rows else 0
     if rows:
+        block = triton.next_power_of_2(width)
         _quantize_rows_kernel[(rows,)](
             a, b, a if sources is None else sources, a if destinations is None else destinations,
             count, q, scales, width, a.stride(0), b.stride(0), q.stride(0),

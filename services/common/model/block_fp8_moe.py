@@ -107,6 +107,7 @@ class MaskedSlots:
     counts: Tensor
     limit: Tensor  # [1]: E * capacity
     capacity: int
+    num_experts: int  # E
 
     @classmethod
     def of(cls, groups: ExpertGroups, num_experts: int, tokens: int) -> MaskedSlots:
@@ -126,14 +127,14 @@ class MaskedSlots:
         positions = torch.empty_like(rows)
         positions[groups.order] = rows
         limit_t = torch.full((1,), limit, dtype=rows.dtype, device=rows.device)
-        return cls(rows, positions, counts, limit_t, capacity)
+        return cls(rows, positions, counts, limit_t, capacity, num_experts)
 
 
 @dataclass(frozen=True)
 class BlockOps:
     """The steps of `block_expert_forward` in one implementation (kernels or plain torch)."""
 
-    gather_quantize: Callable[[Tensor, ExpertGroups, MaskedSlots, int], tuple[Tensor, Tensor]]
+    gather_quantize: Callable[[Tensor, ExpertGroups, MaskedSlots], tuple[Tensor, Tensor]]
     silu_mul_quantize: Callable[[Tensor, ExpertGroups, MaskedSlots], tuple[Tensor, Tensor]]
     gemm: Callable[..., Tensor]  # grouped_gemm.masked_gemm's signature
     combine: Callable[[Tensor, Tensor, MaskedSlots, torch.dtype], Tensor]
@@ -156,7 +157,7 @@ def block_expert_forward(
     groups = ExpertGroups.of(ids, n, first_expert)
     slots = MaskedSlots.of(groups, n, x.shape[0])
     expected = max(1, -(-ids.numel() // (total_experts or n)))
-    h, h_scale = ops.gather_quantize(x, groups, slots, n)
+    h, h_scale = ops.gather_quantize(x, groups, slots)
     width = experts.gate_up.shape[1]
     gate_up = torch.empty(n, slots.capacity, width, dtype=torch.bfloat16, device=x.device)
     ops.gemm(h, h_scale, experts.gate_up, experts.gate_up_scale, slots.counts, expected, gate_up)
@@ -166,12 +167,11 @@ def block_expert_forward(
     return ops.combine(y, weights, slots, x.dtype)
 
 
-def gather_quantize(
-    x: Tensor, groups: ExpertGroups, slots: MaskedSlots, num_experts: int
-) -> tuple[Tensor, Tensor]:
+def gather_quantize(x: Tensor, groups: ExpertGroups, slots: MaskedSlots) -> tuple[Tensor, Tensor]:
     """x [T, H] -> ([E, M, H] e4m3, its 1 x 128 scales, M-major): slot rows[r] holds
     x[tokens[r]]; other slots unwritten."""
-    q = torch.empty(num_experts, slots.capacity, x.shape[1], dtype=FP8_DTYPE, device=x.device)
+    shape = (slots.num_experts, slots.capacity, x.shape[1])
+    q = torch.empty(shape, dtype=FP8_DTYPE, device=x.device)
     scales = grouped_gemm.scales_like(q)
     launch_quantize_rows(
         x.contiguous(), x, groups.tokens, slots.rows, groups.offsets[-1:], q.view(-1, x.shape[1]),
@@ -201,12 +201,12 @@ def combine(y: Tensor, weights: Tensor, slots: MaskedSlots, dtype: torch.dtype) 
 
 
 def gather_quantize_reference(
-    x: Tensor, groups: ExpertGroups, slots: MaskedSlots, num_experts: int
+    x: Tensor, groups: ExpertGroups, slots: MaskedSlots
 ) -> tuple[Tensor, Tensor]:
     """`gather_quantize` in plain torch; other slots zero."""
     width = x.shape[1]
     q, s = quantize_activation_reference(x[groups.tokens], GROUP)
-    return _scatter(q, s, slots, num_experts, width)
+    return _scatter(q, s, slots, width)
 
 
 def silu_mul_quantize_reference(
@@ -218,19 +218,17 @@ def silu_mul_quantize_reference(
     act = torch.nn.functional.silu(gate) * up
     local = slots.rows.clamp(max=n * capacity - 1)
     q, s = quantize_activation_reference(act[local], GROUP)
-    return _scatter(q, s, slots, n, width // 2)
+    return _scatter(q, s, slots, width // 2)
 
 
-def _scatter(
-    q: Tensor, s: Tensor, slots: MaskedSlots, num_experts: int, width: int
-) -> tuple[Tensor, Tensor]:
+def _scatter(q: Tensor, s: Tensor, slots: MaskedSlots, width: int) -> tuple[Tensor, Tensor]:
     """Sorted rows' (q, scales) -> the masked layout at `slots.rows` (past `limit`: dropped)."""
-    total = num_experts * slots.capacity
+    total = slots.num_experts * slots.capacity
     out_q = torch.zeros(total + 1, width, dtype=torch.float32, device=q.device)
     out_s = torch.zeros(total + 1, width // GROUP, device=q.device)
     out_q[slots.rows] = q.float()
     out_s[slots.rows] = s
-    shape = (num_experts, slots.capacity)
+    shape = (slots.num_experts, slots.capacity)
     return out_q[:total].to(FP8_DTYPE).view(*shape, width), out_s[:total].view(*shape, -1)
 
 
